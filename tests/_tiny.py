@@ -1,0 +1,63 @@
+"""Tiny random-init models and tokenizers built in code, for fast tests.
+
+The vocabulary is small on purpose: statistical tests enumerate every short sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<|im_start|>", "<|im_end|>"]
+WORDS = [
+    "system", "user", "assistant", "hello", "world", "be", "funny", "brief", "a", "the",
+    "cat", "dog", "yes", "no", "why", "because", "\n",
+]
+# A ChatML-like template, as SmolLM2 uses, so prompt rendering can be exercised on it.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }} {{ message['content'] }}"
+    "<|im_end|> {% endfor %}{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+)
+
+
+def make_tiny_tokenizer(extra_words: int = 0, chat_template: bool = True) -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer; ``extra_words`` adds filler words w0, w1, ..."""
+    vocab_list = SPECIAL_TOKENS + WORDS + [f"w{i}" for i in range(extra_words)] + ["<unk>"]
+    vocab = {token: i for i, token in enumerate(vocab_list)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        eos_token="<eos>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    if chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def make_tiny_model(vocab_size: int, seed: int = 0, layers: int = 2, hidden: int = 32) -> LlamaForCausalLM:
+    """A random 2-layer Llama; ``seed`` fixes the weights. Logits are scaled up so that
+    the next-token distributions are far from uniform (a sharper, more realistic test)."""
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    return model.eval()
