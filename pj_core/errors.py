@@ -94,3 +94,8 @@ class ProfileStoreError(PersonaJudgeError, RuntimeError):
 
 class ProfileImportError(PersonaJudgeError, ValueError):
     """An import file is corrupt or invalid; nothing was imported."""
+
+
+class EvaluationError(PersonaJudgeError, ValueError):
+    """The evaluation harness got unusable input (bad settings, a results file written with
+    other settings, a corrupt record, no outcomes to summarise)."""
