@@ -1,0 +1,289 @@
+"""Framework-neutral glue shared by the LangChain and LlamaIndex adapters.
+
+Nothing here imports LangChain or LlamaIndex. It holds what both adapters need in the same
+form:
+
+- :func:`shared_engine`: one :class:`~pj_core.engine.PersonaJudge` per model spec per process,
+  loaded lazily on first use and thread safe, so any number of adapter instances on the same
+  model share one copy of the weights;
+- :func:`choose_personas`: which persona source wins for a call (per-call arguments, then a
+  user id from the framework's config, then the instance's defaults) and the personas and
+  user generation defaults it gives;
+- :func:`generation_kwargs`: the keyword arguments for ``PersonaJudge.generate`` from the
+  adapter's fields, the user's saved defaults and per-call overrides, in that order;
+- :func:`stats_dict`: the Persona-judge statistics as plain JSON-able data for metadata.
+
+Example:
+    >>> generation_kwargs(defaults={"temperature": 0.7, "max_tokens": 64}, explicit=set(),
+    ...                   profile_defaults={"temperature": 0.2}, overrides={"seed": 1})
+    {'temperature': 0.2, 'max_new_tokens': 64, 'seed': 1}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pj_core.errors import InvalidGenerationConfigError, InvalidPersonaError
+from pj_core.personas import (
+    Persona,
+    PersonaProfile,
+    PreferenceSpec,
+    check_user_id,
+    resolve_personas,
+)
+
+ProfileStoreLike = Any
+"""A :class:`pj_core.store.AbstractProfileStore`, a database path, or ``None`` (the default
+store). Typed loosely so this module imports without the store module."""
+
+GENERATION_OPTIONS: tuple[str, ...] = (
+    "lookahead",
+    "alternate",
+    "strategy",
+    "temperature",
+    "top_k",
+    "top_p",
+    "max_tokens",
+    "seed",
+    "stop",
+)
+"""Adapter option names that map onto ``PersonaJudge.generate`` arguments (``max_tokens`` is
+the frameworks' name for the engine's ``max_new_tokens``)."""
+
+PERSONA_OPTIONS: tuple[str, ...] = ("preferences", "persona", "profile_id", "user_id")
+"""Per-call option names that choose the personas."""
+
+_ENGINE_NAMES = {"max_tokens": "max_new_tokens"}
+# A saved profile stores the engine's names; the adapters expose the frameworks' names.
+_PROFILE_NAMES = {"max_new_tokens": "max_tokens"}
+
+
+@dataclass(frozen=True)
+class SharedModel:
+    """A loaded model and the engine built on it, shared by every adapter on one spec.
+
+    Attributes:
+        loaded: the :class:`pj_core.models.LoadedModel` (tokenizer, name, context window).
+        engine: the :class:`pj_core.engine.PersonaJudge` that decodes with it.
+    """
+
+    loaded: Any
+    engine: Any
+
+
+_SHARED: dict[str, SharedModel] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_engine(spec: str | os.PathLike[str]) -> SharedModel:
+    """The process-wide :class:`SharedModel` for ``spec``, loading it on first use.
+
+    Loading happens once per spec even when many threads ask at the same time; later calls
+    return the cached object without touching the weights. ``pj_core.models.load_model``
+    already shares weights per spec; this cache also shares the engine built on them.
+
+    Raises:
+        ModelNotFoundError, ModelPackageMissingError, ModelLoadError: from ``load_model``.
+    """
+    key = os.fspath(spec)
+    shared = _SHARED.get(key)
+    if shared is not None:
+        return shared
+    # One lock for all specs: loading two models at once gains nothing on a small machine and
+    # a per-spec lock table would need its own lock anyway.
+    with _SHARED_LOCK:
+        shared = _SHARED.get(key)
+        if shared is None:
+            from pj_core.engine import PersonaJudge
+            from pj_core.models import load_model
+
+            loaded = load_model(key)
+            engine = PersonaJudge(
+                loaded.model,
+                loaded.tokenizer,
+                name=loaded.name,
+                context_window=loaded.context_window,
+                eos_token_ids=loaded.eos_token_ids,
+            )
+            shared = SharedModel(loaded=loaded, engine=engine)
+            _SHARED[key] = shared
+    return shared
+
+
+def is_loaded(spec: str | os.PathLike[str]) -> bool:
+    """Whether :func:`shared_engine` has already loaded ``spec`` in this process."""
+    return os.fspath(spec) in _SHARED
+
+
+@dataclass(frozen=True)
+class PersonaChoice:
+    """The personas of one call and where they came from.
+
+    Attributes:
+        personas: the persona prefixes to decode with (two or more).
+        source: ``"profile:<user id>"``, ``"persona"`` or ``"preferences"``.
+        generation_defaults: the user's saved generation defaults (adapter names), empty
+            unless the personas came from a profile.
+    """
+
+    personas: list[Persona]
+    source: str
+    generation_defaults: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PersonaSources:
+    """The persona options given at one level (the call, or the instance)."""
+
+    preferences: PreferenceSpec | None = None
+    persona: PersonaProfile | None = None
+    profile_id: str | None = None
+
+    def given(self) -> list[str]:
+        """Names of the options that are set."""
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+
+def choose_personas(
+    call: PersonaSources,
+    config_user_id: str | None,
+    instance: PersonaSources,
+    store: ProfileStoreLike,
+) -> PersonaChoice:
+    """Pick the persona source of a call and resolve it.
+
+    Order: the call's own options (``preferences=``, ``persona=``, ``profile_id=``/``user_id=``),
+    then ``config_user_id`` (the user id from the framework's run config), then the instance's
+    options. At one level at most one option may be set.
+
+    Raises:
+        InvalidPersonaError: two options at one level, none anywhere, or an invalid persona.
+        ProfileNotFoundError: a user id with no saved profile in ``store``.
+    """
+    for level, sources in (("call", call), ("instance", instance)):
+        given = sources.given()
+        if len(given) > 1:
+            raise InvalidPersonaError(
+                f"{' and '.join(given)} were both given to the {level}; give only one of "
+                "preferences=, persona= or profile_id= (a user id)"
+            )
+    if call.given():
+        return _resolve(call, store)
+    if config_user_id is not None:
+        return _resolve(PersonaSources(profile_id=config_user_id), store)
+    if instance.given():
+        return _resolve(instance, store)
+    raise InvalidPersonaError(
+        "no personas: set preferences= (e.g. ['humor', 'concise']), persona= (a "
+        "PersonaProfile) or profile_id= (a user id in profile_store) on the model, pass one "
+        "per call, or put a 'user_id' in the run config's 'configurable'"
+    )
+
+
+def _resolve(sources: PersonaSources, store: ProfileStoreLike) -> PersonaChoice:
+    if sources.profile_id is not None:
+        profile = load_profile(sources.profile_id, store)
+        return PersonaChoice(
+            personas=resolve_personas(profile),
+            source=f"profile:{profile.user_id}",
+            generation_defaults=profile_generation_defaults(profile),
+        )
+    if sources.persona is not None:
+        if not isinstance(sources.persona, PersonaProfile):
+            raise InvalidPersonaError(
+                "persona= takes a PersonaProfile; for names or free text use preferences=, "
+                f"got {type(sources.persona).__name__}"
+            )
+        return PersonaChoice(
+            personas=resolve_personas(sources.persona),
+            source="persona",
+            generation_defaults=profile_generation_defaults(sources.persona),
+        )
+    assert sources.preferences is not None  # given() was non-empty
+    return PersonaChoice(
+        personas=resolve_personas(sources.preferences), source="preferences", generation_defaults={}
+    )
+
+
+def load_profile(user_id: str, store: ProfileStoreLike) -> PersonaProfile:
+    """The saved profile of ``user_id`` in ``store`` (a store object, a path, or ``None``).
+
+    Raises:
+        InvalidPersonaError: an invalid user id.
+        ProfileNotFoundError: no such profile.
+    """
+    from pj_core.store import AbstractProfileStore, open_store
+
+    check_user_id(user_id)
+    if isinstance(store, AbstractProfileStore):
+        return store.get(user_id)
+    with open_store(store, must_exist=True) as opened:
+        return opened.get(user_id)
+
+
+def profile_generation_defaults(profile: PersonaProfile) -> dict[str, Any]:
+    """A profile's saved generation defaults under the adapters' option names."""
+    return {_PROFILE_NAMES.get(k, k): v for k, v in profile.generation_kwargs().items()}
+
+
+def check_call_options(kwargs: Mapping[str, Any], extra_allowed: Iterable[str] = ()) -> None:
+    """Reject per-call keyword arguments that no adapter option matches.
+
+    Raises:
+        InvalidGenerationConfigError: naming the unknown options and listing the valid ones.
+    """
+    allowed = {*GENERATION_OPTIONS, *PERSONA_OPTIONS, *extra_allowed}
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise InvalidGenerationConfigError(
+            f"unknown option(s) {', '.join(unknown)}; per-call options are: "
+            + ", ".join(sorted(allowed))
+        )
+
+
+def generation_kwargs(
+    *,
+    defaults: Mapping[str, Any],
+    explicit: set[str],
+    profile_defaults: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Keyword arguments for ``PersonaJudge.generate`` (engine names, ``None`` dropped).
+
+    Precedence, lowest first: the adapter's field values (``defaults``), the user's saved
+    profile defaults, the fields the developer set explicitly on the instance (``explicit``
+    names them), then per-call ``overrides``. A profile thus personalises what the developer
+    left at its default, but never overrides a deliberate setting.
+    """
+    merged: dict[str, Any] = {}
+    for name in GENERATION_OPTIONS:
+        value = defaults.get(name)
+        if name in profile_defaults and name not in explicit:
+            value = profile_defaults[name]
+        if name in overrides and overrides[name] is not None:
+            value = overrides[name]
+        if value is not None:
+            merged[_ENGINE_NAMES.get(name, name)] = value
+    return merged
+
+
+def stats_dict(stats: Any) -> dict[str, Any]:
+    """Persona-judge statistics as plain data, derived rates included.
+
+    Example:
+        >>> from pj_core.results import GenerationStats
+        >>> s = GenerationStats(tokens=4, rounds=1, drafted=4, accepted=3, resampled=1, bonus=0,
+        ...                     forward_passes=3, prefill_seconds=0.1, decode_seconds=0.2,
+        ...                     strategy="speculative")
+        >>> stats_dict(s)["acceptance_rate"]
+        0.75
+    """
+    data = dataclasses.asdict(stats)
+    data["acceptance_rate"] = stats.acceptance_rate
+    data["tokens_per_second"] = stats.tokens_per_second
+    return data
