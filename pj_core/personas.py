@@ -37,14 +37,20 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from pj_core.catalog import CATALOG_ENTRIES
 from pj_core.errors import (
     InvalidGenerationConfigError,
     InvalidPersonaError,
     PersonaJudgeError,
-    ProfileNotFoundError,
     UnknownPreferenceError,
 )
 
@@ -243,9 +249,9 @@ class GenerationDefaults(_Model):
 
     @field_validator("lookahead", "max_new_tokens")
     @classmethod
-    def _check_positive(cls, value: int | None) -> int | None:
+    def _check_positive(cls, value: int | None, info: ValidationInfo) -> int | None:
         if value is not None and value < 1:
-            raise InvalidGenerationConfigError(f"must be at least 1, got {value}")
+            raise InvalidGenerationConfigError(f"{info.field_name} must be at least 1, got {value}")
         return value
 
     @field_validator("top_k")
@@ -656,16 +662,6 @@ def resolve_personas(
 def _load_profile(
     user_id: str, store: AbstractProfileStore | str | os.PathLike[str] | None
 ) -> PersonaProfile:
-    from pj_core.store import AbstractProfileStore, default_store_path, open_store
+    from pj_core.store import load_profile  # store imports this module
 
-    if isinstance(store, AbstractProfileStore):
-        return store.get(user_id)
-    path = default_store_path() if store is None else store
-    if str(path) != ":memory:" and not os.path.exists(os.path.expanduser(path)):
-        raise ProfileNotFoundError(
-            f"no profile for user id {user_id!r}: there is no profile store at {path}; create "
-            f"it with `pj profiles add {user_id} --preference NAME`, or pass store= / set "
-            "PJ_PROFILE_STORE to the right file"
-        )
-    with open_store(path) as opened:
-        return opened.get(user_id)
+    return load_profile(user_id, store)

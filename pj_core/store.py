@@ -624,3 +624,33 @@ def open_store(
         )
     return ProfileStore(target)
 
+
+
+def load_profile(
+    user_id: str, store: AbstractProfileStore | str | os.PathLike[str] | None = None
+) -> PersonaProfile:
+    """The saved profile of ``user_id`` in ``store``: a store object, a database path, or
+    ``None`` for :func:`default_store_path`. A path that does not exist is not created.
+
+    Raises:
+        InvalidPersonaError: an invalid user id.
+        ProfileNotFoundError: no such profile, or no store file at all.
+
+    Example:
+        >>> load_profile("nobody", ":memory:")  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        ...
+        pj_core.errors.ProfileNotFoundError: no profile for user id 'nobody' in :memory: ...
+    """
+    check_user_id(user_id)
+    if isinstance(store, AbstractProfileStore):
+        return store.get(user_id)
+    path = default_store_path() if store is None else store
+    if str(path) != ":memory:" and not Path(path).expanduser().exists():
+        raise ProfileNotFoundError(
+            f"no profile for user id {user_id!r}: there is no profile store at {path}; create "
+            f"it with `pj profiles add {user_id} --preference NAME`, or pass store= / --store "
+            f"or set {STORE_ENV_VAR} to the right file"
+        )
+    with ProfileStore(path) as opened:
+        return opened.get(user_id)
