@@ -37,6 +37,10 @@ class ModelLoadError(PersonaJudgeError, RuntimeError):
     """Model files were found but could not be loaded (corrupt, unsupported, ...)."""
 
 
+class InvalidModelOptionError(PersonaJudgeError, ValueError):
+    """A ``device`` or ``dtype`` given to ``load_model`` is unknown or unavailable."""
+
+
 class InvalidPromptError(PersonaJudgeError, ValueError):
     """A prompt or conversation is malformed (empty, wrong roles, wrong types, ...)."""
 
