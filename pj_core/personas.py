@@ -308,7 +308,8 @@ class PersonaProfile(_Model):
 
     schema_version: int = PROFILE_SCHEMA_VERSION
     user_id: str
-    preferences: tuple[str, ...] = ()
+    # Sequence so callers may pass a list; the validator always stores a tuple.
+    preferences: Sequence[str] = ()
     description: str | None = None
     defaults: GenerationDefaults = Field(default_factory=GenerationDefaults)
     metadata: dict[str, MetadataValue] = Field(default_factory=dict)
@@ -333,7 +334,7 @@ class PersonaProfile(_Model):
 
     @field_validator("preferences")
     @classmethod
-    def _check_preferences(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+    def _check_preferences(cls, value: Sequence[str]) -> tuple[str, ...]:
         if len(value) > MAX_PREFERENCES:
             raise InvalidPersonaError(
                 f"a profile holds at most {MAX_PREFERENCES} preferences, got {len(value)}"
