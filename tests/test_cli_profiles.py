@@ -1,0 +1,162 @@
+"""``pj personas`` and ``pj profiles``, run through the real dispatcher (``pj_core.cli.main``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pj_core import cli
+from pj_core.personas import CATALOG
+from pj_core.store import ProfileStore
+
+
+@pytest.fixture(autouse=True)
+def only_our_subcommands(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Other sub-commands are other modules' business; these tests must not depend on them.
+    monkeypatch.setattr(cli, "SUBCOMMAND_MODULES", ("personas", "profiles"))
+    monkeypatch.setenv("PJ_PROFILE_STORE", str(tmp_path / "env-default.db"))
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_personas_list_shows_the_catalog(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "personas", "list")
+    assert code == 0
+    for name in CATALOG:
+        assert f"\n{name} " in out
+    assert "length: vs informative" in out
+    code, out, _ = run(capsys, "personas", "list", "--json")
+    assert {entry["name"] for entry in json.loads(out)} == set(CATALOG)
+
+
+def test_personas_show_and_compose(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "personas", "show", "humour")
+    assert code == 0 and CATALOG["humor"].phrasings[1] in out
+    code, out, _ = run(capsys, "personas", "compose", "humor", "concise", "vivid")
+    assert code == 0 and "prefix 0 (humor+vivid)" in out and "prefix 1 (concise)" in out
+    code, _, err = run(capsys, "personas", "show", "humr")
+    assert code == 1 and "did you mean 'humor'" in err
+    code, _, err = run(capsys, "personas", "compose", "concise", "informative")
+    assert code == 1 and "opposite poles" in err
+
+
+def test_profiles_add_show_list_delete(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    db = str(tmp_path / "p.db")
+    code, out, _ = run(
+        capsys, "profiles", "add", "alice", "--preference", "humor", "--preference", "concise",
+        "--lookahead", "6", "--store", db,
+    )
+    assert code == 0 and "revision 1" in out
+    with ProfileStore(db) as store:
+        alice = store.get("alice")
+    assert alice.preferences == ("humor", "concise")
+    assert alice.generation_kwargs() == {"lookahead": 6}
+
+    code, _, err = run(capsys, "profiles", "add", "alice", "-p", "vivid", "--store", db)
+    assert code == 1 and "--replace" in err
+    code, out, _ = run(capsys, "profiles", "add", "alice", "-p", "vivid", "--replace",
+                       "--store", db)
+    assert code == 0 and "revision 2" in out
+
+    code, out, _ = run(capsys, "profiles", "show", "alice", "--store", db)
+    assert code == 0 and "preferences: vivid" in out and CATALOG["vivid"].phrasings[1] in out
+    code, out, _ = run(capsys, "profiles", "show", "alice", "--json", "--store", db)
+    assert json.loads(out)["user_id"] == "alice"
+
+    run(capsys, "profiles", "add", "bob", "-p", "Explain like I'm ten.", "--store", db)
+    code, out, _ = run(capsys, "profiles", "list", "--store", db)
+    assert code == 0 and "alice" in out and "Explain like I'm ten." in out
+    code, out, _ = run(capsys, "profiles", "list", "--json", "--store", db)
+    assert [p["user_id"] for p in json.loads(out)] == ["alice", "bob"]
+
+    code, _, _ = run(capsys, "profiles", "delete", "alice", "--store", db)
+    assert code == 0
+    code, _, err = run(capsys, "profiles", "delete", "alice", "--store", db)
+    assert code == 1 and "no profile for user id 'alice'" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["-p", "humr"], "did you mean 'humor'"),
+        (["-p", "concise", "-p", "detailed"], "opposite poles"),
+        (["-p", "Be funny.\x07"], "U+0007"),
+        (["-p", "x " * 1001], "limit is 2000"),
+        (["-p", "   "], "empty"),
+        (["--temperature", "-1"], "temperature"),
+    ],
+)
+def test_profiles_add_rejects_bad_input_and_writes_nothing(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, argv: list[str], fragment: str
+) -> None:
+    db = tmp_path / "p.db"
+    code, _, err = run(capsys, "profiles", "add", "alice", *argv, "--store", str(db))
+    assert code == 1 and fragment in err and "Traceback" not in err
+    with ProfileStore(db) as store:
+        assert store.list_ids() == []
+
+
+def test_bad_user_ids_and_missing_profiles(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "profiles", "add", "bad id", "-p", "humor")
+    assert code == 1 and "user id 'bad id' is invalid" in err
+    code, _, err = run(capsys, "profiles", "show", "ghost")
+    assert code == 1 and "no profile" in err
+
+
+def test_read_commands_never_create_a_store(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    db = tmp_path / "missing.db"
+    code, out, _ = run(capsys, "profiles", "list", "--store", str(db))
+    assert code == 0 and "no profiles" in out
+    code, out, _ = run(capsys, "profiles", "export", "--store", str(db))
+    assert code == 0 and json.loads(out)["profiles"] == []
+    code, _, err = run(capsys, "profiles", "show", "alice", "--store", str(db))
+    assert code == 1 and "no profile store" in err
+    assert not db.exists()
+
+
+def test_default_store_comes_from_the_environment(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert run(capsys, "profiles", "add", "carol", "-p", "friendly")[0] == 0
+    with ProfileStore(tmp_path / "env-default.db") as store:
+        assert store.list_ids() == ["carol"]
+
+
+def test_export_then_import_and_a_corrupt_import_changes_nothing(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    source, target = str(tmp_path / "a.db"), str(tmp_path / "b.db")
+    export = tmp_path / "export.json"
+    run(capsys, "profiles", "add", "alice", "-p", "humor", "--store", source)
+    run(capsys, "profiles", "add", "bob", "-p", "expert", "--store", source)
+    code, _, err = run(capsys, "profiles", "export", str(export), "--store", source)
+    assert code == 0 and "exported 2" in err
+
+    code, out, _ = run(capsys, "profiles", "import", str(export), "--store", target)
+    assert code == 0 and "imported 2 profile(s)" in out
+    code, _, err = run(capsys, "profiles", "import", str(export), "--store", target)
+    assert code == 1 and "already exist: alice, bob" in err
+    code, out, _ = run(capsys, "profiles", "import", str(export), "--skip-existing",
+                       "--store", target)
+    assert code == 0 and "imported 0" in out
+
+    document = json.loads(export.read_text())
+    document["profiles"].append({"user_id": "dan", "preferences": ["humr"]})
+    document["profiles"][0]["preferences"] = ["vivid"]
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text(json.dumps(document))
+    with ProfileStore(target) as store:
+        before = store.list()
+    code, _, err = run(capsys, "profiles", "import", str(corrupt), "--replace",
+                       "--store", target)
+    assert code == 1 and "profile #2 ('dan')" in err and "nothing was imported" in err
+    with ProfileStore(target) as store:
+        assert store.list() == before
