@@ -478,6 +478,9 @@ class _Aspect:
     preference: Preference | None = None
 
 
+PersonaLike = str | Persona
+"""One item of the engine's historical ``personas`` list (kept for its type hints)."""
+
 PreferenceItem = str | Preference | Persona
 PreferenceSpec = PreferenceItem | Sequence[PreferenceItem]
 
