@@ -103,3 +103,8 @@ class ProfileImportError(PersonaJudgeError, ValueError):
 class EvaluationError(PersonaJudgeError, ValueError):
     """The evaluation harness got unusable input (bad settings, a results file written with
     other settings, a corrupt record, no outcomes to summarise)."""
+
+
+class BenchmarkError(PersonaJudgeError, RuntimeError):
+    """A benchmark could not be measured (a worker process failed, or results are missing);
+    the message carries the failing worker's own error output."""
