@@ -36,6 +36,7 @@ import json
 import os
 import sqlite3
 import threading
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -305,6 +306,26 @@ SCHEMA_VERSION = len(MIGRATIONS)
 """The database layout this code writes (``PRAGMA user_version``)."""
 
 
+class _HeldConnection:
+    """One thread's connection. The thread's ``threading.local`` holds the only strong
+    reference, so when the thread ends the connection is closed: short-lived threads do not
+    leak connections. The store keeps weak references to close the rest in ``close()``."""
+
+    __slots__ = ("__weakref__", "conn", "pid")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.pid = os.getpid()
+
+    def __del__(self) -> None:
+        if self.pid == os.getpid():
+            self.conn.close()
+
+
+# Connections a forked child inherited: kept alive and untouched, never closed in the child.
+_INHERITED: builtins.list[_HeldConnection] = []
+
+
 class ProfileStore(AbstractProfileStore):
     """Profiles in a SQLite database: a file shared by threads and processes, or in memory.
 
@@ -329,7 +350,7 @@ class ProfileStore(AbstractProfileStore):
         self.timeout = timeout
         self._closed = False
         self._registry_lock = threading.Lock()
-        self._connections: builtins.list[sqlite3.Connection] = []
+        self._held: weakref.WeakSet[_HeldConnection] = weakref.WeakSet()
         self._local = threading.local()
         # One connection behind a lock in memory (a second connection would see another
         # database); in a file, one connection per thread and SQLite does the locking.
@@ -372,8 +393,6 @@ class ProfileStore(AbstractProfileStore):
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise self._wrap(exc) from None
-        with self._registry_lock:
-            self._connections.append(conn)
         return conn
 
     @contextmanager
@@ -386,12 +405,16 @@ class ProfileStore(AbstractProfileStore):
                     self._memory_conn = self._connect()
                 yield self._memory_conn
             return
-        pid = os.getpid()
-        # A forked child must not reuse its parent's connection.
-        if getattr(self._local, "pid", None) != pid:
-            self._local.conn = self._connect()
-            self._local.pid = pid
-        yield self._local.conn
+        held: _HeldConnection | None = getattr(self._local, "held", None)
+        if held is None or held.pid != os.getpid():
+            if held is not None:
+                # A forked child must neither use nor close its parent's connection.
+                _INHERITED.append(held)
+            held = _HeldConnection(self._connect())
+            self._local.held = held
+            with self._registry_lock:
+                self._held.add(held)
+        yield held.conn
 
     @contextmanager
     def _transaction(self, *, write: bool) -> Iterator[sqlite3.Connection]:
@@ -598,9 +621,12 @@ class ProfileStore(AbstractProfileStore):
     def close(self) -> None:
         self._closed = True
         with self._registry_lock:
-            connections, self._connections = self._connections, []
-        for conn in connections:
-            conn.close()
+            held = builtins.list(self._held)
+        for item in held:
+            if item.pid == os.getpid():
+                item.conn.close()
+        if self._memory_conn is not None:
+            self._memory_conn.close()
 
 
 def open_store(

@@ -459,3 +459,21 @@ def test_import_conflict_modes(store: ProfileStore) -> None:
     with pytest.raises(ProfileImportError, match="cannot read"):
         store.import_file("/nonexistent/file.json")
     assert [p.user_id for p in parse_export(_export_with([]))] == []
+
+
+def test_connections_of_finished_threads_are_released(tmp_path: Path) -> None:
+    import gc
+
+    store = ProfileStore(tmp_path / "p.db")  # the opening thread holds one connection
+    store.put(PersonaProfile(user_id="alice"))
+    threads = [threading.Thread(target=store.get, args=("alice",)) for _ in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    del threads
+    gc.collect()
+    assert len(store._held) == 1
+    store.close()
+    with pytest.raises(ProfileStoreError, match="closed"):
+        store.list()
