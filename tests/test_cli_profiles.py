@@ -160,3 +160,28 @@ def test_export_then_import_and_a_corrupt_import_changes_nothing(
     assert code == 1 and "profile #2 ('dan')" in err and "nothing was imported" in err
     with ProfileStore(target) as store:
         assert store.list() == before
+
+
+def test_personas_from_args_covers_every_cli_source(tmp_path: Path) -> None:
+    from pj_core.cli.profiles import personas_from_args
+    from pj_core.errors import InvalidPersonaError, ProfileNotFoundError
+    from pj_core.personas import GenerationDefaults, Persona, PersonaProfile, compose
+
+    db = str(tmp_path / "p.db")
+    with ProfileStore(db) as store:
+        store.put(PersonaProfile(user_id="alice", preferences=["humor", "concise"],
+                                 defaults=GenerationDefaults(lookahead=6, temperature=0.5)))
+    assert personas_from_args(None, None, None, db) is None
+    explicit = personas_from_args(["Be funny.", "Be brief."], [], None, db)
+    assert explicit == ([Persona(text="Be funny."), Persona(text="Be brief.")], {})
+    personas, defaults = personas_from_args([], [], "alice", db) or ([], {})
+    assert personas == compose(["humor", "concise"])
+    assert defaults == {"lookahead": 6, "temperature": 0.5}
+    personas, _ = personas_from_args([], ["vivid"], "alice", db) or ([], {})
+    assert [p.name for p in personas] == ["humor+vivid", "concise"]
+    with pytest.raises(InvalidPersonaError, match="not both"):
+        personas_from_args(["Be funny."], ["humor"], None, db)
+    with pytest.raises(ProfileNotFoundError):
+        personas_from_args([], [], "ghost", db)
+    with pytest.raises(InvalidPersonaError, match="opposite"):
+        personas_from_args([], ["informative"], "alice", db)

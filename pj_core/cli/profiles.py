@@ -19,9 +19,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from pj_core.personas import GenerationDefaults, PersonaProfile, compose
+from pj_core.errors import InvalidPersonaError
+from pj_core.personas import (
+    GenerationDefaults,
+    Persona,
+    PersonaProfile,
+    compose,
+    resolve_personas,
+)
 from pj_core.store import (
     OnConflict,
     ProfileConflictError,
@@ -39,6 +48,61 @@ def add_store_argument(parser: argparse.ArgumentParser) -> None:
         help="profile database (default: $PJ_PROFILE_STORE, else "
         "~/.local/share/persona-judge/profiles.db)",
     )
+
+
+def add_persona_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--profile ID``, ``--preference NAME`` (repeatable) and ``--store PATH``.
+
+    For commands that also take explicit ``--persona TEXT`` prefixes (``pj generate``);
+    :func:`personas_from_args` turns the parsed options into personas.
+    """
+    parser.add_argument(
+        "--profile", metavar="USER_ID", default=None,
+        help="use a saved profile (see `pj profiles add`); its generation defaults apply to "
+        "options you do not set",
+    )
+    parser.add_argument(
+        "--preference", action="append", default=[], metavar="NAME_OR_TEXT",
+        help="a catalog preference (see `pj personas list`) or a quoted sentence; repeatable; "
+        "composed over two prefixes (added to --profile's preferences if both are given)",
+    )
+    add_store_argument(parser)
+
+
+def personas_from_args(
+    persona_texts: Sequence[str] | None,
+    preferences: Sequence[str] | None,
+    profile_id: str | None,
+    store: str | None,
+) -> tuple[list[Persona], dict[str, Any]] | None:
+    """The personas chosen on a command line, and the profile's generation defaults.
+
+    ``--persona`` texts are explicit prefixes (one each, as given); ``--preference`` and
+    ``--profile`` are composed (:func:`pj_core.personas.compose`, two prefixes). The two
+    kinds cannot be mixed. Returns ``None`` when no option was given.
+
+    Example:
+        >>> personas, defaults = personas_from_args(None, ["humor", "concise"], None, None)
+        >>> [p.name for p in personas], defaults
+        (['humor', 'concise'], {})
+    """
+    persona_texts = list(persona_texts or [])
+    preferences = list(preferences or [])
+    if persona_texts and (preferences or profile_id):
+        raise InvalidPersonaError(
+            "use either --persona (explicit prefix texts) or --preference / --profile "
+            "(composed from preferences), not both"
+        )
+    if persona_texts:
+        return resolve_personas(persona_texts), {}
+    if profile_id is not None:
+        profile = load_profile(profile_id, store)
+        if preferences:
+            profile = profile.evolve(preferences=[*profile.preferences, *preferences])
+        return compose(profile), profile.generation_kwargs()
+    if preferences:
+        return compose(preferences), {}
+    return None
 
 
 def load_cli_profile(user_id: str, store_path: str | None) -> PersonaProfile:
