@@ -1,0 +1,444 @@
+"""LlamaIndex adapter: :class:`PersonaJudgeLLM`, a ``CustomLLM`` that decodes with Persona-judge.
+
+Plug it in wherever LlamaIndex takes an LLM (query engines, chat engines, workflow agents,
+``Settings.llm``). Each object serves one user's personas; ``model_copy(update=...)`` makes
+another user's copy that shares the loaded weights. The async methods run generation in a
+worker thread, so the event loop stays free while tokens are decoded.
+
+Example:
+    >>> from pj_integrations.llama_index import PersonaJudgeLLM
+    >>> llm = PersonaJudgeLLM(preferences=["humor", "concise"], max_tokens=32, seed=0)
+    >>> print(llm.complete("Name a fruit.").text)  # doctest: +SKIP
+    A banana, the comedian of fruits.
+    >>> bob = llm.model_copy(update={"preferences": ["expert"]})  # same weights, other persona
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from llama_index.core.base.llms.types import (
+    AudioBlock,
+    ChatMessage,
+    ChatResponse,
+    ChatResponseAsyncGen,
+    ChatResponseGen,
+    CompletionResponse,
+    CompletionResponseAsyncGen,
+    CompletionResponseGen,
+    DocumentBlock,
+    ImageBlock,
+    LLMMetadata,
+    MessageRole,
+    VideoBlock,
+)
+from llama_index.core.bridge.pydantic import Field
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+from llama_index.core.llms.custom import CustomLLM
+
+from pj_core.engine import PersonaJudge
+from pj_core.errors import InvalidPromptError
+from pj_core.models import DEFAULT_MODEL
+from pj_core.personas import Persona, PersonaProfile, PreferenceSpec
+from pj_core.results import GenerationResult, StreamEvent
+from pj_integrations._common import (
+    GENERATION_OPTIONS,
+    PersonaSources,
+    check_call_options,
+    choose_personas,
+    generation_kwargs,
+    shared_engine,
+    stats_dict,
+)
+
+T = TypeVar("T")
+
+# LlamaIndex has more roles than chat templates know; these keep each message's meaning.
+_ROLE_NAMES: Mapping[MessageRole, str] = {
+    MessageRole.SYSTEM: "system",
+    MessageRole.DEVELOPER: "system",
+    MessageRole.USER: "user",
+    MessageRole.ASSISTANT: "assistant",
+    MessageRole.CHATBOT: "assistant",
+    MessageRole.MODEL: "assistant",
+    # Tool results are what the user side hands back to the model; few small models' chat
+    # templates know a "tool" role, so they are shown as user turns.
+    MessageRole.TOOL: "user",
+    MessageRole.FUNCTION: "user",
+}
+_MEDIA_BLOCKS = (ImageBlock, AudioBlock, VideoBlock, DocumentBlock)
+
+
+@dataclass(frozen=True)
+class _CallPlan:
+    """Everything one generation needs, resolved from the fields and the call's overrides."""
+
+    engine: PersonaJudge
+    conversation: list[dict[str, str]]
+    personas: list[Persona]
+    persona_source: str
+    engine_kwargs: dict[str, Any]
+
+    def info(self, result: GenerationResult) -> dict[str, Any]:
+        """What a response carries besides the text: statistics and where personas came from."""
+        return {
+            "stats": stats_dict(result.stats),
+            "finish_reason": result.finish_reason,
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": len(result.token_ids),
+            "persona_source": self.persona_source,
+            "personas": [{"name": p.name, "text": p.text} for p in self.personas],
+        }
+
+
+class PersonaJudgeLLM(CustomLLM):
+    """A LlamaIndex LLM that answers with Persona-judge decoding on a local model.
+
+    Personas come from exactly one of ``preferences`` (catalog names or free-text
+    sentences), ``persona`` (a :class:`~pj_core.personas.PersonaProfile`) or ``profile_id``
+    (a user whose profile is saved in ``profile_store``). A saved profile's generation
+    defaults apply to the settings you left at their defaults, never to ones you set. Every
+    setting can be overridden for one call with a keyword argument of the same name
+    (``llm.complete("Hi", preferences=["humor"], max_tokens=16)``; ``user_id=`` is accepted
+    as a synonym of ``profile_id=``); a call's persona option replaces the object's.
+
+    Messages are rendered with the model's own chat template; ``system_prompt`` (like any
+    system message) is combined with each persona's text in the system turn. Responses
+    carry the decoding statistics in ``additional_kwargs`` (``stats``, ``finish_reason``,
+    ``prompt_tokens``, ``completion_tokens``, ``personas``) and the engine's
+    :class:`~pj_core.results.GenerationResult` in ``raw``. While streaming, each chunk's
+    ``raw`` is the engine's :class:`~pj_core.results.StreamEvent`, and the last chunk carries
+    the statistics and the result.
+
+    For several users, make one copy each: ``llm.model_copy(update={"profile_id": "bob"})``.
+    Copies share the loaded weights (one engine per model spec per process).
+
+    Example:
+        >>> from llama_index.core.llms import ChatMessage
+        >>> llm = PersonaJudgeLLM(preferences=["concise", "expert"], max_tokens=48, seed=1)
+        >>> reply = llm.chat([ChatMessage(role="user", content="What is RAG?")])  # doctest: +SKIP
+        >>> reply.additional_kwargs["stats"]["acceptance_rate"]  # doctest: +SKIP
+        0.83
+        >>> alice = llm.model_copy(update={"preferences": None, "profile_id": "alice"})
+        >>> alice.profile_id, alice.model == llm.model
+        ('alice', True)
+    """
+
+    model: str = Field(
+        default=DEFAULT_MODEL,
+        description="Model alias ('smollm2-135m-instruct', 'gemma3-270m'), path or hub id.",
+    )
+    preferences: PreferenceSpec | None = Field(
+        default=None, description="Catalog preference names or free-text sentences."
+    )
+    persona: PersonaProfile | None = Field(
+        default=None, description="A PersonaProfile giving preferences and generation defaults."
+    )
+    profile_id: str | None = Field(
+        default=None, description="A user id whose profile is saved in profile_store."
+    )
+    profile_store: Any = Field(
+        default=None,
+        exclude=True,
+        description="ProfileStore object or SQLite path for profile_id (None: default store).",
+    )
+    lookahead: int = Field(default=4, description="Draft tokens per round (λ).")
+    alternate: bool = Field(default=True, description="Swap draft and judge every round.")
+    strategy: Literal["speculative", "lockstep", "auto"] = Field(
+        default="speculative", description="Decoding strategy of the engine."
+    )
+    temperature: float = Field(default=0.7, description="Sampling temperature; 0 is greedy.")
+    top_k: int = Field(default=20, description="Top-k filter; 0 switches it off.")
+    top_p: float = Field(default=0.9, description="Nucleus filter in (0, 1].")
+    max_tokens: int = Field(default=128, description="Most new tokens per answer.")
+    stop: list[str] | None = Field(default=None, description="Strings that end the answer.")
+    seed: int | None = Field(default=None, description="Seed for reproducible sampling.")
+    engine: PersonaJudge | None = Field(
+        default=None,
+        exclude=True,
+        description="A ready engine to use instead of loading `model` (e.g. a custom model).",
+    )
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "PersonaJudgeLLM"
+
+    # ------------------------------------------------------------------ engine and settings
+
+    def get_engine(self) -> PersonaJudge:
+        """The engine this object decodes with (loaded on first use, shared per model spec)."""
+        if self.engine is not None:
+            return self.engine
+        engine: PersonaJudge = shared_engine(self.model).engine
+        return engine
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        """Context window and name from the loaded model; ``num_output`` is ``max_tokens``."""
+        engine = self.get_engine()
+        return LLMMetadata(
+            context_window=engine.context_window,
+            num_output=self.max_tokens,
+            is_chat_model=True,
+            is_function_calling_model=False,
+            model_name=engine.name,
+        )
+
+    def _plan(self, conversation: list[dict[str, str]], options: Mapping[str, Any]) -> _CallPlan:
+        check_call_options(options)
+        call_profile = options.get("profile_id", options.get("user_id"))
+        choice = choose_personas(
+            PersonaSources(options.get("preferences"), options.get("persona"), call_profile),
+            None,  # LlamaIndex has no per-run config carrying a user id
+            PersonaSources(self.preferences, self.persona, self.profile_id),
+            self.profile_store,
+        )
+        engine_kwargs = generation_kwargs(
+            defaults={name: getattr(self, name) for name in GENERATION_OPTIONS},
+            explicit=set(self.model_fields_set),
+            profile_defaults=choice.generation_defaults,
+            overrides={name: options[name] for name in GENERATION_OPTIONS if name in options},
+        )
+        return _CallPlan(
+            self.get_engine(), conversation, choice.personas, choice.source, engine_kwargs
+        )
+
+    # ------------------------------------------------------------------ prompts
+
+    def _chat_conversation(self, messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
+        conversation = [_message_to_dict(message) for message in messages]
+        # LlamaIndex's predict() already prepends system_prompt as a system message; add it
+        # only when a caller handed us messages without it, so it is never said twice.
+        if self.system_prompt and not any(
+            turn["role"] == "system" and self.system_prompt in turn["content"]
+            for turn in conversation
+        ):
+            conversation.insert(0, {"role": "system", "content": self.system_prompt})
+        return conversation
+
+    def _completion_conversation(self, prompt: str, formatted: bool) -> list[dict[str, str]]:
+        if not isinstance(prompt, str):
+            raise InvalidPromptError(
+                f"complete() takes the prompt as a str, got {type(prompt).__name__}"
+            )
+        # formatted=True is LlamaIndex's signal that the prompt already went through
+        # completion_to_prompt and carries the system prompt; don't apply them again.
+        if formatted:
+            return [{"role": "user", "content": prompt}]
+        conversation = []
+        if self.system_prompt:
+            conversation.append({"role": "system", "content": self.system_prompt})
+        # The field validator replaces a None completion_to_prompt with the identity.
+        to_prompt = self.completion_to_prompt or (lambda text: text)
+        conversation.append({"role": "user", "content": to_prompt(prompt)})
+        return conversation
+
+    # ------------------------------------------------------------------ running the engine
+
+    @staticmethod
+    def _generate(plan: _CallPlan) -> GenerationResult:
+        return plan.engine.generate(plan.conversation, plan.personas, **plan.engine_kwargs)
+
+    @staticmethod
+    def _events(plan: _CallPlan) -> Iterator[StreamEvent]:
+        return plan.engine.stream(plan.conversation, plan.personas, **plan.engine_kwargs)
+
+    @staticmethod
+    def _completion(result: GenerationResult, plan: _CallPlan) -> CompletionResponse:
+        return CompletionResponse(text=result.text, raw=result, additional_kwargs=plan.info(result))
+
+    @staticmethod
+    def _chat(result: GenerationResult, plan: _CallPlan) -> ChatResponse:
+        return ChatResponse(
+            message=ChatMessage(role=MessageRole.ASSISTANT, content=result.text),
+            raw=result,
+            additional_kwargs=plan.info(result),
+        )
+
+    @staticmethod
+    def _completion_chunks(events: Iterator[StreamEvent], plan: _CallPlan) -> CompletionResponseGen:
+        text = ""
+        for event in events:
+            text += event.text
+            if event.done and event.result is not None:
+                info = plan.info(event.result)
+                yield CompletionResponse(
+                    text=text, delta=event.text, raw=event.result, additional_kwargs=info
+                )
+            elif event.text:  # an empty piece is text held back to check for a stop string
+                yield CompletionResponse(text=text, delta=event.text, raw=event)
+
+    @staticmethod
+    def _chat_chunks(chunks: CompletionResponseGen) -> ChatResponseGen:
+        for chunk in chunks:
+            yield _chunk_to_chat(chunk)
+
+    # ------------------------------------------------------------------ sync API
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        """Answer one prompt; ``kwargs`` override settings for this call.
+
+        Example:
+            >>> llm = PersonaJudgeLLM(preferences="humor")
+            >>> llm.complete("Hi!", max_tokens=8).text  # doctest: +SKIP
+            'Hello there, sunshine!'
+        """
+        plan = self._plan(self._completion_conversation(prompt, formatted), kwargs)
+        return self._completion(self._generate(plan), plan)
+
+    @llm_completion_callback()
+    def stream_complete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponseGen:
+        """Stream an answer: each chunk's ``text`` is cumulative and ``delta`` the new piece."""
+        plan = self._plan(self._completion_conversation(prompt, formatted), kwargs)
+        return self._completion_chunks(self._events(plan), plan)
+
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        """Answer a conversation rendered with the model's chat template."""
+        plan = self._plan(self._chat_conversation(messages), kwargs)
+        return self._chat(self._generate(plan), plan)
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        """Stream a chat answer; ``message.content`` is cumulative, ``delta`` the new piece."""
+        plan = self._plan(self._chat_conversation(messages), kwargs)
+        return self._chat_chunks(self._completion_chunks(self._events(plan), plan))
+
+    # ------------------------------------------------------------------ async API
+    # Decoding is CPU/GPU-bound and synchronous; it runs in a worker thread so that other
+    # coroutines keep running while tokens are produced.
+
+    @llm_completion_callback()
+    async def acomplete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponse:
+        """Async :meth:`complete`; generation runs in a worker thread."""
+
+        def run() -> CompletionResponse:
+            plan = self._plan(self._completion_conversation(prompt, formatted), kwargs)
+            return self._completion(self._generate(plan), plan)
+
+        return await asyncio.to_thread(run)
+
+    @llm_completion_callback()
+    async def astream_complete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponseAsyncGen:
+        """Async :meth:`stream_complete`; tokens are decoded in a worker thread."""
+        conversation = self._completion_conversation(prompt, formatted)
+        plan = await asyncio.to_thread(self._plan, conversation, kwargs)
+
+        async def chunks() -> CompletionResponseAsyncGen:
+            stream = iterate_in_thread(lambda: self._completion_chunks(self._events(plan), plan))
+            async for chunk in stream:
+                yield chunk
+
+        return chunks()
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        """Async :meth:`chat`; generation runs in a worker thread."""
+
+        def run() -> ChatResponse:
+            plan = self._plan(self._chat_conversation(messages), kwargs)
+            return self._chat(self._generate(plan), plan)
+
+        return await asyncio.to_thread(run)
+
+    @llm_chat_callback()
+    async def astream_chat(
+        self, messages: Sequence[ChatMessage], **kwargs: Any
+    ) -> ChatResponseAsyncGen:
+        """Async :meth:`stream_chat`; tokens are decoded in a worker thread."""
+        conversation = self._chat_conversation(messages)
+        plan = await asyncio.to_thread(self._plan, conversation, kwargs)
+
+        async def chunks() -> ChatResponseAsyncGen:
+            stream = iterate_in_thread(lambda: self._completion_chunks(self._events(plan), plan))
+            async for chunk in stream:
+                yield _chunk_to_chat(chunk)
+
+        return chunks()
+
+
+def _message_to_dict(message: ChatMessage) -> dict[str, str]:
+    if any(isinstance(block, _MEDIA_BLOCKS) for block in message.blocks):
+        raise InvalidPromptError(
+            "PersonaJudgeLLM reads text only: remove image, audio, video and document blocks "
+            "from the messages (or describe them in text)"
+        )
+    return {"role": _ROLE_NAMES.get(message.role, "user"), "content": message.content or ""}
+
+
+def _chunk_to_chat(chunk: CompletionResponse) -> ChatResponse:
+    return ChatResponse(
+        message=ChatMessage(role=MessageRole.ASSISTANT, content=chunk.text),
+        delta=chunk.delta,
+        raw=chunk.raw,
+        additional_kwargs=chunk.additional_kwargs,
+    )
+
+
+async def iterate_in_thread(make_iterator: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
+    """Run a blocking iterator in a worker thread and yield its items without blocking the loop.
+
+    The worker hands items over through an :class:`asyncio.Queue`. If the consumer stops
+    early (``break``, ``aclose()``, cancellation), the worker stops at its next item and
+    closes the iterator, so an abandoned stream does not keep decoding.
+
+    Example:
+        >>> async def demo() -> list[int]:
+        ...     return [x async for x in iterate_in_thread(lambda: iter(range(3)))]
+        >>> asyncio.run(demo())
+        [0, 1, 2]
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[Literal["item", "error", "end"], Any]] = asyncio.Queue()
+    stopped = threading.Event()
+
+    def hand_over(kind: Literal["item", "error", "end"], payload: Any) -> bool:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            return False
+        return True
+
+    def produce() -> None:
+        try:
+            iterator = make_iterator()
+            try:
+                for item in iterator:
+                    if stopped.is_set() or not hand_over("item", item):
+                        return
+            finally:
+                close = getattr(iterator, "close", None)
+                if close is not None:
+                    close()
+        except BaseException as exc:  # handed to the consumer, re-raised there
+            hand_over("error", exc)
+        else:
+            hand_over("end", None)
+
+    # A daemon thread, not the loop's default executor: asyncio.run() waits for executor
+    # jobs at shutdown, and an abandoned stream must not hold the program open.
+    context = contextvars.copy_context()  # keeps LlamaIndex's instrumentation span ids
+    threading.Thread(target=context.run, args=(produce,), daemon=True).start()
+    try:
+        while True:
+            kind, payload = await queue.get()
+            if kind == "item":
+                yield payload
+            elif kind == "error":
+                raise payload
+            else:
+                return
+    finally:
+        stopped.set()
