@@ -1,0 +1,1 @@
+"""The quality evaluation harness (filled in below)."""

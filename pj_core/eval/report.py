@@ -1,0 +1,242 @@
+"""From records to results: per-prompt outcomes, win rates, summary JSON, table and chart.
+
+Outcome of one prompt, for a method against ``direct`` on one dimension:
+
+- ``pairwise``: :func:`pj_core.eval.judges.combine_orders` of the two orders' verdicts;
+- ``reward`` / ``embedding``: the higher score wins, equal within ``1e-6`` is a tie.
+
+A prompt counts only when every record its outcome needs exists, so a partial run reports on
+the prompts it finished (``n`` in each row says how many).
+
+Example:
+    >>> outcomes_pairwise([
+    ...     {"kind": "pairwise", "judge": "pairwise", "dimension": "humor", "prompt_id": "p1",
+    ...      "method_a": "persona-judge", "order": "ab", "verdict": "A"},
+    ...     {"kind": "pairwise", "judge": "pairwise", "dimension": "humor", "prompt_id": "p1",
+    ...      "method_a": "persona-judge", "order": "ba", "verdict": "B"}])
+    {('pairwise', 'humor', 'persona-judge'): {'p1': 1.0}}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+from pj_core.eval.judges import combine_orders
+from pj_core.eval.methods import DIRECT, PERSONA_JUDGE, PERSONA_JUDGE_BASE, SINGLE_PREFIX
+from pj_core.eval.records import Record, ResultsLog
+from pj_core.eval.stats import outcome_from_scores, win_rate_ci
+
+OutcomeKey = tuple[str, str, str]  # (judge, dimension, method)
+SCORE_TIE_EPS = 1e-6
+
+
+def outcomes_pairwise(records: Iterable[Record]) -> dict[OutcomeKey, dict[str, float]]:
+    """Per-prompt outcomes of the pairwise judge; prompts missing an order are left out."""
+    orders: dict[tuple[str, str, str, str], dict[str, str]] = defaultdict(dict)
+    for r in records:
+        orders[(r["judge"], r["dimension"], r["method_a"], r["prompt_id"])][r["order"]] = r[
+            "verdict"
+        ]
+    out: dict[OutcomeKey, dict[str, float]] = defaultdict(dict)
+    for (judge, dimension, method, prompt_id), verdicts in orders.items():
+        if "ab" in verdicts and "ba" in verdicts:
+            out[(judge, dimension, method)][prompt_id] = combine_orders(
+                verdicts["ab"], verdicts["ba"]  # type: ignore[arg-type]
+            )
+    return dict(out)
+
+
+def outcomes_scores(records: Iterable[Record]) -> dict[OutcomeKey, dict[str, float]]:
+    """Per-prompt outcomes of pointwise judges (each method's score against direct's).
+
+    Example:
+        >>> rows = [{"judge": "reward", "dimension": "humor", "prompt_id": "p", "method": m,
+        ...          "score": s} for m, s in (("direct", 1.0), ("persona-judge", 2.0))]
+        >>> outcomes_scores(rows)
+        {('reward', 'humor', 'persona-judge'): {'p': 1.0}}
+    """
+    scores: dict[tuple[str, str, str], dict[str, float]] = defaultdict(dict)
+    for r in records:
+        scores[(r["judge"], r["dimension"], r["prompt_id"])][r["method"]] = float(r["score"])
+    out: dict[OutcomeKey, dict[str, float]] = defaultdict(dict)
+    for (judge, dimension, prompt_id), by_method in scores.items():
+        if DIRECT not in by_method:
+            continue
+        for method, score in by_method.items():
+            if method != DIRECT:
+                out[(judge, dimension, method)][prompt_id] = outcome_from_scores(
+                    score, by_method[DIRECT], eps=SCORE_TIE_EPS
+                )
+    return dict(out)
+
+
+def win_rate_rows(
+    log: ResultsLog, *, n_resamples: int = 2000, seed: int = 0
+) -> list[dict[str, Any]]:
+    """One row per (judge, dimension, method): win rate against direct with its 95% CI."""
+    outcomes = outcomes_pairwise(log.of_kind("pairwise"))
+    outcomes.update(outcomes_scores(log.of_kind("score")))
+    rows = []
+    for (judge, dimension, method), by_prompt in sorted(outcomes.items()):
+        ordered = [by_prompt[p] for p in sorted(by_prompt)]
+        rate = win_rate_ci(ordered, n_resamples=n_resamples, seed=seed)
+        rows.append({"judge": judge, "dimension": dimension, "method": method,
+                     "baseline": DIRECT, **asdict(rate)})
+    return rows
+
+
+def generation_summary(log: ResultsLog) -> dict[str, dict[str, Any]]:
+    """Per method: answers, mean tokens, mean acceptance rate, finish reasons, mean tokens/s."""
+    by_method: dict[str, list[Record]] = defaultdict(list)
+    for r in log.of_kind("generation"):
+        by_method[r["method"]].append(r)
+    summary = {}
+    for method, records in sorted(by_method.items()):
+        stats = [r.get("stats", {}) for r in records]
+        reasons: dict[str, int] = defaultdict(int)
+        for r in records:
+            reasons[str(r.get("finish_reason"))] += 1
+        summary[method] = {
+            "answers": len(records),
+            "mean_tokens": _mean(s.get("tokens") for s in stats),
+            "mean_acceptance_rate": _mean(s.get("acceptance_rate") for s in stats),
+            "mean_decode_seconds": _mean(s.get("decode_seconds") for s in stats),
+            "finish_reasons": dict(reasons),
+        }
+    return summary
+
+
+def pairwise_position_bias(log: ResultsLog) -> float | None:
+    """Share of pairwise verdicts that chose slot A (0.5 is unbiased; None: no verdicts)."""
+    verdicts = [r["verdict"] for r in log.of_kind("pairwise") if r["verdict"] != "tie"]
+    return sum(v == "A" for v in verdicts) / len(verdicts) if verdicts else None
+
+
+def build_summary(log: ResultsLog, *, n_resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Everything a reader needs: settings, counts, generation stats and win rates."""
+    config = log.records.get("config", {})
+    pairwise = list(log.of_kind("pairwise"))
+    return {
+        "settings": config.get("settings", {}),
+        "prompts": len({r["prompt_id"] for r in log.of_kind("generation")}),
+        "records": {kind: sum(1 for _ in log.of_kind(kind))
+                    for kind in ("generation", "pairwise", "score")},
+        "generation": generation_summary(log),
+        "pairwise_share_slot_a": pairwise_position_bias(log),
+        "pairwise_tie_share": (sum(r["verdict"] == "tie" for r in pairwise) / len(pairwise)
+                               if pairwise else None),
+        "win_rate_definition": "win 1, tie 0.5, loss 0; mean over prompts; 95% percentile "
+        f"bootstrap over prompts, B={n_resamples}, seed={seed}",
+        "win_rates": win_rate_rows(log, n_resamples=n_resamples, seed=seed),
+    }
+
+
+def _mean(values: Iterable[Any]) -> float | None:
+    numbers = [float(v) for v in values if isinstance(v, int | float)]
+    return mean(numbers) if numbers else None
+
+
+def _table_methods(rows: Sequence[dict[str, Any]]) -> list[str]:
+    present = {r["method"] for r in rows}
+    ordered = [m for m in (PERSONA_JUDGE, PERSONA_JUDGE_BASE) if m in present]
+    return [*ordered, "single"] if any(m.startswith(SINGLE_PREFIX) for m in present) else ordered
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    """Win rates against direct prompting, one row per (dimension, judge).
+
+    The ``single`` column is the single-persona prompt of that row's own dimension.
+    """
+    rows = summary["win_rates"]
+    methods = _table_methods(rows)
+    lookup = {(r["dimension"], r["judge"], r["method"]): r for r in rows}
+    header = "| dimension | judge | n | " + " | ".join(
+        f"{m} vs direct" for m in methods) + " |"
+    lines = [header, "|" + " --- |" * (3 + len(methods))]
+    for dimension, judge in sorted({(r["dimension"], r["judge"]) for r in rows}):
+        cells = []
+        n = 0
+        for method in methods:
+            name = SINGLE_PREFIX + dimension if method == "single" else method
+            row = lookup.get((dimension, judge, name))
+            if row is None:
+                cells.append("-")
+                continue
+            n = max(n, row["n"])
+            cells.append(f"{row['rate']:.2f} [{row['low']:.2f}, {row['high']:.2f}] "
+                         f"({row['wins']}/{row['ties']}/{row['losses']})")
+        lines.append(f"| {dimension} | {judge} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def draw_chart(summary: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Grouped bars of win rate vs direct with 95% CIs: one panel per judge."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    rows = summary["win_rates"]
+    judges = sorted({r["judge"] for r in rows})
+    dimensions = sorted({r["dimension"] for r in rows})
+    methods = _table_methods(rows)
+    lookup = {(r["judge"], r["dimension"], r["method"]): r for r in rows}
+    fig, axes = plt.subplots(1, max(len(judges), 1), figsize=(4.2 * max(len(judges), 1), 3.8),
+                             sharey=True, squeeze=False)
+    width = 0.8 / max(len(methods), 1)
+    for ax, judge in zip(axes[0], judges, strict=False):
+        for m_index, method in enumerate(methods):
+            xs: list[float] = []
+            heights: list[float] = []
+            errors: list[list[float]] = [[], []]
+            for d_index, dimension in enumerate(dimensions):
+                name = SINGLE_PREFIX + dimension if method == "single" else method
+                row = lookup.get((judge, dimension, name))
+                if row is None:
+                    continue
+                xs.append(d_index + (m_index - (len(methods) - 1) / 2) * width)
+                heights.append(row["rate"])
+                errors[0].append(row["rate"] - row["low"])
+                errors[1].append(row["high"] - row["rate"])
+            ax.bar(xs, heights, width, yerr=errors, capsize=3, label=method)
+        ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+        ax.set_xticks(range(len(dimensions)), dimensions)
+        ax.set_ylim(0.0, 1.0)
+        ax.set_title(f"judge: {judge}")
+    axes[0][0].set_ylabel("win rate vs direct prompting")
+    axes[0][0].legend(loc="lower left", fontsize=8)
+    generator = summary.get("settings", {}).get("generator", "?")
+    fig.suptitle(f"{generator}, {summary.get('prompts', '?')} prompts; bars: 95% bootstrap CI")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write_report(
+    log: ResultsLog,
+    out_dir: str | os.PathLike[str],
+    *,
+    chart_path: str | os.PathLike[str] | None = None,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Write ``summary.json``, ``table.md`` and the chart; return the summary."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = build_summary(log, n_resamples=n_resamples, seed=seed)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n",
+                                      encoding="utf-8")
+    (out / "table.md").write_text(markdown_table(summary), encoding="utf-8")
+    if summary["win_rates"]:
+        draw_chart(summary, chart_path or out / "chart.png")
+    return summary
