@@ -256,11 +256,11 @@ def test_user_copies_share_the_engine_and_use_their_profiles(
     store.put(
         PersonaProfile(
             user_id="alice",
-            preferences=["humor"],
+            preferences=["be funny", "be brief"],
             defaults=GenerationDefaults(max_new_tokens=3, temperature=0.5),
         )
     )
-    store.put(PersonaProfile(user_id="bob", preferences=["Answer like an expert."]))
+    store.put(PersonaProfile(user_id="bob", preferences=["the cat", "the dog"]))
     base = PersonaJudgeLLM(engine=engine, profile_store=store, seed=1)
     alice = base.model_copy(update={"profile_id": "alice"})
     bob = base.model_copy(update={"profile_id": "bob", "max_tokens": 4})
@@ -270,7 +270,7 @@ def test_user_copies_share_the_engine_and_use_their_profiles(
     assert [p.text for p in alice_call["personas"]] == [
         p.text for p in resolve_personas(store.get("alice"))
     ]
-    assert bob_call["personas"][0].text == "Answer like an expert."
+    assert [p.text for p in bob_call["personas"]] == ["the cat", "the dog"]
     # Alice's saved defaults apply where the developer left the default...
     assert (alice_call["max_new_tokens"], alice_call["temperature"]) == (3, 0.5)
     # ...but never over a setting chosen explicitly (seed on base, max_tokens on bob's copy).
