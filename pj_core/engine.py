@@ -1,0 +1,494 @@
+"""``PersonaJudge``: personalised decoding with one model and two or more persona prefixes.
+
+The engine validates the call, renders one prompt per persona, runs a strategy
+(:mod:`pj_core.speculative` or :mod:`pj_core.lockstep`) that yields emitted tokens, and turns
+them into text, stop-string handling, statistics and a per-token trace.
+
+Example:
+    >>> from pj_core import PersonaJudge, Persona
+    >>> pj = PersonaJudge.from_pretrained("smollm2-135m-instruct")  # doctest: +SKIP
+    >>> out = pj.generate(  # doctest: +SKIP
+    ...     "Got any creative ideas for a 10 year old's birthday?",
+    ...     personas=[Persona(text="Answer with playful humour."),
+    ...               Persona(text="Answer concisely.")],
+    ...     max_new_tokens=64, seed=0)
+    >>> out.text, out.stats.acceptance_rate  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from pj_core.errors import (
+    ContextOverflowError,
+    InvalidGenerationConfigError,
+    InvalidPromptError,
+)
+from pj_core.generation_config import GenerationConfig
+from pj_core.lockstep import lockstep_emissions
+from pj_core.results import (
+    FinishReason,
+    GenerationResult,
+    GenerationStats,
+    StrategyName,
+    StreamEvent,
+    TokenTrace,
+)
+from pj_core.rounds import Counters, Emission
+from pj_core.speculative import speculative_emissions
+from pj_core.stopping import IncrementalDecoder, StopStringMatcher
+from pj_core.strategy_choice import (
+    DEFAULT_ACCEPTANCE_RATE,
+    StepTimings,
+    choose_strategy,
+    measure_step_timings,
+)
+
+if TYPE_CHECKING:
+    from pj_core.personas import PersonaLike
+
+# Weight of the newest call in the running acceptance-rate estimate used by strategy="auto".
+ACCEPTANCE_SMOOTHING = 0.3
+PERSONA_NAME_CHARS = 24
+
+
+class PersonaJudge:
+    """Persona-judge decoding over one causal language model.
+
+    Args:
+        model: a transformers causal LM that runs with a ``DynamicCache`` (eval mode).
+        tokenizer: its tokenizer.
+        name: display name (defaults to the model's ``name_or_path``).
+        context_window: the most tokens prompt plus answer may take (defaults to the model
+            config's ``max_position_embeddings``).
+        eos_token_ids: every id that ends the answer (defaults to the model's generation
+            config and the tokenizer's EOS).
+
+    One instance is safe to call from several threads at once: every call has its own caches
+    and random generator, and the model is only read.
+
+    Example:
+        >>> from tests._tiny import make_tiny_model, make_tiny_tokenizer
+        >>> tokenizer = make_tiny_tokenizer()
+        >>> pj = PersonaJudge(make_tiny_model(len(tokenizer)), tokenizer)
+        >>> out = pj.generate_from_ids([[2, 4, 9, 10], [2, 4, 11, 12]], max_new_tokens=5, seed=0)
+        >>> len(out.token_ids) <= 5, out.finish_reason in ("eos", "length")
+        (True, True)
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        name: str | None = None,
+        context_window: int | None = None,
+        eos_token_ids: Sequence[int] | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name or str(getattr(model, "name_or_path", "") or type(model).__name__)
+        self.context_window = context_window or _default_context_window(model)
+        ids = eos_token_ids if eos_token_ids is not None else _default_eos_ids(model, tokenizer)
+        self.eos_token_ids: frozenset[int] = frozenset(int(i) for i in ids)
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        # Fast tokenizers are Rust objects that refuse concurrent use ("Already borrowed");
+        # every tokenizer call goes through this lock.
+        self._tokenizer_lock = threading.Lock()
+        self._auto_lock = threading.Lock()
+        self._step_timings: dict[tuple[int, int], StepTimings] = {}
+        self.acceptance_rate_estimate = DEFAULT_ACCEPTANCE_RATE
+
+    @classmethod
+    def from_pretrained(
+        cls, spec: str | os.PathLike[str] | None = None, **load_kwargs: Any
+    ) -> PersonaJudge:
+        """Load a model with :func:`pj_core.models.load_model` and wrap it.
+
+        Args:
+            spec: a built-in alias (default ``"smollm2-135m-instruct"``), a path or a hub id.
+            load_kwargs: ``device``, ``dtype``, ``trust_remote_code`` for ``load_model``.
+
+        Example:
+            >>> pj = PersonaJudge.from_pretrained("smollm2-135m-instruct")  # doctest: +SKIP
+        """
+        from pj_core import models
+
+        loaded = models.load_model(models.DEFAULT_MODEL if spec is None else spec, **load_kwargs)
+        return cls(
+            loaded.model,
+            loaded.tokenizer,
+            name=loaded.name,
+            context_window=loaded.context_window,
+            eos_token_ids=loaded.eos_token_ids,
+        )
+
+    # ----------------------------------------------------------------------------- public API
+
+    def generate(
+        self,
+        conversation: str | Sequence[dict[str, str]],
+        personas: Sequence[PersonaLike],
+        *,
+        lookahead: int = 4,
+        alternate: bool = True,
+        strategy: str = "speculative",
+        max_new_tokens: int = 128,
+        temperature: float = 0.7,
+        top_k: int = 20,
+        top_p: float = 0.9,
+        seed: int | None = None,
+        stop: Sequence[str] | None = None,
+    ) -> GenerationResult:
+        """Generate one answer in which every token follows a persona's judgement.
+
+        Args:
+            conversation: the user's message, or a list of ``{"role", "content"}`` messages.
+            personas: two or more ``Persona`` (or preference strings); each becomes the system
+                message of one persona prefix.
+            lookahead: λ, tokens the draft persona proposes per round.
+            alternate: swap draft and judge every round (Persona-judge); False keeps persona 0
+                drafting and persona 1 judging (Persona-judge-Base, two personas only).
+            strategy: "speculative" (KV cache per persona, draft then judge), "lockstep" (all
+                personas in one batch, one forward per token; same output), or "auto" (the
+                faster one on this model and device, measured; see
+                :mod:`pj_core.strategy_choice`).
+            max_new_tokens: the most tokens to emit.
+            temperature: 0 is greedy; temperature, top_k and top_p filter both personas alike.
+            top_k: keep the k most likely tokens (0: off).
+            top_p: keep the smallest set of tokens with this much mass (1.0: off).
+            seed: makes the call reproducible; None draws fresh randomness.
+            stop: strings that end the answer; the answer excludes them.
+
+        Returns:
+            A :class:`GenerationResult` with text, token ids, stats and trace.
+
+        Raises:
+            InvalidGenerationConfigError: a setting is out of range.
+            InvalidPersonaError: fewer than two personas or an invalid persona.
+            InvalidPromptError: the conversation is malformed.
+            ContextOverflowError: prompt plus ``max_new_tokens`` exceed the context window.
+
+        Example:
+            >>> out = pj.generate("Hi!", ["Be funny.", "Be brief."], seed=0)  # doctest: +SKIP
+        """
+        return _final_result(
+            self.stream(
+                conversation,
+                personas,
+                lookahead=lookahead,
+                alternate=alternate,
+                strategy=strategy,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                seed=seed,
+                stop=stop,
+            )
+        )
+
+    def stream(
+        self,
+        conversation: str | Sequence[dict[str, str]],
+        personas: Sequence[PersonaLike],
+        *,
+        lookahead: int = 4,
+        alternate: bool = True,
+        strategy: str = "speculative",
+        max_new_tokens: int = 128,
+        temperature: float = 0.7,
+        top_k: int = 20,
+        top_p: float = 0.9,
+        seed: int | None = None,
+        stop: Sequence[str] | None = None,
+    ) -> Iterator[StreamEvent]:
+        """Like :meth:`generate`, but yield one :class:`StreamEvent` per emitted token, then a
+        final event (``done=True``) carrying the :class:`GenerationResult`.
+
+        Arguments are validated before the first event, when this method is called.
+
+        Example:
+            >>> for event in pj.stream("Hi!", ["Be funny.", "Be brief."]):  # doctest: +SKIP
+            ...     print(event.text, end="", flush=True)
+        """
+        config = GenerationConfig.create(
+            lookahead=lookahead,
+            alternate=alternate,
+            strategy=strategy,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+        )
+        from pj_core.personas import resolve_personas
+        from pj_core.prompts import render_ids
+
+        resolved = resolve_personas(personas)
+        with self._tokenizer_lock:
+            prompts = [render_ids(self.tokenizer, conversation, p.text) for p in resolved]
+        names = [_display_name(p.name, p.text) for p in resolved]
+        return self._stream_checked(prompts, names, config)
+
+    def generate_from_ids(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        *,
+        persona_names: Sequence[str] | None = None,
+        **settings: Any,
+    ) -> GenerationResult:
+        """Persona-judge decoding from already rendered prompts, one token-id list per persona.
+
+        ``settings`` are those of :meth:`generate` (lookahead, alternate, strategy, ...). Use
+        this for prompt formats the prompt builder does not know.
+
+        Example:
+            >>> pj.generate_from_ids([[1, 5, 9], [1, 6, 9]], max_new_tokens=8)  # doctest: +SKIP
+        """
+        return _final_result(
+            self.stream_from_ids(prompt_ids, persona_names=persona_names, **settings)
+        )
+
+    def stream_from_ids(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        *,
+        persona_names: Sequence[str] | None = None,
+        **settings: Any,
+    ) -> Iterator[StreamEvent]:
+        """The streaming form of :meth:`generate_from_ids`."""
+        config = GenerationConfig.create(**settings)
+        prompts = self._checked_prompt_ids(prompt_ids)
+        names = (
+            [str(n) for n in persona_names]
+            if persona_names is not None
+            else [f"persona {i}" for i in range(len(prompts))]
+        )
+        if len(names) != len(prompts):
+            raise InvalidPromptError(
+                f"persona_names has {len(names)} names for {len(prompts)} prompts; give one each"
+            )
+        return self._stream_checked(prompts, names, config)
+
+    def choose_strategy(self, *, n_personas: int, lookahead: int) -> StrategyName:
+        """What ``strategy="auto"`` runs for this many personas and this lookahead.
+
+        Times a few forwards of each kind on this model the first time (then remembers them)
+        and compares the predicted cost per token, using the acceptance rate measured by this
+        instance's earlier calls. See :mod:`pj_core.strategy_choice`.
+        """
+        key = (n_personas, lookahead)
+        with self._auto_lock:
+            timings = self._step_timings.get(key)
+            alpha = self.acceptance_rate_estimate
+        if timings is None:
+            pad = getattr(self.tokenizer, "pad_token_id", None) or 0
+            timings = measure_step_timings(
+                self.model, n_personas=n_personas, lookahead=lookahead, token_id=int(pad)
+            )
+            with self._auto_lock:
+                self._step_timings.setdefault(key, timings)
+        return choose_strategy(timings, lookahead=lookahead, acceptance_rate=alpha)
+
+    # ------------------------------------------------------------------------------ internals
+
+    def _checked_prompt_ids(self, prompt_ids: Sequence[Sequence[int]]) -> list[list[int]]:
+        if isinstance(prompt_ids, str | bytes) or len(prompt_ids) < 2:
+            raise InvalidPromptError(
+                "prompt_ids takes one token-id list per persona, two or more of them"
+            )
+        prompts: list[list[int]] = []
+        for index, ids in enumerate(prompt_ids):
+            row = [int(t) for t in ids]
+            if not row:
+                raise InvalidPromptError(f"prompt {index} is empty; every persona needs a prompt")
+            bad = [t for t in row if not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidPromptError(
+                    f"prompt {index} has token ids outside the vocabulary "
+                    f"(0..{self.vocab_size - 1}): {bad[:5]}"
+                )
+            prompts.append(row)
+        return prompts
+
+    def _stream_checked(
+        self, prompts: list[list[int]], names: list[str], config: GenerationConfig
+    ) -> Iterator[StreamEvent]:
+        """Check what depends on the model, then return the (lazy) event stream."""
+        if not config.alternate and len(prompts) != 2:
+            raise InvalidGenerationConfigError(
+                f"alternate=False (fixed roles: persona 0 drafts, persona 1 judges) needs exactly "
+                f"two personas, got {len(prompts)}; pass alternate=True to let them take turns"
+            )
+        if any(not p for p in prompts):
+            raise InvalidPromptError("a persona prompt rendered to no tokens")
+        prompt_tokens = max(len(p) for p in prompts)
+        if prompt_tokens + config.max_new_tokens > self.context_window:
+            raise ContextOverflowError(
+                f"the prompt takes {prompt_tokens} tokens and max_new_tokens is "
+                f"{config.max_new_tokens}: {prompt_tokens + config.max_new_tokens} tokens do not "
+                f"fit the context window of {self.context_window}; shorten the conversation or "
+                f"the persona texts, or lower max_new_tokens to at most "
+                f"{max(self.context_window - prompt_tokens, 0)}",
+                prompt_tokens=prompt_tokens,
+                max_new_tokens=config.max_new_tokens,
+                context_window=self.context_window,
+            )
+        strategy: StrategyName = (
+            self.choose_strategy(n_personas=len(prompts), lookahead=config.lookahead)
+            if config.strategy == "auto"
+            else config.strategy
+        )
+        return self._events(prompts, names, config, strategy)
+
+    def _events(
+        self,
+        prompts: list[list[int]],
+        names: list[str],
+        config: GenerationConfig,
+        strategy: StrategyName,
+    ) -> Iterator[StreamEvent]:
+        generator = torch.Generator(device="cpu")
+        if config.seed is None:
+            generator.seed()  # fresh entropy for this call only; the global RNG is untouched
+        else:
+            generator.manual_seed(config.seed)
+        counters = Counters()
+        run = speculative_emissions if strategy == "speculative" else lockstep_emissions
+        emissions = run(
+            self.model,
+            prompts,
+            config,
+            eos_ids=self.eos_token_ids,
+            generator=generator,
+            counters=counters,
+        )
+        decoder = IncrementalDecoder(self._decode)
+        matcher = StopStringMatcher(config.stop)
+        token_ids: list[int] = []
+        trace: list[TokenTrace] = []
+        finish: FinishReason = "length"
+        model_seconds = 0.0
+        try:
+            while True:
+                started = time.perf_counter()
+                # inference_mode only around the model work: a generator that yields inside
+                # the context would leak it into the caller's code between events.
+                with torch.inference_mode():
+                    emission = next(emissions, None)
+                model_seconds += time.perf_counter() - started
+                if emission is None:
+                    break
+                is_eos = emission.token_id in self.eos_token_ids
+                piece = "" if is_eos else decoder.push(emission.token_id)
+                entry = _trace_entry(emission, piece, names)
+                token_ids.append(emission.token_id)
+                trace.append(entry)
+                yield StreamEvent(
+                    text=matcher.push(piece), token_ids=[emission.token_id], trace=[entry]
+                )
+                if is_eos:
+                    finish = "eos"
+                    break
+                if matcher.stopped:
+                    finish = "stop"
+                    break
+        finally:
+            emissions.close()
+        stats = GenerationStats(
+            tokens=len(token_ids),
+            rounds=counters.rounds,
+            drafted=counters.drafted,
+            accepted=counters.accepted,
+            resampled=counters.resampled,
+            bonus=counters.bonus,
+            forward_passes=counters.forward_passes,
+            prefill_seconds=counters.prefill_seconds,
+            decode_seconds=max(model_seconds - counters.prefill_seconds, 0.0),
+            strategy=strategy,
+        )
+        self._update_acceptance_estimate(stats)
+        tail = matcher.flush()
+        result = GenerationResult(
+            text=matcher.text,
+            token_ids=token_ids,
+            stats=stats,
+            trace=trace,
+            finish_reason=finish,
+            prompt_tokens=max(len(p) for p in prompts),
+        )
+        yield StreamEvent(text=tail, done=True, result=result)
+
+    def _decode(self, ids: list[int]) -> str:
+        with self._tokenizer_lock:
+            return str(
+                self.tokenizer.decode(
+                    ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+                )
+            )
+
+    def _update_acceptance_estimate(self, stats: GenerationStats) -> None:
+        if stats.drafted == 0:
+            return
+        with self._auto_lock:
+            self.acceptance_rate_estimate += ACCEPTANCE_SMOOTHING * (
+                stats.acceptance_rate - self.acceptance_rate_estimate
+            )
+
+
+def _final_result(events: Iterator[StreamEvent]) -> GenerationResult:
+    for event in events:
+        if event.result is not None:
+            return event.result
+    raise RuntimeError("the event stream ended without a final result")  # a bug if reached
+
+
+def _trace_entry(emission: Emission, piece: str, names: list[str]) -> TokenTrace:
+    return TokenTrace(
+        token_id=emission.token_id,
+        text=piece,
+        draft_persona=emission.roles.draft,
+        draft_name=names[emission.roles.draft],
+        judge_persona=emission.roles.judge,
+        judge_name=names[emission.roles.judge],
+        outcome=emission.outcome,
+        round=emission.round,
+    )
+
+
+def _display_name(name: str | None, text: str) -> str:
+    if name:
+        return name
+    return text if len(text) <= PERSONA_NAME_CHARS else text[: PERSONA_NAME_CHARS - 1] + "…"
+
+
+def _default_context_window(model: PreTrainedModel) -> int:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
+    window = getattr(config or model.config, "max_position_embeddings", None)
+    if not isinstance(window, int) or window <= 0:
+        raise InvalidGenerationConfigError(
+            "the model config has no max_position_embeddings; pass context_window= to PersonaJudge"
+        )
+    return window
+
+
+def _default_eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    ids: list[int] = []
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.append(value)
+        elif isinstance(value, list | tuple):
+            ids.extend(int(v) for v in value)
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    return sorted(set(ids))

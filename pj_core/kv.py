@@ -1,0 +1,186 @@
+"""Key/value caches of the persona contexts over one model.
+
+Two layouts are used:
+
+* :func:`prefill_split` (speculative strategy): all persona prompts are prefilled in ONE
+  left-padded batched forward, then the batch cache is split into one ``DynamicCache`` per
+  persona with the padding positions removed. The keys already carry their rotary positions
+  (explicit ``position_ids`` start at 0 after the padding in every row), so dropping the padded
+  slots leaves exactly the cache a separate prefill would have produced.
+* :class:`BatchedContexts` (lockstep strategy): the persona contexts stay in one left-padded
+  batch cache; every step appends one token to every row, with a growing attention mask and
+  per-row position ids. It is never cropped.
+
+Per-persona caches are plain full-attention ``DynamicCache`` layers even for models with
+sliding-window layers (Gemma 3): the model still applies its sliding-window *mask*, so the
+result is exact; the window only bounds memory, and a sliding layer could not be cropped
+after a rejection once the window is full. The cost is memory for contexts longer than the
+window, which the engine's budgets (hundreds of tokens) do not reach.
+
+Example:
+    >>> from tests._tiny import make_tiny_model
+    >>> model = make_tiny_model(vocab_size=22)
+    >>> caches, counted = prefill_split(model, [[5, 6, 7], [8, 9]])
+    >>> [c.get_seq_length() for c in caches], counted
+    ([3, 2], 1)
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from pj_core.errors import ModelLoadError
+
+# Any id of the vocabulary does for padding: padded positions are masked out everywhere.
+PAD_ID = 0
+
+
+def _cache_kwarg(model: PreTrainedModel) -> str:
+    """The name under which this model's forward takes the cache (transformers 5: ``cache``)."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def _takes_logits_to_keep(model: PreTrainedModel) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def forward_logits(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    cache: DynamicCache,
+    *,
+    keep: int,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run one forward that extends ``cache`` and return the last ``keep`` positions' logits.
+
+    Returns float32 logits of shape ``[batch, keep, vocab]``.
+    """
+    kwargs: dict[str, object] = {
+        _cache_kwarg(model): cache,
+        "use_cache": True,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+    }
+    if _takes_logits_to_keep(model):
+        # Only the positions we sample from go through the (large) vocabulary projection.
+        kwargs["logits_to_keep"] = keep
+    output = model(input_ids=input_ids, **kwargs)
+    return output.logits[:, -keep:, :].float()
+
+
+def _left_padded(
+    sequences: Sequence[Sequence[int]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-pad to one batch: (input_ids, attention_mask, position_ids)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), PAD_ID, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        if sequence:
+            ids[row, width - len(sequence) :] = torch.tensor(list(sequence), dtype=torch.long)
+            mask[row, width - len(sequence) :] = 1
+    # Positions count real tokens only; padded slots get 0 (they are masked anyway).
+    positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+def model_device(model: PreTrainedModel) -> torch.device:
+    """The device of the model's parameters."""
+    return next(model.parameters()).device
+
+
+def prefill_split(
+    model: PreTrainedModel, prefixes: Sequence[Sequence[int]]
+) -> tuple[list[DynamicCache], int]:
+    """Prefill every prefix in one batched forward; return one cache per prefix.
+
+    Empty prefixes get an empty cache. Returns the caches and the number of forwards run.
+    """
+    caches = [DynamicCache() for _ in prefixes]
+    rows = [i for i, prefix in enumerate(prefixes) if prefix]
+    if not rows:
+        return caches, 0
+    ids, mask, positions = _left_padded([prefixes[i] for i in rows], model_device(model))
+    batch_cache = DynamicCache()
+    kwargs: dict[str, object] = {
+        _cache_kwarg(model): batch_cache,
+        "use_cache": True,
+        "attention_mask": mask,
+        "position_ids": positions,
+    }
+    if _takes_logits_to_keep(model):
+        kwargs["logits_to_keep"] = 1  # prefill needs no logits; keep the projection tiny
+    model(input_ids=ids, **kwargs)
+    width = ids.shape[1]
+    for batch_row, persona in enumerate(rows):
+        start = width - len(prefixes[persona])
+        per_layer = [
+            (
+                keys[batch_row : batch_row + 1, :, start:, :].clone(),
+                values[batch_row : batch_row + 1, :, start:, :].clone(),
+            )
+            for keys, values in map(_layer_tensors, batch_cache.layers)
+        ]
+        caches[persona] = DynamicCache(ddp_cache_data=per_layer)
+    return caches, 1
+
+
+def _layer_tensors(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
+        raise ModelLoadError(
+            f"the model's cache layer {type(layer).__name__} holds no attention keys/values; "
+            "Persona-judge needs a transformer whose layers all use a key/value cache"
+        )
+    return keys, values
+
+
+class BatchedContexts:
+    """All persona contexts in one left-padded batch cache (the lockstep layout).
+
+    Example:
+        >>> from tests._tiny import make_tiny_model
+        >>> contexts = BatchedContexts(make_tiny_model(vocab_size=22), [[5, 6], [7]])
+        >>> contexts.step([8, 9]).shape
+        torch.Size([2, 22])
+    """
+
+    def __init__(self, model: PreTrainedModel, prefixes: Sequence[Sequence[int]]) -> None:
+        self.model = model
+        self.forward_passes = 0
+        self._device = model_device(model)
+        self._cache = DynamicCache()
+        lengths = [len(prefix) for prefix in prefixes]
+        if max(lengths) == 0:
+            self._mask = torch.zeros((len(prefixes), 0), dtype=torch.long, device=self._device)
+        else:
+            ids, self._mask, positions = _left_padded(prefixes, self._device)
+            forward_logits(
+                model, ids, self._cache, keep=1, attention_mask=self._mask, position_ids=positions
+            )
+            self.forward_passes += 1
+        self._next_position = torch.tensor(lengths, dtype=torch.long, device=self._device)
+
+    def step(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Append one token to every row; return each row's next-token logits ``[rows, vocab]``."""
+        ones = torch.ones((len(tokens), 1), dtype=torch.long, device=self._device)
+        self._mask = torch.cat([self._mask, ones], dim=-1)
+        ids = torch.tensor(list(tokens), dtype=torch.long, device=self._device).unsqueeze(-1)
+        logits = forward_logits(
+            self.model,
+            ids,
+            self._cache,
+            keep=1,
+            attention_mask=self._mask,
+            position_ids=self._next_position.unsqueeze(-1),
+        )
+        self._next_position = self._next_position + 1
+        self.forward_passes += 1
+        return logits[:, -1, :]

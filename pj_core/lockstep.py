@@ -1,0 +1,86 @@
+"""The lockstep strategy: every persona context in one batch, one forward per emitted token.
+
+Each step appends the last emitted token to every row and gives every persona's next-token
+distribution at once. The rounds of the speculative strategy are *simulated* token by token:
+at position i of a round the draft's token is drawn from its row (q) with the round's i-th
+draft uniform and tested against the judge's row (p) with the i-th acceptance uniform; a
+rejection draws from the residual, a fully accepted lookahead draws a bonus from p. Because a
+speculative draft only ever builds on accepted tokens (which lockstep has emitted too), and the
+round's uniforms are drawn in the same layout, both strategies emit the same tokens for the
+same seed, up to floating-point differences between batched and single-row forwards.
+
+Lockstep wins when a batch-of-k step costs about as much as a single-row step (GPUs), or when
+the personas disagree so often that speculative drafts are mostly thrown away.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator, Sequence
+
+import torch
+from transformers import PreTrainedModel
+
+from pj_core.generation_config import GenerationConfig
+from pj_core.kv import BatchedContexts
+from pj_core.rounds import (
+    Counters,
+    Emission,
+    bonus_token,
+    draw_round,
+    judge_draft_token,
+    round_roles,
+)
+from pj_core.sampling import sample_index
+
+
+def lockstep_emissions(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    config: GenerationConfig,
+    *,
+    eos_ids: frozenset[int],
+    generator: torch.Generator,
+    counters: Counters,
+) -> Generator[Emission, None, None]:
+    """Yield the emitted tokens one by one until EOS or ``config.max_new_tokens``.
+
+    Same contract and same output as
+    :func:`pj_core.speculative.speculative_emissions`.
+    """
+    started = time.perf_counter()
+    contexts = BatchedContexts(model, [prompt[:-1] for prompt in prompts])
+    counters.prefill_seconds += time.perf_counter() - started
+    next_inputs = [prompt[-1] for prompt in prompts]
+    emitted = 0
+    round_index = 0
+    lookahead = config.lookahead
+    try:
+        while emitted < config.max_new_tokens:
+            roles = round_roles(round_index, n_personas=len(prompts), alternate=config.alternate)
+            draws = draw_round(generator, lookahead)
+            counters.rounds += 1
+            # The speculative draft drafts at most what the budget has left.
+            draft_length = min(lookahead, config.max_new_tokens - emitted)
+            position = 0
+            while True:
+                logits = contexts.step(next_inputs)
+                q = config.probs(logits[roles.draft])
+                p = config.probs(logits[roles.judge])
+                if position < draft_length:
+                    drafted = sample_index(q, draws.draft[position])
+                    token, outcome = judge_draft_token(p, q, drafted, draws, position)
+                else:  # the whole lookahead passed
+                    token, outcome = bonus_token(p, draws), "bonus"
+                counters.record(outcome)
+                emitted += 1
+                yield Emission(token, round_index, roles, outcome)
+                if token in eos_ids or emitted >= config.max_new_tokens:
+                    return
+                next_inputs = [token] * len(prompts)
+                if outcome != "accepted":
+                    break
+                position += 1
+            round_index += 1
+    finally:
+        counters.forward_passes += contexts.forward_passes

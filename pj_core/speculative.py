@@ -1,0 +1,135 @@
+"""The speculative strategy: rounds of draft (λ single-token forwards) and judge (one forward).
+
+Each persona has its own KV cache over the one model. A persona's cache may lag behind the
+emitted text: the tokens it has not forwarded yet are its *pending* tokens, fed at the start
+of its next forward. Keeping at least one token pending at all times means every forward
+starts by feeding something, whose last logits are the next-token distribution we need, so no
+logits have to be kept between rounds. Concretely, after prefill (prompt minus its last token)
+the last prompt token is pending; after a round the judge lags by the residual/bonus token,
+the draft by one or two tokens, and personas outside the round (k > 2) by the whole round.
+
+Round with draft D and judge J, lookahead λ, drafted tokens d_0..d_{n-1} (n <= λ; fewer when
+the budget is nearly spent or the draft proposes EOS):
+
+* D forwards pending_D, samples d_0 from q_0; forwards d_0, samples d_1 from q_1; ... (n forwards).
+* J forwards pending_J + d_0..d_{n-1} in one pass: p_0..p_{n-1} for the drafted positions and
+  p_n, the bonus distribution.
+* d_i is accepted while u_i * q_i(d_i) < p_i(d_i); the first rejected one is replaced by a draw
+  from norm(max(0, p_i - q_i)) and the round ends; if all λ pass, a bonus token comes from p_λ.
+* Both caches are cropped back to the tokens that are still valid (the accepted prefix).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator, Sequence
+
+import torch
+from transformers import PreTrainedModel
+
+from pj_core.generation_config import GenerationConfig
+from pj_core.kv import forward_logits, model_device, prefill_split
+from pj_core.rounds import (
+    Counters,
+    Emission,
+    bonus_token,
+    draw_round,
+    judge_draft_token,
+    round_roles,
+)
+from pj_core.sampling import sample_index
+
+
+def speculative_emissions(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    config: GenerationConfig,
+    *,
+    eos_ids: frozenset[int],
+    generator: torch.Generator,
+    counters: Counters,
+) -> Generator[Emission, None, None]:
+    """Yield the emitted tokens one by one until EOS or ``config.max_new_tokens``.
+
+    ``prompts`` holds one token-id list per persona (each at least one token long). The caller
+    may stop iterating at any time (a stop string); nothing is left to clean up.
+    """
+    device = model_device(model)
+    started = time.perf_counter()
+    caches, prefill_forwards = prefill_split(model, [prompt[:-1] for prompt in prompts])
+    counters.forward_passes += prefill_forwards
+    counters.prefill_seconds += time.perf_counter() - started
+    # cached[i]: how many tokens of prompts[i] + emitted sit in persona i's cache.
+    cached = [len(prompt) - 1 for prompt in prompts]
+    emitted: list[int] = []
+
+    def pending(persona: int) -> list[int]:
+        return (list(prompts[persona]) + emitted)[cached[persona] :]
+
+    def crop(persona: int, valid: int) -> None:
+        # Keep the valid tokens but always leave at least the last emitted token pending.
+        keep = min(valid, len(prompts[persona]) + len(emitted) - 1)
+        if keep < cached[persona]:
+            caches[persona].crop(keep - cached[persona])
+            cached[persona] = keep
+
+    def forward(persona: int, tokens: list[int], keep: int) -> torch.Tensor:
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        logits = forward_logits(model, ids, caches[persona], keep=keep)
+        cached[persona] += len(tokens)
+        counters.forward_passes += 1
+        return logits[0]
+
+    round_index = 0
+    lookahead = config.lookahead
+    while len(emitted) < config.max_new_tokens:
+        roles = round_roles(round_index, n_personas=len(prompts), alternate=config.alternate)
+        draws = draw_round(generator, lookahead)
+        counters.rounds += 1
+        before_round = len(emitted)
+        draft, judge = roles.draft, roles.judge
+
+        # Draft: never more tokens than the budget has left; stop at a drafted EOS.
+        drafted: list[int] = []
+        draft_probs: list[torch.Tensor] = []
+        feed = pending(draft)
+        for position in range(min(lookahead, config.max_new_tokens - len(emitted))):
+            q = config.probs(forward(draft, feed, keep=1)[-1])
+            token = sample_index(q, draws.draft[position])
+            drafted.append(token)
+            draft_probs.append(q)
+            if token in eos_ids:
+                break
+            feed = [token]
+
+        # Judge: the pending tokens and the whole draft in one forward.
+        judge_logits = forward(judge, pending(judge) + drafted, keep=len(drafted) + 1)
+        judge_probs = config.probs(judge_logits)
+
+        accepted = 0
+        for position, token in enumerate(drafted):
+            chosen, outcome = judge_draft_token(
+                judge_probs[position], draft_probs[position], token, draws, position
+            )
+            emitted.append(chosen)
+            counters.record(outcome)
+            yield Emission(chosen, round_index, roles, outcome)
+            if outcome == "resampled":
+                break
+            accepted += 1
+            if chosen in eos_ids:
+                break
+        else:
+            if len(drafted) == lookahead and len(emitted) < config.max_new_tokens:
+                chosen = bonus_token(judge_probs[len(drafted)], draws)
+                emitted.append(chosen)
+                counters.record("bonus")
+                yield Emission(chosen, round_index, roles, "bonus")
+        if emitted[-1] in eos_ids:
+            return
+
+        # The draft cached the prefix + d_0..d_{n-2}, the judge the prefix + d_0..d_{n-1};
+        # only the accepted d_0..d_{accepted-1} are still part of the text.
+        crop(draft, before_round + len(prompts[draft]) + min(len(drafted) - 1, accepted))
+        crop(judge, before_round + len(prompts[judge]) + min(len(drafted), accepted))
+        round_index += 1

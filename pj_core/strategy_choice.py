@@ -1,0 +1,132 @@
+"""``strategy="auto"``: pick speculative or lockstep from a measurement on the actual model.
+
+The two strategies emit the same tokens for the same seed, so the choice only affects speed.
+Their costs per emitted token are, with λ the lookahead and α the acceptance rate:
+
+* speculative: a round costs λ single-row forwards (draft) plus one (λ+1)-token forward
+  (judge) and emits on average ``E = (1 - α^(λ+1)) / (1 - α)`` tokens;
+* lockstep: one forward of a k-row batch per token.
+
+Which is cheaper depends on the device: on a CPU a batch of k rows costs almost k times one
+row (SmolLM2-135M on the reference 2-core machine: 57 ms for one row, 87 ms for two, 68 ms to
+verify 5 tokens, hence speculative at α ≈ 0.9 costs ≈ 296 ms / 4.1 ≈ 72 ms per token against
+87 ms for lockstep), whereas on a GPU a small batch costs about the same as one row and the
+λ + 1 forwards per round make speculative slower. Rather than guess from the device name,
+:func:`measure_step_timings` times the three kinds of forward on the model itself (a few
+forwards, once per PersonaJudge, persona count and lookahead) and :func:`choose_strategy`
+compares the predicted costs. α is the running acceptance rate measured by earlier calls of
+the same PersonaJudge, starting from :data:`DEFAULT_ACCEPTANCE_RATE`.
+
+Example:
+    >>> timings = StepTimings(single_step=0.057, verify=0.068, batch_step=0.087)
+    >>> choose_strategy(timings, lookahead=4, acceptance_rate=0.9)
+    'speculative'
+    >>> choose_strategy(StepTimings(0.010, 0.011, 0.010), lookahead=4, acceptance_rate=0.9)
+    'lockstep'
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from pj_core.kv import BatchedContexts, forward_logits, model_device
+from pj_core.results import StrategyName
+
+# Two different persona prompts on SmolLM2 agree on ~93% of the probability mass per token at
+# T=0.7, top-k 20, top-p 0.9 (docs/engine.md); 0.9 is a slightly conservative start.
+DEFAULT_ACCEPTANCE_RATE = 0.9
+# Context length of the timing forwards: about a short chat prompt.
+CALIBRATION_CONTEXT = 64
+CALIBRATION_REPEATS = 3
+
+
+@dataclass(frozen=True)
+class StepTimings:
+    """Seconds per forward of the three kinds the strategies run."""
+
+    single_step: float  # one row, one new token (a draft step)
+    verify: float  # one row, λ + 1 new tokens (a judge pass)
+    batch_step: float  # k rows, one new token each (a lockstep step)
+
+
+def expected_tokens_per_round(lookahead: int, acceptance_rate: float) -> float:
+    """Mean tokens a speculative round emits: accepted drafts plus the resampled/bonus token.
+
+    Example:
+        >>> expected_tokens_per_round(4, 0.0), expected_tokens_per_round(4, 1.0)
+        (1.0, 5.0)
+    """
+    alpha = min(max(acceptance_rate, 0.0), 1.0)
+    return float(sum(alpha**i for i in range(lookahead + 1)))
+
+
+def predicted_seconds_per_token(
+    timings: StepTimings, *, lookahead: int, acceptance_rate: float
+) -> dict[StrategyName, float]:
+    """Predicted decoding cost per emitted token of each strategy."""
+    round_cost = lookahead * timings.single_step + timings.verify
+    return {
+        "speculative": round_cost / expected_tokens_per_round(lookahead, acceptance_rate),
+        "lockstep": timings.batch_step,
+    }
+
+
+def choose_strategy(
+    timings: StepTimings, *, lookahead: int, acceptance_rate: float
+) -> StrategyName:
+    """The strategy with the lower predicted cost per token (speculative on ties)."""
+    costs = predicted_seconds_per_token(
+        timings, lookahead=lookahead, acceptance_rate=acceptance_rate
+    )
+    return "speculative" if costs["speculative"] <= costs["lockstep"] else "lockstep"
+
+
+def _timed(step: Callable[[], object], device: torch.device) -> float:
+    # GPU kernels run asynchronously: wait for them, or we would time only the launch.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
+def measure_step_timings(
+    model: PreTrainedModel, *, n_personas: int, lookahead: int, token_id: int = 0
+) -> StepTimings:
+    """Time the three kinds of forward on ``model`` (median of a few, after one warm-up each).
+
+    Uses a synthetic context of :data:`CALIBRATION_CONTEXT` copies of ``token_id``.
+    """
+    device = model_device(model)
+    context = [token_id] * CALIBRATION_CONTEXT
+
+    def single_row(new_tokens: int) -> float:
+        samples = []
+        for _ in range(CALIBRATION_REPEATS + 1):
+            cache = DynamicCache()
+            forward_logits(model, torch.tensor([context], device=device), cache, keep=1)
+            ids = torch.tensor([[token_id] * new_tokens], device=device)
+            samples.append(
+                _timed(lambda: forward_logits(model, ids, cache, keep=new_tokens), device)  # noqa: B023
+            )
+        return statistics.median(samples[1:])
+
+    def batch_row() -> float:
+        samples = []
+        for _ in range(CALIBRATION_REPEATS + 1):
+            contexts = BatchedContexts(model, [context] * n_personas)
+            samples.append(_timed(lambda: contexts.step([token_id] * n_personas), device))  # noqa: B023
+        return statistics.median(samples[1:])
+
+    with torch.inference_mode():
+        return StepTimings(
+            single_step=single_row(1), verify=single_row(lookahead + 1), batch_step=batch_row()
+        )
