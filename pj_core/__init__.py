@@ -1,0 +1,54 @@
+"""persona-judge: training-free, per-user personalised generation with local open models.
+
+The public names below are imported lazily (on first use), so ``import pj_core`` and the
+``pj`` command start without loading torch and transformers.
+
+Example:
+    >>> import pj_core
+    >>> pj_core.DEFAULT_MODEL
+    'smollm2-135m-instruct'
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "load_model": "pj_core.models",
+    "LoadedModel": "pj_core.models",
+    "DEFAULT_MODEL": "pj_core.models",
+    "PersonaJudge": "pj_core.engine",
+    "GenerationResult": "pj_core.results",
+    "GenerationStats": "pj_core.results",
+    "StreamEvent": "pj_core.results",
+    "TokenTrace": "pj_core.results",
+    "Persona": "pj_core.personas",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from pj_core.engine import PersonaJudge as PersonaJudge
+    from pj_core.models import DEFAULT_MODEL as DEFAULT_MODEL
+    from pj_core.models import LoadedModel as LoadedModel
+    from pj_core.models import load_model as load_model
+    from pj_core.personas import Persona as Persona
+    from pj_core.results import GenerationResult as GenerationResult
+    from pj_core.results import GenerationStats as GenerationStats
+    from pj_core.results import StreamEvent as StreamEvent
+    from pj_core.results import TokenTrace as TokenTrace
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pj_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,395 @@
+"""Render a conversation plus one persona text into the prompt a persona prefix decodes from.
+
+Every persona prefix of Persona-judge is the same conversation with a different persona
+text where the model reads instructions. Three layouts, chosen from the tokenizer:
+
+1. **Chat template with a system role** (SmolLM2): one system message at the start holding
+   the persona text, then a blank line, then the user's own system text if there is any.
+   The persona goes first so that the application's instructions (task, retrieved context)
+   sit next to the dialogue they are about, and the persona reads as a general preamble.
+2. **Chat template without a system role** (templates that raise on ``"system"`` or drop
+   it silently): the same system text is put before the first user message, separated by
+   a blank line.
+3. **No chat template** (base models such as Gemma 3 270M): plain text::
+
+       {system text}                       (only when there is a persona or system text)
+
+       User: {message}
+       Assistant: {message}
+       User: {message}
+       Assistant:
+
+   Turns are separated by one newline; the prompt ends with ``"Assistant:"``. A base model
+   tends to go on writing the next ``"User:"`` turn, so stop on :func:`stop_strings`.
+
+Conversations are normalised first (:func:`normalize_conversation`): consecutive messages of
+the same role are merged with a blank line, since strict templates require user/assistant
+alternation, and system messages anywhere are gathered, in order, into the one system text.
+If the last message is from the assistant, the prompt *continues* that message (prefill):
+no end-of-turn after it and no new assistant header.
+
+Text from users and personas cannot forge turns: wherever the tokenizer would read one of
+its control tokens (``<|im_start|>``, ``<end_of_turn>``, ``<bos>``, ...) inside that text, an
+invisible WORD JOINER (U+2060) is inserted after the token's first character, so it is
+encoded as ordinary text. Only the template itself produces control tokens.
+
+Example:
+    >>> from tests._tiny import make_tiny_tokenizer
+    >>> tok = make_tiny_tokenizer()
+    >>> render_text(tok, "hello", "be funny")
+    '<|im_start|>system be funny<|im_end|> <|im_start|>user hello<|im_end|> <|im_start|>assistant '
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from pj_core.errors import InvalidPersonaError, InvalidPromptError
+
+Conversation = str | Sequence[Mapping[str, str]]
+
+ROLES = ("system", "user", "assistant")
+CONTROL_TOKEN_BREAK = "\u2060"  # WORD JOINER: invisible, and splits a control token's text
+BASE_USER_LABEL = "User:"
+BASE_ASSISTANT_LABEL = "Assistant:"
+_MERGE_SEPARATOR = "\n\n"
+
+_system_support: dict[str, bool] = {}
+_system_support_lock = threading.Lock()
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation
+
+
+def normalize_conversation(conversation: Conversation) -> list[dict[str, str]]:
+    """Validate a conversation and merge consecutive messages of the same role.
+
+    A plain string is one user message. Each message is a mapping with ``"role"`` (one of
+    ``system``, ``user``, ``assistant``) and a string ``"content"``; other keys are ignored.
+    There must be at least one user message, and no message may be empty. Tool messages are
+    rejected: put tool results into a user message yourself, in the words the model should see.
+
+    Example:
+        >>> normalize_conversation([{"role": "user", "content": "Hi."},
+        ...                         {"role": "user", "content": "Still there?"}])
+        [{'role': 'user', 'content': 'Hi.\\n\\nStill there?'}]
+
+    Raises:
+        InvalidPromptError: what is wrong, and with which message.
+    """
+    if isinstance(conversation, str):
+        if not conversation.strip():
+            raise InvalidPromptError("the prompt is empty; pass the user's message as text")
+        return [{"role": "user", "content": conversation}]
+    if isinstance(conversation, Mapping):
+        raise InvalidPromptError(
+            "got a single message mapping; pass a list of messages, e.g. "
+            "[{'role': 'user', 'content': '...'}], or a plain string"
+        )
+    if isinstance(conversation, (bytes, bytearray)) or not isinstance(conversation, Sequence):
+        raise InvalidPromptError(
+            f"a conversation is a string or a list of {{'role', 'content'}} messages, "
+            f"not {type(conversation).__name__}"
+        )
+    merged: list[dict[str, str]] = []
+    for index, message in enumerate(conversation):
+        role, content = _check_message(index, message)
+        if merged and merged[-1]["role"] == role:
+            merged[-1]["content"] += _MERGE_SEPARATOR + content
+        else:
+            merged.append({"role": role, "content": content})
+    if not any(message["role"] == "user" for message in merged):
+        raise InvalidPromptError(
+            "the conversation has no user message; add one, e.g. {'role': 'user', 'content': ...}"
+        )
+    return merged
+
+
+def _check_message(index: int, message: object) -> tuple[str, str]:
+    if not isinstance(message, Mapping):
+        raise InvalidPromptError(
+            f"message {index} is a {type(message).__name__}; each message must be a mapping "
+            "with 'role' and 'content' (convert framework message objects first)"
+        )
+    role, content = message.get("role"), message.get("content")
+    if role == "tool":
+        raise InvalidPromptError(
+            f"message {index} has role 'tool', which persona-judge does not render; put the "
+            "tool result into a user message, e.g. 'Tool result: ...'"
+        )
+    if role not in ROLES:
+        raise InvalidPromptError(
+            f"message {index} has role {role!r}; use one of {', '.join(ROLES)}"
+        )
+    if not isinstance(content, str):
+        raise InvalidPromptError(
+            f"message {index} ({role}) has content of type {type(content).__name__}; "
+            "content must be a string (join multi-part content into text first)"
+        )
+    if not content.strip():
+        raise InvalidPromptError(f"message {index} ({role}) is empty; remove it or give text")
+    return role, content
+
+
+# ---------------------------------------------------------------------------------------------
+# Control tokens
+
+
+def control_token_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """The ids that only the template may produce: special tokens, added tokens marked
+    special, and added tokens that the chat template writes literally.
+
+    Example:
+        >>> from tests._tiny import make_tiny_tokenizer
+        >>> sorted(control_token_ids(make_tiny_tokenizer()))
+        [0, 1, 2, 3, 21]
+    """
+    ids = set(tokenizer.all_special_ids)
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    for token_id, added in tokenizer.added_tokens_decoder.items():
+        if added.special or (template and added.content in template):
+            ids.add(token_id)
+    return frozenset(ids)
+
+
+def neutralize_control_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> str:
+    """``text`` with every control token broken up, so it encodes as ordinary text.
+
+    We ask the tokenizer itself where it would emit a control token (its matching rules for
+    added tokens are the ones that count) and insert :data:`CONTROL_TOKEN_BREAK` after the
+    token's first character, repeating until none is left.
+
+    Example:
+        >>> from tests._tiny import make_tiny_tokenizer
+        >>> neutralize_control_tokens(make_tiny_tokenizer(), "a <|im_end|> b")
+        'a <\\u2060|im_end|> b'
+    """
+    if not text:
+        return text
+    controls = control_token_ids(tokenizer)
+    if not tokenizer.is_fast:  # slow tokenizers give no offsets: break the strings instead
+        return _break_control_strings(tokenizer, text, controls)
+    for _ in range(len(text) + 1):  # every round breaks at least one token: this terminates
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        spans = []
+        for token_id, (start, end) in zip(
+            encoding["input_ids"], encoding["offset_mapping"], strict=True
+        ):
+            token = tokenizer.convert_ids_to_tokens(token_id) if token_id in controls else None
+            # Only a literal occurrence counts: unknown text also encodes to <unk>, a special id.
+            if isinstance(token, str) and token and token in text[start:end]:
+                spans.append((start, end, token))
+        if not spans:
+            return text
+        for start, end, token in reversed(spans):
+            text = _break_at(text, start, end, token)
+    raise InvalidPromptError(  # pragma: no cover - would need a tokenizer that re-forms tokens
+        "could not neutralise control tokens in a message; remove tokens such as "
+        "'<|im_start|>' from the text"
+    )
+
+
+def _break_at(text: str, start: int, end: int, token: str) -> str:
+    # Offsets of tokens with lstrip/rstrip may include whitespace: find the token itself.
+    position = start + text[start:end].find(token)
+    if len(token) == 1:
+        # A one-character control token cannot be split; replace it visibly.
+        return text[:position] + "\ufffd" + text[position + 1 :]
+    return text[: position + 1] + CONTROL_TOKEN_BREAK + text[position + 1 :]
+
+
+def _break_control_strings(
+    tokenizer: PreTrainedTokenizerBase, text: str, controls: frozenset[int]
+) -> str:
+    tokens = {tokenizer.convert_ids_to_tokens(i) for i in controls}
+    for token in sorted((t for t in tokens if isinstance(t, str) and t), key=len, reverse=True):
+        if token in text:
+            broken = token[0] + CONTROL_TOKEN_BREAK + token[1:]
+            text = text.replace(token, "\ufffd" if len(token) == 1 else broken)
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout
+
+
+def supports_system_role(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer's chat template renders a system message (False without one).
+
+    We try it: a template that raises on ``"system"`` or silently drops the message does not.
+    The answer is memoised per template text.
+    """
+    template = tokenizer.chat_template
+    if not template:
+        return False
+    key = template if isinstance(template, str) else repr(template)
+    with _system_support_lock:
+        if key in _system_support:
+            return _system_support[key]
+    marker = "pj-system-probe-7f3a"
+    probe = [{"role": "system", "content": marker}, {"role": "user", "content": "hi"}]
+    try:
+        rendered = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+        supported = isinstance(rendered, str) and marker in rendered
+    except Exception:  # jinja raises TemplateError (raise_exception) or others
+        supported = False
+    with _system_support_lock:
+        _system_support[key] = supported
+    return supported
+
+
+def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer has a chat template (else the plain base-model layout is used)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def stop_strings(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
+    """Strings that end the assistant's reply in the layout used for this tokenizer.
+
+    With a chat template the EOS / end-of-turn tokens already do that (empty tuple); in the
+    plain base-model layout a new ``"User:"`` line means the model started the next turn.
+
+    Example:
+        >>> from tests._tiny import make_tiny_tokenizer
+        >>> stop_strings(make_tiny_tokenizer(chat_template=False))
+        ('\\nUser:',)
+    """
+    return () if has_chat_template(tokenizer) else ("\n" + BASE_USER_LABEL,)
+
+
+def _system_text(persona: str | None, user_system: list[str]) -> str:
+    if persona is not None:
+        if not isinstance(persona, str):
+            raise InvalidPersonaError(
+                f"persona must be a string or None, not {type(persona).__name__}"
+            )
+        if not persona.strip():
+            raise InvalidPersonaError("persona text is empty; pass None for no persona")
+    parts = ([persona.strip()] if persona is not None else []) + user_system
+    return _MERGE_SEPARATOR.join(parts)
+
+
+def _prepared(
+    tokenizer: PreTrainedTokenizerBase, conversation: Conversation, persona: str | None
+) -> tuple[str, list[dict[str, str]]]:
+    """The neutralised system text and the neutralised non-system turns."""
+    messages = normalize_conversation(conversation)
+    clean = [
+        {"role": m["role"], "content": neutralize_control_tokens(tokenizer, m["content"])}
+        for m in messages
+    ]
+    user_system = [m["content"] for m in clean if m["role"] == "system"]
+    safe_persona = None if persona is None else neutralize_control_tokens(tokenizer, persona)
+    system = _system_text(safe_persona, user_system)
+    turns = [m for m in clean if m["role"] != "system"]
+    return system, _merge_same_roles(turns)
+
+
+def _merge_same_roles(turns: list[dict[str, str]]) -> list[dict[str, str]]:
+    # Removing system messages can make two user turns adjacent again.
+    merged: list[dict[str, str]] = []
+    for turn in turns:
+        if merged and merged[-1]["role"] == turn["role"]:
+            merged[-1] = {**merged[-1], "content": merged[-1]["content"] + _MERGE_SEPARATOR
+                          + turn["content"]}
+        else:
+            merged.append(dict(turn))
+    return merged
+
+
+def render_text(
+    tokenizer: PreTrainedTokenizerBase, conversation: Conversation, persona: str | None
+) -> str:
+    """The prompt text for one persona prefix (see the module docstring for the layouts).
+
+    Args:
+        tokenizer: the model's tokenizer; its chat template, if any, decides the layout.
+        conversation: a user message as a string, or a list of ``{"role", "content"}``.
+        persona: the persona's preference text, or None for none.
+
+    In the plain base-model layout the text has no BOS token; :func:`render_ids` adds it.
+
+    Example:
+        >>> from tests._tiny import make_tiny_tokenizer
+        >>> print(render_text(make_tiny_tokenizer(chat_template=False), "Hi!", "Be brief."))
+        Be brief.
+        <BLANKLINE>
+        User: Hi!
+        Assistant:
+
+    Raises:
+        InvalidPromptError: a malformed conversation, or one the chat template rejects.
+        InvalidPersonaError: an empty persona text.
+    """
+    system, turns = _prepared(tokenizer, conversation, persona)
+    continuing = turns[-1]["role"] == "assistant"
+    if not has_chat_template(tokenizer):
+        return _render_plain(system, turns, continuing)
+    if system:
+        if supports_system_role(tokenizer):
+            turns = [{"role": "system", "content": system}, *turns]
+        else:
+            first_user = next(i for i, t in enumerate(turns) if t["role"] == "user")
+            turns[first_user] = {
+                "role": "user",
+                "content": system + _MERGE_SEPARATOR + turns[first_user]["content"],
+            }
+    try:
+        rendered: Any = tokenizer.apply_chat_template(
+            turns,
+            tokenize=False,
+            add_generation_prompt=not continuing,
+            continue_final_message=continuing,
+        )
+    except Exception as exc:  # jinja TemplateError from raise_exception, ValueError, ...
+        raise InvalidPromptError(
+            f"the model's chat template rejected this conversation: {exc}. Strict templates "
+            "need the turns to alternate user/assistant, starting with a user message"
+        ) from exc
+    if not isinstance(rendered, str):
+        raise InvalidPromptError("the chat template did not return text; check the tokenizer")
+    return rendered
+
+
+def _render_plain(system: str, turns: list[dict[str, str]], continuing: bool) -> str:
+    lines = []
+    for turn in turns:
+        label = BASE_USER_LABEL if turn["role"] == "user" else BASE_ASSISTANT_LABEL
+        lines.append(f"{label} {turn['content']}")
+    if not continuing:
+        lines.append(BASE_ASSISTANT_LABEL)
+    dialogue = "\n".join(lines)
+    return f"{system}{_MERGE_SEPARATOR}{dialogue}" if system else dialogue
+
+
+def render_ids(
+    tokenizer: PreTrainedTokenizerBase, conversation: Conversation, persona: str | None
+) -> list[int]:
+    """The token ids the engine feeds for one persona prefix.
+
+    Chat templates write their own BOS (if the model uses one), so their text is encoded
+    without adding special tokens; the plain layout gets the tokenizer's usual BOS. Either
+    way there is exactly one BOS, and no EOS at the end.
+
+    Example:
+        >>> from tests._tiny import make_tiny_tokenizer
+        >>> tok = make_tiny_tokenizer()
+        >>> tok.convert_ids_to_tokens(render_ids(tok, "hello", None))
+        ['<|im_start|>', 'user', 'hello', '<|im_end|>', '<|im_start|>', 'assistant']
+    """
+    text = render_text(tokenizer, conversation, persona)
+    ids: list[int] = list(
+        tokenizer(text, add_special_tokens=not has_chat_template(tokenizer))["input_ids"]
+    )
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if bos is not None and ids[:2] == [bos, bos]:
+        ids = ids[1:]
+    eos_text = tokenizer.eos_token
+    if ids and eos is not None and ids[-1] == eos and not (eos_text and text.endswith(eos_text)):
+        ids = ids[:-1]  # tokenizers that append EOS (T5-style) would end the prompt early
+    return ids
