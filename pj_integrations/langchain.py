@@ -55,6 +55,7 @@ from pj_core.errors import (
 )
 from pj_core.generation_config import GenerationConfig
 from pj_core.personas import PersonaProfile, PreferenceSpec, check_user_id, resolve_personas
+from pj_core.prompts import stop_strings
 from pj_core.results import GenerationResult, StreamEvent
 from pj_integrations._common import (
     GENERATION_OPTIONS,
@@ -93,7 +94,8 @@ def to_conversation(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
     - Human messages become ``user`` turns, AI messages ``assistant`` turns; a tool (or
       function) result becomes a ``user`` turn that says which tool answered, because small
       models' chat templates have no tool role.
-    - Runs of the same role are merged into one turn (chat templates expect alternation).
+    - Runs of the same role are merged into one turn (chat templates expect alternation);
+      messages without text are left out.
     - Only text is read; images, audio and files raise :class:`InvalidPromptError`.
 
     Example:
@@ -108,9 +110,10 @@ def to_conversation(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
     for index, message in enumerate(messages):
         role = _role_of(message, index)
         text = _text_of(message, index)
+        if not text.strip():
+            continue  # e.g. an AI turn that only held tool calls: nothing to show the model
         if role == "system":
-            if text:
-                system_parts.append(text)
+            system_parts.append(text)
             continue
         if isinstance(message, ToolMessage | FunctionMessage):
             label = getattr(message, "name", None) or getattr(message, "tool_call_id", None)
@@ -620,6 +623,11 @@ class ChatPersonaJudge(BaseChatModel):
             overrides=overrides,
         )
         shared = self._shared(model)
+        # A base model without a chat template goes on to write the user's next turn; the
+        # prompt layout's own stop strings end the reply there.
+        layout_stops = stop_strings(shared.loaded.tokenizer)
+        if layout_stops:
+            options["stop"] = [*options.get("stop", ()), *layout_stops]
         return _Request(shared=shared, conversation=conversation, choice=choice, options=options)
 
     def _shared(self, spec: str | os.PathLike[str]) -> SharedModel:
