@@ -25,6 +25,15 @@ _EXPORTS: dict[str, str] = {
     "StreamEvent": "pj_core.results",
     "TokenTrace": "pj_core.results",
     "Persona": "pj_core.personas",
+    "Preference": "pj_core.personas",
+    "PersonaProfile": "pj_core.personas",
+    "GenerationDefaults": "pj_core.personas",
+    "CATALOG": "pj_core.personas",
+    "compose": "pj_core.personas",
+    "resolve_personas": "pj_core.personas",
+    "ProfileStore": "pj_core.store",
+    "AbstractProfileStore": "pj_core.store",
+    "load_profile": "pj_core.store",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -34,11 +43,20 @@ if TYPE_CHECKING:
     from pj_core.models import DEFAULT_MODEL as DEFAULT_MODEL
     from pj_core.models import LoadedModel as LoadedModel
     from pj_core.models import load_model as load_model
+    from pj_core.personas import CATALOG as CATALOG
+    from pj_core.personas import GenerationDefaults as GenerationDefaults
     from pj_core.personas import Persona as Persona
+    from pj_core.personas import PersonaProfile as PersonaProfile
+    from pj_core.personas import Preference as Preference
+    from pj_core.personas import compose as compose
+    from pj_core.personas import resolve_personas as resolve_personas
     from pj_core.results import GenerationResult as GenerationResult
     from pj_core.results import GenerationStats as GenerationStats
     from pj_core.results import StreamEvent as StreamEvent
     from pj_core.results import TokenTrace as TokenTrace
+    from pj_core.store import AbstractProfileStore as AbstractProfileStore
+    from pj_core.store import ProfileStore as ProfileStore
+    from pj_core.store import load_profile as load_profile
 
 
 def __getattr__(name: str) -> Any:
