@@ -52,7 +52,7 @@ from pj_core.strategy_choice import (
 )
 
 if TYPE_CHECKING:
-    from pj_core.personas import PersonaLike
+    from pj_core.personas import PersonasInput
 
 # Weight of the newest call in the running acceptance-rate estimate used by strategy="auto".
 ACCEPTANCE_SMOOTHING = 0.3
@@ -135,7 +135,7 @@ class PersonaJudge:
     def generate(
         self,
         conversation: str | Sequence[dict[str, str]],
-        personas: Sequence[PersonaLike],
+        personas: PersonasInput,
         *,
         lookahead: int = 4,
         alternate: bool = True,
@@ -152,7 +152,8 @@ class PersonaJudge:
         Args:
             conversation: the user's message, or a list of ``{"role", "content"}`` messages.
             personas: two or more ``Persona`` (or preference strings); each becomes the system
-                message of one persona prefix.
+                message of one persona prefix. Also a catalog name, a ``PersonaProfile`` or
+                ``"user:ID"`` (default profile store): see ``pj_core.personas.resolve_personas``.
             lookahead: λ, tokens the draft persona proposes per round.
             alternate: swap draft and judge every round (Persona-judge); False keeps persona 0
                 drafting and persona 1 judging (Persona-judge-Base, two personas only).
@@ -198,7 +199,7 @@ class PersonaJudge:
     def stream(
         self,
         conversation: str | Sequence[dict[str, str]],
-        personas: Sequence[PersonaLike],
+        personas: PersonasInput,
         *,
         lookahead: int = 4,
         alternate: bool = True,
