@@ -326,3 +326,29 @@ def test_resolve_missing_store_file_is_profile_not_found(
     with pytest.raises(InvalidPersonaError, match="user id"):
         resolve_personas("user:")
     assert not os.path.exists(missing)  # a look-up never creates a store
+
+
+def test_the_engine_accepts_profiles_user_ids_and_names(tmp_path: Path) -> None:
+    from pj_core.engine import PersonaJudge
+    from tests._tiny import make_tiny_model, make_tiny_tokenizer
+
+    tokenizer = make_tiny_tokenizer()
+    engine = PersonaJudge(make_tiny_model(len(tokenizer), seed=1), tokenizer)
+    profile = PersonaProfile(user_id="alice", preferences=["humor", "concise"])
+    path = tmp_path / "profiles.db"
+    with ProfileStore(path) as store:
+        store.put(profile)
+
+    def run(personas: object) -> list[int]:
+        out = engine.generate("hello world", personas, max_new_tokens=6, seed=5)  # type: ignore[arg-type]
+        return list(out.token_ids)
+
+    expected = run(compose(profile))
+    assert run(["Be brief.", "the cat the dog"]) != expected  # the prefixes do matter
+    assert run(profile) == expected
+    assert run(["humor", "concise"]) == expected
+    assert run(resolve_personas("user:alice", store=path)) == expected
+    with pytest.raises(ProfileNotFoundError):
+        run(resolve_personas("user:bob", store=path))
+    with pytest.raises(UnknownPreferenceError):
+        run(["humr", "concise"])
