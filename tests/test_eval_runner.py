@@ -127,14 +127,17 @@ def test_interrupted_run_resumes_with_only_the_remainder(tmp_path: Path) -> None
     with pytest.raises(Interrupt):
         run_evaluation(CONFIG, path, backends=first.backends(), on_record=stop_after_20,
                        progress=False)
-    # The config record plus 15 generations and 5 pairwise judgments made it to disk.
-    assert first.calls["generate"] == 15 and first.calls["pairwise"] == 5
+    # Prompt by prompt: the first prompt's 5 answers, its 12 pairwise judgments and 3 of its
+    # 8 reward scores (scored in one call) made it to disk, after the config record.
+    assert dict(first.calls) == {"generate": 5, "pairwise": 12, "score": 8}
     assert len(ResultsLog(path).records) == 21
 
     second = FakeModels()
     run_evaluation(CONFIG, path, backends=second.backends(), progress=False)
-    assert second.calls["generate"] == 0
-    assert second.calls["pairwise"] == 36 - 5
+    # Only the remainder: the other two prompts, and the 5 missing scores of the first.
+    assert second.calls["generate"] == 10
+    assert second.calls["pairwise"] == 24
+    assert second.calls["score"] == 5 + 8 + 2 * 16
     assert _content(path) == _content(reference)
 
     third = FakeModels()
@@ -151,7 +154,8 @@ def test_a_cut_off_last_line_is_repaired_and_redone(tmp_path: Path) -> None:
     path.write_text("".join(lines[:10]) + lines[10][: len(lines[10]) // 2])
     fake = FakeModels()
     run_evaluation(CONFIG, path, backends=fake.backends(), progress=False)
-    assert fake.calls["generate"] == 15 - 9  # config line + 9 generations survived
+    # The config line, prompt 1's 5 answers and 4 judgments survived; the cut line is redone.
+    assert fake.calls["generate"] == 10 and fake.calls["pairwise"] == 3 * 12 - 4
     assert _content(path) == _content(reference)
     for line in path.read_text().splitlines():
         json.loads(line)  # every line is whole again

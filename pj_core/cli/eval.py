@@ -73,6 +73,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="output directory (results.jsonl, summary.json, table.md, chart)")
     parser.add_argument("--chart", type=Path, default=None,
                         help="where to write the PNG (default <out>/chart.png)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice); 1 is fastest "
+                        "when other jobs share the cores")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=run)
 
@@ -99,6 +102,11 @@ def run(args: argparse.Namespace) -> int:
     from pj_core.eval.report import markdown_table, write_report
     from pj_core.eval.runner import run_evaluation
 
+    if args.threads is not None:
+        import torch
+
+        # On a shared CPU, more threads than free cores make every step slower, not faster.
+        torch.set_num_threads(max(1, args.threads))
     config = config_from_args(args)
     out_dir: Path = args.out
     log = run_evaluation(config, out_dir / "results.jsonl", backends=default_backends(config),

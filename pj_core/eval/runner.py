@@ -54,7 +54,6 @@ from pj_core.eval.records import (
 )
 
 ORDERS: tuple[str, ...] = ("ab", "ba")
-SCORE_CHUNK = 16  # pointwise items scored per call: batches well, loses little if interrupted
 
 
 @dataclass(frozen=True)
@@ -168,41 +167,43 @@ class _Tasks:
         self.config, self.log, self.prompts = config, log, prompts
         self.methods, self.aspects, self.backends = methods, aspects, backends
         self.on_record = on_record
+        self._pairwise: PairwiseJudge | None = None
+        self._pointwise: dict[str, PointwiseJudge] = {}
 
     # ------------------------------------------------------------------ task enumeration
-    def _generation_keys(self) -> Iterator[tuple[str, EvalPrompt, Method]]:
-        for prompt in self.prompts:
-            for method in self.methods:
-                seed = self.config.prompt_seed(prompt.id)
-                yield generation_key(prompt.id, method.name, seed), prompt, method
+    def _generation_keys(self, prompt: EvalPrompt) -> Iterator[tuple[str, Method]]:
+        seed = self.config.prompt_seed(prompt.id)
+        for method in self.methods:
+            yield generation_key(prompt.id, method.name, seed), method
 
-    def _pairwise_keys(self) -> Iterator[tuple[str, EvalPrompt, Aspect, str, str]]:
+    def _pairwise_keys(self, prompt: EvalPrompt) -> Iterator[tuple[str, Aspect, str, str]]:
         if "pairwise" not in self.config.judges:
             return
         for aspect in self.aspects:
-            for prompt in self.prompts:
-                for method in compared_methods(aspect.dimension, self.methods):
-                    for order in ORDERS:
-                        key = pairwise_key("pairwise", aspect.dimension, prompt.id, method,
-                                           DIRECT, order)
-                        yield key, prompt, aspect, method, order
+            for method in compared_methods(aspect.dimension, self.methods):
+                for order in ORDERS:
+                    key = pairwise_key("pairwise", aspect.dimension, prompt.id, method, DIRECT,
+                                       order)
+                    yield key, aspect, method, order
 
-    def _score_keys(self, judge: str) -> Iterator[tuple[str, EvalPrompt, Aspect, str]]:
+    def _score_keys(self, judge: str, prompt: EvalPrompt) -> Iterator[tuple[str, Aspect, str]]:
         for aspect in self.aspects:
-            for prompt in self.prompts:
-                for method in [DIRECT, *compared_methods(aspect.dimension, self.methods)]:
-                    yield score_key(judge, aspect.dimension, prompt.id, method), prompt, aspect, \
-                        method
+            for method in [DIRECT, *compared_methods(aspect.dimension, self.methods)]:
+                yield score_key(judge, aspect.dimension, prompt.id, method), aspect, method
 
     def _pointwise_judges(self) -> list[str]:
         return [j for j in self.config.judges if j != "pairwise"]
 
-    def count(self, *, done_only: bool = False) -> int:
-        keys = [k for k, *_ in self._generation_keys()]
-        keys += [k for k, *_ in self._pairwise_keys()]
+    def _keys(self, prompt: EvalPrompt) -> list[str]:
+        keys = [k for k, _ in self._generation_keys(prompt)]
+        keys += [k for k, *_ in self._pairwise_keys(prompt)]
         for judge in self._pointwise_judges():
-            keys += [k for k, *_ in self._score_keys(judge)]
-        return sum(1 for k in keys if not done_only or k in self.log)
+            keys += [k for k, *_ in self._score_keys(judge, prompt)]
+        return keys
+
+    def count(self, *, done_only: bool = False) -> int:
+        return sum(1 for prompt in self.prompts for key in self._keys(prompt)
+                   if not done_only or key in self.log)
 
     # ------------------------------------------------------------------ execution
     def _write(self, record: Record, bar: tqdm) -> None:
@@ -216,19 +217,22 @@ class _Tasks:
         return str(self.log.records[key]["text"])
 
     def run(self, bar: tqdm) -> None:
-        self._run_generations(bar)
-        self._run_pairwise(bar)
-        for judge in self._pointwise_judges():
-            self._run_pointwise(judge, bar)
+        # Prompt by prompt: answers, then every judgment of them. An interrupted run then
+        # holds complete comparisons for the prompts it finished, and its report is usable.
+        for prompt in self.prompts:
+            self._run_generations(prompt, bar)
+            self._run_pairwise(prompt, bar)
+            for judge in self._pointwise_judges():
+                self._run_pointwise(judge, prompt, bar)
 
-    def _run_generations(self, bar: tqdm) -> None:
-        for key, prompt, method in self._generation_keys():
+    def _run_generations(self, prompt: EvalPrompt, bar: tqdm) -> None:
+        for key, method in self._generation_keys(prompt):
             if key in self.log:
                 continue
             if self.backends.generate is None:
                 raise EvaluationError("no generation backend: give Backends(generate=...)")
             seed = self.config.prompt_seed(prompt.id)
-            bar.set_postfix_str(f"generate {method.name}")
+            bar.set_postfix_str(f"{prompt.id} generate {method.name}")
             answer = self.backends.generate(prompt.prompt, method, seed)
             self._write({"kind": "generation", "key": key, "prompt_id": prompt.id,
                          "method": method.name, "seed": seed, "text": answer.text,
@@ -236,39 +240,46 @@ class _Tasks:
                          "personas": [p.text for p in method.personas],
                          "alternate": method.alternate}, bar)
 
-    def _run_pairwise(self, bar: tqdm) -> None:
-        judge: PairwiseJudge | None = None
-        for key, prompt, aspect, method, order in self._pairwise_keys():
+    def _pairwise_judge(self) -> PairwiseJudge:
+        if self._pairwise is None:
+            if self.backends.pairwise is None:
+                raise EvaluationError("no pairwise judge: give Backends(pairwise=...)")
+            self._pairwise = self.backends.pairwise()
+        return self._pairwise
+
+    def _run_pairwise(self, prompt: EvalPrompt, bar: tqdm) -> None:
+        for key, aspect, method, order in self._pairwise_keys(prompt):
             if key in self.log:
                 continue
-            if judge is None:
-                if self.backends.pairwise is None:
-                    raise EvaluationError("no pairwise judge: give Backends(pairwise=...)")
-                judge = self.backends.pairwise()
             ours, baseline = self._answer(prompt.id, method), self._answer(prompt.id, DIRECT)
             first, second = (ours, baseline) if order == "ab" else (baseline, ours)
-            bar.set_postfix_str(f"pairwise {aspect.dimension}")
-            verdict = judge.verdict(prompt.prompt, aspect, first, second)
+            bar.set_postfix_str(f"{prompt.id} pairwise {aspect.dimension}")
+            verdict = self._pairwise_judge().verdict(prompt.prompt, aspect, first, second)
             self._write({"kind": "pairwise", "key": key, "judge": "pairwise",
                          "dimension": aspect.dimension, "prompt_id": prompt.id,
                          "method_a": method, "method_b": DIRECT, "order": order,
                          **asdict(verdict)}, bar)
 
-    def _run_pointwise(self, name: str, bar: tqdm) -> None:
-        pending = [t for t in self._score_keys(name) if t[0] not in self.log]
+    def _pointwise_judge(self, name: str) -> PointwiseJudge:
+        if name not in self._pointwise:
+            factory = self.backends.pointwise.get(name)
+            if factory is None:
+                raise EvaluationError(
+                    f"no {name} judge: give Backends(pointwise={{{name!r}: ...}})"
+                )
+            self._pointwise[name] = factory()
+        return self._pointwise[name]
+
+    def _run_pointwise(self, name: str, prompt: EvalPrompt, bar: tqdm) -> None:
+        # All of one prompt's items in one call: the scorer batches them.
+        pending = [t for t in self._score_keys(name, prompt) if t[0] not in self.log]
         if not pending:
             return
-        factory = self.backends.pointwise.get(name)
-        if factory is None:
-            raise EvaluationError(f"no {name} judge: give Backends(pointwise={{{name!r}: ...}})")
-        judge = factory()
-        bar.set_postfix_str(name)
-        for start in range(0, len(pending), SCORE_CHUNK):
-            chunk = pending[start : start + SCORE_CHUNK]
-            items = [ScoreItem(prompt.prompt, self._answer(prompt.id, method), aspect)
-                     for _, prompt, aspect, method in chunk]
-            scores = judge.score(items)
-            for (key, prompt, aspect, method), score in zip(chunk, scores, strict=True):
-                self._write({"kind": "score", "key": key, "judge": name,
-                             "dimension": aspect.dimension, "prompt_id": prompt.id,
-                             "method": method, "score": score}, bar)
+        bar.set_postfix_str(f"{prompt.id} {name}")
+        items = [ScoreItem(prompt.prompt, self._answer(prompt.id, method), aspect)
+                 for _, aspect, method in pending]
+        scores = self._pointwise_judge(name).score(items)
+        for (key, aspect, method), score in zip(pending, scores, strict=True):
+            self._write({"kind": "score", "key": key, "judge": name,
+                         "dimension": aspect.dimension, "prompt_id": prompt.id,
+                         "method": method, "score": score}, bar)
