@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,17 +36,6 @@ def tiny_dir(tmp_path: Path) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
-
-
-@pytest.fixture(autouse=True)
-def fresh_registry() -> Iterator[None]:
-    """Each test starts with no model loaded in-process (the session fixtures keep theirs)."""
-    saved = (dict(models._loaded), dict(models._named))
-    models.clear_loaded_models()
-    yield
-    models.clear_loaded_models()
-    models._loaded.update(saved[0])
-    models._named.update(saved[1])
 
 
 @pytest.fixture()
@@ -429,9 +417,10 @@ def test_gemma_base_loads_without_chat_template(gemma: LoadedModel) -> None:
     assert tokenizer.eos_token_id in gemma.eos_token_ids
     assert tokenizer.convert_tokens_to_ids("<end_of_turn>") in gemma.eos_token_ids
     with torch.no_grad():
-        ids = torch.tensor([tokenizer("The capital of France is")["input_ids"]])
+        ids = torch.tensor([tokenizer("Monday, Tuesday, Wednesday,")["input_ids"]])
         next_id = int(gemma.model(ids).logits[0, -1].argmax())
-    assert str(tokenizer.decode([next_id])).strip() == "Paris"
+    assert str(tokenizer.decode([next_id])).strip() == "Thursday"  # weights, not noise
+    assert load_model("gemma3-270m", device="cpu") is gemma
 
 
 _CHILD = """
