@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -52,11 +52,15 @@ from pj_core.strategy_choice import (
 )
 
 if TYPE_CHECKING:
+    from pj_core.batch import BatchRequest
     from pj_core.personas import PersonasInput
 
 # Weight of the newest call in the running acceptance-rate estimate used by strategy="auto".
 ACCEPTANCE_SMOOTHING = 0.3
 PERSONA_NAME_CHARS = 24
+# A strategy's emission generator, called like
+# ``run(model, prompts, config, *, eos_ids, generator, counters)``.
+EmissionSource = Callable[..., Generator[Emission, None, None]]
 
 
 class PersonaJudge:
@@ -280,6 +284,25 @@ class PersonaJudge:
             )
         return self._stream_checked(prompts, names, config)
 
+    def generate_batch(
+        self, requests: Sequence[BatchRequest | Mapping[str, Any]]
+    ) -> list[GenerationResult]:
+        """Answer several requests (each with its own conversation, personas and settings) in
+        one batched decode; see :func:`pj_core.batch.generate_batch`.
+
+        Each result has the tokens of that request's own :meth:`generate` call with the same
+        seed (up to rare floating-point differences between batched and single forwards).
+
+        Example:
+            >>> results = pj.generate_batch([  # doctest: +SKIP
+            ...     {"conversation": "Hi!", "personas": ["Be funny.", "Be brief."], "seed": 1},
+            ...     {"conversation": "Why?", "personas": ["Be kind.", "Be brief."], "seed": 2},
+            ... ])
+        """
+        from pj_core.batch import generate_batch
+
+        return generate_batch(self, requests)
+
     def choose_strategy(self, *, n_personas: int, lookahead: int) -> StrategyName:
         """What ``strategy="auto"`` runs for this many personas and this lookahead.
 
@@ -322,9 +345,18 @@ class PersonaJudge:
         return prompts
 
     def _stream_checked(
-        self, prompts: list[list[int]], names: list[str], config: GenerationConfig
+        self,
+        prompts: list[list[int]],
+        names: list[str],
+        config: GenerationConfig,
+        emission_source: EmissionSource | None = None,
     ) -> Iterator[StreamEvent]:
-        """Check what depends on the model, then return the (lazy) event stream."""
+        """Check what depends on the model, then return the (lazy) event stream.
+
+        ``emission_source`` replaces the strategy's emission generator (same signature as
+        :func:`pj_core.lockstep.lockstep_emissions`); :mod:`pj_core.batch` uses it to run
+        many requests' lockstep rows in one shared batch.
+        """
         if not config.alternate and len(prompts) != 2:
             raise InvalidGenerationConfigError(
                 f"alternate=False (fixed roles: persona 0 drafts, persona 1 judges) needs exactly "
@@ -349,7 +381,7 @@ class PersonaJudge:
             if config.strategy == "auto"
             else config.strategy
         )
-        return self._events(prompts, names, config, strategy)
+        return self._events(prompts, names, config, strategy, emission_source)
 
     def _events(
         self,
@@ -357,6 +389,7 @@ class PersonaJudge:
         names: list[str],
         config: GenerationConfig,
         strategy: StrategyName,
+        emission_source: EmissionSource | None = None,
     ) -> Iterator[StreamEvent]:
         generator = torch.Generator(device="cpu")
         if config.seed is None:
@@ -364,7 +397,9 @@ class PersonaJudge:
         else:
             generator.manual_seed(config.seed)
         counters = Counters()
-        run = speculative_emissions if strategy == "speculative" else lockstep_emissions
+        run = emission_source or (
+            speculative_emissions if strategy == "speculative" else lockstep_emissions
+        )
         emissions = run(
             self.model,
             prompts,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Generator, Sequence
+from typing import Protocol
 
 import torch
 from transformers import PreTrainedModel
@@ -34,6 +35,16 @@ from pj_core.rounds import (
 from pj_core.sampling import sample_index
 
 
+class StepContexts(Protocol):
+    """What the lockstep loop needs of its persona rows (see :class:`BatchedContexts`)."""
+
+    forward_passes: int
+
+    def step(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Append one token to every row; return each row's next-token logits."""
+        ...
+
+
 def lockstep_emissions(
     model: PreTrainedModel,
     prompts: Sequence[Sequence[int]],
@@ -42,14 +53,20 @@ def lockstep_emissions(
     eos_ids: frozenset[int],
     generator: torch.Generator,
     counters: Counters,
+    contexts: StepContexts | None = None,
 ) -> Generator[Emission, None, None]:
     """Yield the emitted tokens one by one until EOS or ``config.max_new_tokens``.
 
     Same contract and same output as
     :func:`pj_core.speculative.speculative_emissions`.
+
+    ``contexts`` holds the persona rows, already prefilled with every prompt but its last
+    token; by default a :class:`BatchedContexts` of this call alone is built here.
+    :mod:`pj_core.batch` passes rows of one batch shared by many requests instead.
     """
     started = time.perf_counter()
-    contexts = BatchedContexts(model, [prompt[:-1] for prompt in prompts])
+    if contexts is None:
+        contexts = BatchedContexts(model, [prompt[:-1] for prompt in prompts])
     counters.prefill_seconds += time.perf_counter() - started
     next_inputs = [prompt[-1] for prompt in prompts]
     emitted = 0

@@ -1,0 +1,372 @@
+"""Many users at once: several Persona-judge requests in one batched decode.
+
+:func:`generate_batch` runs the *lockstep* strategy of every request together: the persona
+rows of all requests (each request has its own prompt and personas) sit in one left-padded
+batch cache, and every step is ONE forward over all rows still running. Each request keeps
+its own settings, its own ``torch.Generator`` and its own round logic — the engine's
+:func:`pj_core.lockstep.lockstep_emissions` and event stream run unchanged for it, and only
+read their rows of the shared step. A request that finishes (EOS, stop string, budget) leaves
+the batch and its rows are dropped, so the others no longer pay for them.
+
+Why lockstep: a batched step of many rows costs far less than one forward per row (the
+weights are read once per step), and lockstep emits exactly one token per request per step,
+so rows never wait for each other. The tokens are those of the request's own single run with
+the same seed — whatever strategy that run used, since both strategies emit the same tokens —
+up to floating-point differences between a batched forward and a single one (padding and
+batch shape change the order of float additions). ``tests/test_batch.py`` measures how often
+that flips a token; with float32 weights it is rare.
+
+Example:
+    >>> from tests._tiny import make_tiny_model, make_tiny_tokenizer
+    >>> from pj_core.engine import PersonaJudge
+    >>> tokenizer = make_tiny_tokenizer()
+    >>> pj = PersonaJudge(make_tiny_model(len(tokenizer)), tokenizer)
+    >>> requests = [
+    ...     {"conversation": "hello", "personas": ["be funny", "be brief"], "seed": 1,
+    ...      "max_new_tokens": 6},
+    ...     BatchRequest("why cat", ["be brief", "be funny"], seed=2, max_new_tokens=4),
+    ... ]
+    >>> results = generate_batch(pj, requests)
+    >>> [r.token_ids == pj.generate(**q).token_ids for r, q in zip(results, [
+    ...     requests[0], {"conversation": "why cat", "personas": ["be brief", "be funny"],
+    ...                   "seed": 2, "max_new_tokens": 4}])]
+    [True, True]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from pj_core.errors import InvalidGenerationConfigError, PersonaJudgeError
+from pj_core.generation_config import GenerationConfig
+from pj_core.kv import _left_padded, forward_logits, model_device
+from pj_core.lockstep import lockstep_emissions
+from pj_core.results import GenerationResult, StreamEvent
+
+if TYPE_CHECKING:
+    from pj_core.engine import PersonaJudge
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """One request of a batch: the arguments of :meth:`PersonaJudge.generate`.
+
+    ``strategy`` is accepted so that the keyword arguments of ``generate`` can be passed
+    unchanged, but a batch always decodes in lockstep (which emits the same tokens as the
+    other strategies); the result's ``stats.strategy`` says ``"lockstep"``.
+
+    Example:
+        >>> BatchRequest("Hi!", ["Be funny.", "Be brief."], seed=3).max_new_tokens
+        128
+    """
+
+    conversation: Any
+    personas: Any
+    lookahead: int = 4
+    alternate: bool = True
+    strategy: str = "speculative"
+    max_new_tokens: int = 128
+    temperature: float = 0.7
+    top_k: int = 20
+    top_p: float = 0.9
+    seed: int | None = None
+    stop: Sequence[str] | None = None
+
+    @classmethod
+    def coerce(cls, request: BatchRequest | Mapping[str, Any], index: int) -> BatchRequest:
+        """A :class:`BatchRequest` from itself or from a dict of ``generate`` arguments.
+
+        Raises:
+            InvalidGenerationConfigError: unknown or missing keys, or not a dict at all.
+        """
+        if isinstance(request, BatchRequest):
+            return request
+        if not isinstance(request, Mapping):
+            raise InvalidGenerationConfigError(
+                f"request {index} is a {type(request).__name__}; give a BatchRequest or a dict "
+                "such as {'conversation': 'Hi!', 'personas': ['Be funny.', 'Be brief.']}"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(request) - known)
+        if unknown:
+            raise InvalidGenerationConfigError(
+                f"request {index} has unknown key(s) {unknown}; allowed: {sorted(known)}"
+            )
+        missing = [k for k in ("conversation", "personas") if k not in request]
+        if missing:
+            raise InvalidGenerationConfigError(
+                f"request {index} lacks {' and '.join(missing)}; every request needs both"
+            )
+        return cls(**request)
+
+
+class SharedRows:
+    """The persona rows of every request in one left-padded batch cache.
+
+    Rows are grouped by request; :meth:`step` appends one token per row of the requests
+    given and returns their logits; :meth:`drop` removes a finished request's rows (and
+    padding columns no remaining row needs).
+
+    Example:
+        >>> from tests._tiny import make_tiny_model
+        >>> rows = SharedRows(make_tiny_model(vocab_size=22), [[[5, 6], [7]], [[8, 9, 10], [11]]])
+        >>> {r: t.shape for r, t in rows.step({0: [3, 3], 1: [4, 4]}).items()}
+        {0: torch.Size([2, 22]), 1: torch.Size([2, 22])}
+        >>> rows.drop(1); rows.step({0: [5, 5]})[0].shape
+        torch.Size([2, 22])
+    """
+
+    def __init__(self, model: PreTrainedModel, prefixes: Sequence[Sequence[Sequence[int]]]) -> None:
+        self.model = model
+        self.forward_passes = 0
+        self._device = model_device(model)
+        self._requests: list[int] = []  # request of each row, in row order
+        flat: list[Sequence[int]] = []
+        for request, rows in enumerate(prefixes):
+            self._requests += [request] * len(rows)
+            flat += list(rows)
+        self._cache = DynamicCache()
+        lengths = torch.tensor([len(p) for p in flat], dtype=torch.long, device=self._device)
+        if int(lengths.max()) == 0:
+            self._mask = torch.zeros((len(flat), 0), dtype=torch.long, device=self._device)
+        else:
+            ids, self._mask, positions = _left_padded(flat, self._device)
+            forward_logits(
+                model, ids, self._cache, keep=1, attention_mask=self._mask, position_ids=positions
+            )
+            self.forward_passes += 1
+        self._next_position = lengths
+
+    def rows_of(self, request: int) -> list[int]:
+        """The batch rows that belong to ``request`` now."""
+        return [row for row, owner in enumerate(self._requests) if owner == request]
+
+    def step(self, tokens: Mapping[int, Sequence[int]]) -> dict[int, torch.Tensor]:
+        """Append ``tokens[request]`` (one per row) to the rows of every request given and
+        return each one's next-token logits ``[rows, vocab]``. Every request still in the
+        batch must be given: rows advance together."""
+        order = list(dict.fromkeys(self._requests))
+        if sorted(tokens) != sorted(order):
+            raise ValueError(f"step needs tokens for requests {order}, got {sorted(tokens)}")
+        flat = [t for request in order for t in tokens[request]]
+        if len(flat) != len(self._requests):
+            raise ValueError("step needs one token per row of every request")
+        ones = torch.ones((len(flat), 1), dtype=torch.long, device=self._device)
+        self._mask = torch.cat([self._mask, ones], dim=-1)
+        ids = torch.tensor(flat, dtype=torch.long, device=self._device).unsqueeze(-1)
+        logits = forward_logits(
+            self.model,
+            ids,
+            self._cache,
+            keep=1,
+            attention_mask=self._mask,
+            position_ids=self._next_position.unsqueeze(-1),
+        )[:, -1, :]
+        self._next_position = self._next_position + 1
+        self.forward_passes += 1
+        return {request: logits[self.rows_of(request)] for request in order}
+
+    def drop(self, request: int) -> None:
+        """Remove the rows of a finished request from the batch."""
+        keep = [row for row, owner in enumerate(self._requests) if owner != request]
+        if len(keep) == len(self._requests):
+            return
+        self._requests = [self._requests[row] for row in keep]
+        index = torch.tensor(keep, dtype=torch.long, device=self._device)
+        self._mask = self._mask.index_select(0, index)
+        self._next_position = self._next_position.index_select(0, index)
+        # Left columns that are padding in every remaining row are dead weight: cut them.
+        used = self._mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) and keep else 0
+        self._mask = self._mask[:, start:]
+        if not keep:
+            return
+        for layer in self._cache.layers:
+            for name in ("keys", "values"):
+                states = getattr(layer, name, None)
+                if isinstance(states, torch.Tensor) and states.dim() == 4:
+                    setattr(layer, name, states.index_select(0, index)[:, :, start:, :])
+
+
+class _RequestRows:
+    """One request's view of :class:`SharedRows`, in the shape lockstep_emissions expects.
+
+    The batch driver runs the shared step *before* it advances the request, and hands the
+    request its logits together with the tokens it fed; :meth:`step` checks that the request
+    asks for exactly those tokens (lockstep feeds the last emitted token to every row)."""
+
+    def __init__(self) -> None:
+        self.forward_passes = 1  # the shared prefill
+        self._fed: list[int] | None = None
+        self._logits: torch.Tensor | None = None
+
+    def ready(self, fed: list[int], logits: torch.Tensor) -> None:
+        self._fed, self._logits = fed, logits
+
+    def step(self, tokens: Sequence[int]) -> torch.Tensor:
+        if self._logits is None or list(tokens) != self._fed:
+            raise RuntimeError(
+                f"batched lockstep fell out of step (fed {self._fed}, asked for {list(tokens)}); "
+                "this is a bug in pj_core.batch, please report it"
+            )
+        logits, self._logits, self._fed = self._logits, None, None
+        self.forward_passes += 1
+        return logits
+
+
+@dataclass
+class _Running:
+    """Book-keeping of one request while the batch runs."""
+
+    events: Iterator[StreamEvent]
+    rows: _RequestRows
+    config: GenerationConfig
+    eos_ids: frozenset[int]
+    next_inputs: list[int]
+    emitted: int = 0
+    last_token: int | None = None
+    last_token_time: float = 0.0
+
+    def ends_without_step(self) -> bool:
+        """True when the next event is the final one without another forward (the last
+        token was EOS or used up the budget; lockstep_emissions stops on the same test)."""
+        return self.emitted > 0 and (
+            self.last_token in self.eos_ids or self.emitted >= self.config.max_new_tokens
+        )
+
+
+def _prepare(
+    engine: PersonaJudge, request: BatchRequest
+) -> tuple[list[list[int]], list[str], GenerationConfig]:
+    """Validate a request and render its persona prompts, as ``PersonaJudge.stream`` does."""
+    from pj_core.engine import _display_name
+    from pj_core.personas import resolve_personas
+    from pj_core.prompts import render_ids
+
+    config = GenerationConfig.create(
+        lookahead=request.lookahead,
+        alternate=request.alternate,
+        strategy=request.strategy,
+        max_new_tokens=request.max_new_tokens,
+        temperature=request.temperature,
+        top_k=request.top_k,
+        top_p=request.top_p,
+        seed=request.seed,
+        stop=request.stop,
+    )
+    config = dataclasses.replace(config, strategy="lockstep")
+    resolved = resolve_personas(request.personas)
+    with engine._tokenizer_lock:
+        prompts = [render_ids(engine.tokenizer, request.conversation, p.text) for p in resolved]
+    return prompts, [_display_name(p.name, p.text) for p in resolved], config
+
+
+def generate_batch(
+    engine: PersonaJudge, requests: Sequence[BatchRequest | Mapping[str, Any]]
+) -> list[GenerationResult]:
+    """Run several requests in one batched decode; results come back in request order.
+
+    Every request is validated (and its prompts rendered) before any decoding starts, so a
+    bad request raises before work is done. In each result, ``stats.prefill_seconds`` is the
+    batch's shared prefill and ``stats.decode_seconds`` the time from its end to this
+    request's last token (shared forwards are not split between requests);
+    ``stats.forward_passes`` counts the batched forwards that carried this request's rows.
+
+    Raises:
+        InvalidGenerationConfigError, InvalidPersonaError, InvalidPromptError,
+        ContextOverflowError: as :meth:`PersonaJudge.generate`, naming the request index.
+
+    Example:
+        >>> users = [
+        ...     {"conversation": "Hi!", "personas": ["Be funny.", "Be brief."], "seed": 1},
+        ...     {"conversation": "Why?", "personas": ["Be kind.", "Be brief."], "seed": 2},
+        ... ]
+        >>> results = generate_batch(pj, users)  # doctest: +SKIP
+    """
+    if isinstance(requests, Mapping | BatchRequest) or not isinstance(requests, Sequence):
+        raise InvalidGenerationConfigError(
+            "generate_batch takes a list of requests (BatchRequest or dicts of generate's "
+            "arguments), e.g. [{'conversation': 'Hi!', 'personas': ['Be funny.', 'Be brief.']}]"
+        )
+    if not requests:
+        return []
+    prepared = []
+    running: dict[int, _Running] = {}
+    for index, raw in enumerate(requests):
+        view = _RequestRows()
+        try:
+            prompts, names, config = _prepare(engine, BatchRequest.coerce(raw, index))
+            # The engine's own checks and event stream; only the rows come from the batch.
+            source = functools.partial(lockstep_emissions, contexts=view)
+            events = engine._stream_checked(prompts, names, config, emission_source=source)
+        except PersonaJudgeError as exc:
+            _name_request(exc, index)
+            raise
+        prepared.append(prompts)
+        running[index] = _Running(
+            events=events,
+            rows=view,
+            config=config,
+            eos_ids=engine.eos_token_ids,
+            next_inputs=[prompt[-1] for prompt in prompts],
+        )
+    started = time.perf_counter()
+    with torch.inference_mode():
+        shared = SharedRows(engine.model, [[p[:-1] for p in prompts] for prompts in prepared])
+    prefill_seconds = time.perf_counter() - started
+    results: dict[int, GenerationResult] = {}
+
+    def finish(index: int, event: StreamEvent) -> None:
+        state = running.pop(index)
+        assert event.result is not None
+        stats = dataclasses.replace(
+            event.result.stats,
+            prefill_seconds=prefill_seconds,
+            decode_seconds=max(state.last_token_time - started - prefill_seconds, 0.0),
+        )
+        results[index] = dataclasses.replace(event.result, stats=stats)
+        shared.drop(index)
+
+    while running:
+        for index in [i for i, s in running.items() if s.ends_without_step()]:
+            finish(index, _next_final(running[index].events))
+        if not running:
+            break
+        with torch.inference_mode():
+            logits = shared.step({i: s.next_inputs for i, s in running.items()})
+        for index, state in list(running.items()):
+            state.rows.ready(state.next_inputs, logits[index])
+            event = next(state.events)
+            if event.done:  # ended by a stop string on its previous token: row unused
+                finish(index, event)
+                continue
+            token = event.token_ids[0]
+            state.emitted += 1
+            state.last_token = token
+            state.last_token_time = time.perf_counter()
+            state.next_inputs = [token] * len(state.next_inputs)
+    return [results[i] for i in range(len(prepared))]
+
+
+def _name_request(exc: PersonaJudgeError, index: int) -> None:
+    """Prefix the error message with the index of the request that caused it."""
+    if exc.args and isinstance(exc.args[0], str):
+        exc.args = (f"request {index}: {exc.args[0]}", *exc.args[1:])
+
+
+def _next_final(events: Iterator[StreamEvent]) -> StreamEvent:
+    event = next(events)
+    if not event.done:
+        raise RuntimeError(
+            "a batched request emitted a token after its budget or EOS; this is a bug in "
+            "pj_core.batch, please report it"
+        )
+    return event
