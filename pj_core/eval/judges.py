@@ -3,8 +3,10 @@
 Pairwise judge. We render our own judging prompt (the aspect, the question, answer A and
 answer B) and read the judge model's next-token probabilities of ``A`` and ``B`` instead of
 parsing free text: a 135M model rarely writes a clean verdict, but its preference between the
-two letters is still measurable. With ``P = p(A) / (p(A) + p(B))`` one order's verdict is
-``"A"`` when ``P > 0.5 + tie_margin``, ``"B"`` when ``P < 0.5 - tie_margin``, else ``"tie"``.
+two letters is still measurable. The judge's reply is begun for it ("The better answer is
+Answer"), so that its next token is the letter. With ``P = p(A) / (p(A) + p(B))`` one
+order's verdict is ``"A"`` when ``P > 0.5 + tie_margin``, ``"B"`` when
+``P < 0.5 - tie_margin``, else ``"tie"``.
 
 Every pair is asked in both orders, (x, y) and (y, x), to cancel position bias: x *wins*
 only when both orders prefer x, *loses* only when both prefer y, and everything else
@@ -40,6 +42,9 @@ LetterScorer = Callable[[str, str], tuple[float, float]]
 """``(system, user) -> (p("A"), p("B"))``: the judge model's next-token probabilities."""
 
 JUDGE_SYSTEM = "You are a careful, impartial judge of answers written by an assistant."
+JUDGE_ANSWER_PREFIX = "The better answer is Answer"
+"""Written at the start of the judge's reply, so its next token is the letter: SmolLM2-135M
+puts ~12% of its mass on "A"/"B" without it and ~90% with it."""
 DEFAULT_TIE_MARGIN = 0.05
 
 HUMOUR = Aspect("humor", "humour", "it is funny or playful", "Light, playful humour.")
@@ -175,7 +180,11 @@ def _letter_ids(tokenizer: PreTrainedTokenizerBase, letter: str) -> list[int]:
 
 
 def letter_scorer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> LetterScorer:
-    """Next-token probabilities of ``A`` and ``B`` after our judging prompt, from ``model``."""
+    """Next-token probabilities of ``A`` and ``B`` from ``model``.
+
+    The prompt is rendered with the model's chat template (or plain format), and the reply is
+    begun with :data:`JUDGE_ANSWER_PREFIX`, so the next token is the verdict's letter.
+    """
     from pj_core.prompts import render_ids  # the prompt builder, shared with generation
 
     a_ids, b_ids = _letter_ids(tokenizer, "A"), _letter_ids(tokenizer, "B")
@@ -186,6 +195,7 @@ def letter_scorer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
 
     def score(system: str, user: str) -> tuple[float, float]:
         ids = render_ids(tokenizer, [{"role": "user", "content": user}], system)
+        ids += tokenizer.encode(JUDGE_ANSWER_PREFIX, add_special_tokens=False)
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([ids], device=device), **extra).logits[0, -1]
         probs = torch.softmax(logits.float(), dim=-1)
