@@ -33,7 +33,6 @@ from pj_core.personas import (
     Persona,
     PersonaProfile,
     PreferenceSpec,
-    check_user_id,
     resolve_personas,
 )
 
@@ -217,13 +216,9 @@ def load_profile(user_id: str, store: ProfileStoreLike) -> PersonaProfile:
         InvalidPersonaError: an invalid user id.
         ProfileNotFoundError: no such profile.
     """
-    from pj_core.store import AbstractProfileStore, open_store
+    from pj_core.store import load_profile as load_from_store
 
-    check_user_id(user_id)
-    if isinstance(store, AbstractProfileStore):
-        return store.get(user_id)
-    with open_store(store, must_exist=True) as opened:
-        return opened.get(user_id)
+    return load_from_store(user_id, store)
 
 
 def profile_generation_defaults(profile: PersonaProfile) -> dict[str, Any]:
