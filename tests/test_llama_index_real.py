@@ -27,7 +27,7 @@ DOCUMENTS = [
     "Orders for birthday cakes must be placed at least three days in advance.",
 ]
 PREFERENCES = ["concise", "friendly"]
-MAX_TOKENS = 24
+MAX_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +139,11 @@ async def test_condense_plus_context_chat_engine_two_turns(
         assert_personas(call, llm)
 
 
-async def test_react_agent_runs_a_tool_loop(llm: Any, calls: list[dict[str, Any]]) -> None:
+async def test_react_agent_calls_the_tool_and_uses_its_result(
+    llm: Any, calls: list[dict[str, Any]]
+) -> None:
     from llama_index.core.agent.workflow import ReActAgent, ToolCallResult
+    from llama_index.core.llms import ChatMessage
     from llama_index.core.tools import FunctionTool
 
     used: list[tuple[int, int]] = []
@@ -150,26 +153,42 @@ async def test_react_agent_runs_a_tool_loop(llm: Any, calls: list[dict[str, Any]
         used.append((a, b))
         return a * b
 
+    # A 135M model does not follow the ReAct format from instructions alone; one worked
+    # example in the history (a few-shot prompt) makes greedy decoding follow it, so the
+    # whole tool loop runs deterministically.
+    example = [
+        ChatMessage(role="user", content="What is 2 times 3?"),
+        ChatMessage(
+            role="assistant",
+            content="Thought: I need to use a tool to help me answer the question.\n"
+            'Action: multiply\nAction Input: {"a": 2, "b": 3}',
+        ),
+        ChatMessage(role="user", content="Observation: 6"),
+        ChatMessage(
+            role="assistant",
+            content="Thought: I can answer without using any more tools.\nAnswer: 2 times 3 is 6.",
+        ),
+    ]
     agent = ReActAgent(
         tools=[FunctionTool.from_defaults(multiply)],
-        llm=llm.model_copy(update={"max_tokens": 48, "temperature": 0.0}),
+        llm=llm.model_copy(update={"max_tokens": 40, "temperature": 0.0}),
     )
     handler = agent.run(
-        "What is 12 times 7? Use the multiply tool.",
-        max_iterations=3,
+        "What is 12 times 7?",
+        chat_history=example,
+        max_iterations=4,
         early_stopping_method="generate",
     )
     results = [ev async for ev in handler.stream_events() if isinstance(ev, ToolCallResult)]
     output = await handler
     assert str(output.response.content or "").strip()
-    assert calls, "the agent never called the LLM"
+    # The first LLM call got the ReAct system prompt with the tool, the question and the
+    # personas, all rendered with the model's chat template.
     react_prompt = rendered(llm, calls[0])
     assert "multiply" in react_prompt and "Multiply two integers" in react_prompt
     assert "Action Input" in react_prompt and "What is 12 times 7?" in react_prompt
     assert_personas(calls[0], llm)
-    # Whether a 135M model follows the ReAct format is up to it; if it did call the tool,
-    # the tool ran and its result was fed back into the next LLM call.
-    assert len(results) == len(used)
-    for result in results:
-        later = [rendered(llm, call) for call in calls[1:]]
-        assert any(f"Observation: {result.tool_output.content}" in p for p in later)
+    # The model called the tool with the question's numbers; the result went back to it.
+    assert used == [(12, 7)]
+    assert [r.tool_output.content for r in results] == ["84"]
+    assert len(calls) >= 2 and "Observation: 84" in rendered(llm, calls[1])
