@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from langchain_core.messages import (
     SystemMessage,
     ToolMessage,
 )
+from langchain_core.outputs import ChatGenerationChunk
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import ConfigurableField
 
@@ -214,6 +216,9 @@ def test_max_tokens_and_stop_are_honoured(llm: ChatPersonaJudge) -> None:
 
 def test_same_seed_same_answer_and_ls_params(llm: ChatPersonaJudge, tiny_dir: str) -> None:
     assert llm.invoke(QUESTION).content == llm.invoke(QUESTION).content
+    # temperature 0 is greedy: the seed no longer matters
+    greedy = {llm.invoke(QUESTION, temperature=0, seed=s).content for s in (1, 2)}
+    assert len(greedy) == 1
     params = llm._get_ls_params(stop=["x"])
     assert params["ls_model_name"] == tiny_dir and params["ls_max_tokens"] == 12
     assert params["ls_stop"] == ["x"] and params["ls_provider"] == "persona_judge"
@@ -349,10 +354,32 @@ async def test_astream_leaves_the_event_loop_free_and_stops_early(
     sync_text = "".join(str(c.content) for c in llm.stream(QUESTION, max_tokens=20))
     assert "".join(str(c.content) for c in chunks) == sync_text
 
-    # Leaving early closes the worker thread's generator.
-    async for _ in llm.astream(QUESTION, max_tokens=40):
-        break
-    for _ in range(200):
+
+
+async def test_leaving_astream_early_stops_the_worker(
+    llm: ChatPersonaJudge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A producer that never ends by itself: only the consumer leaving can stop it.
+    closed = threading.Event()
+
+    def endless(self: ChatPersonaJudge, *args: Any) -> Any:
+        try:
+            while True:
+                yield ChatGenerationChunk(message=AIMessageChunk(content="tick "))
+                time.sleep(0.005)
+        finally:
+            closed.set()
+
+    monkeypatch.setattr(ChatPersonaJudge, "_chunks", endless)
+    stream = llm.astream(QUESTION)
+    received = 0
+    async for _ in stream:
+        received += 1
+        if received == 3:
+            break
+    await stream.aclose()  # type: ignore[attr-defined]  # what `async with aclosing(...)` does
+    assert await asyncio.to_thread(closed.wait, 10), "the worker kept generating"
+    for _ in range(100):
         if not any(t.name == "pj-astream" for t in threading.enumerate()):
             break
         await asyncio.sleep(0.01)
