@@ -392,3 +392,23 @@ async def test_async_errors_surface_as_typed_errors(llm: ChatPersonaJudge) -> No
     with pytest.raises(InvalidGenerationConfigError, match="top_k"):
         async for _ in llm.astream(QUESTION, top_k=-1):
             pass
+
+
+def test_system_ai_and_tool_messages_reach_the_engine(llm: ChatPersonaJudge) -> None:
+    ai_last = llm.invoke([SystemMessage("be brief"), HumanMessage("hello"), AIMessage("the cat")])
+    tool_last = llm.invoke(
+        [HumanMessage("why"), ToolMessage("yes", tool_call_id="1", name="dog")]
+    )
+    # a user system message is combined with the persona text, so the prompt grows
+    plain = llm.invoke([HumanMessage("hello")]).usage_metadata
+    with_system = llm.invoke([SystemMessage("be brief"), HumanMessage("hello")]).usage_metadata
+    assert plain is not None and with_system is not None
+    assert with_system["input_tokens"] > plain["input_tokens"]
+    assert isinstance(ai_last.content, str) and isinstance(tool_last.content, str)
+
+
+def test_instances_share_one_engine(tiny_dir: str) -> None:
+    first = ChatPersonaJudge(model=tiny_dir, preferences="humor")
+    second = ChatPersonaJudge(model=tiny_dir, preferences=["Be brief.", "Be kind."])
+    assert first._shared(tiny_dir) is second._shared(tiny_dir)
+    assert first._shared(tiny_dir).engine.model is second._shared(tiny_dir).engine.model
