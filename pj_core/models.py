@@ -247,8 +247,9 @@ def _hub_source(repo_id: str) -> _Source:
         folder = Path(snapshot_download(repo_id, local_files_only=True))
     except Exception as exc:  # LocalEntryNotFoundError, invalid ids, ...: all mean "not here"
         raise ModelNotFoundError(
-            f"'{repo_id}' is not in the local Hugging Face cache, and persona-judge never "
-            f"downloads models. Download it once where you have network (`hf download "
+            f"'{repo_id}' is neither a local path nor in the local Hugging Face cache, and "
+            "persona-judge never downloads models. Download it once where you have network "
+            f"(`hf download "
             f"{repo_id}`), or pass a local directory, a .gguf file, or a built-in alias ("
             + ", ".join(BUILTIN_MODELS)
             + f"). Cause: {type(exc).__name__}"
@@ -271,6 +272,11 @@ def _unknown_spec_error(spec: str) -> ModelNotFoundError:
 
 
 def _resolve(spec: str | os.PathLike[str]) -> _Source:
+    if not isinstance(spec, (str, os.PathLike)):
+        raise ModelNotFoundError(
+            f"a model spec is a string or a path, not {type(spec).__name__}; e.g. "
+            f"'{DEFAULT_MODEL}'"
+        )
     text = os.fspath(spec)
     if not isinstance(text, str) or not text.strip():
         raise ModelNotFoundError(

@@ -193,6 +193,8 @@ def test_unknown_name_lists_aliases_and_suggests(tiny_dir: Path) -> None:
         load_model("gemma3-207m")
     with pytest.raises(ModelNotFoundError, match="empty model spec"):
         load_model("  ")
+    with pytest.raises(ModelNotFoundError, match="string or a path"):
+        load_model(None)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -216,7 +218,7 @@ def test_hub_id_absent_from_local_cache(tmp_path: Path, monkeypatch: pytest.Monk
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(ModelNotFoundError, match="not in the local Hugging Face cache"):
+    with pytest.raises(ModelNotFoundError, match="nor in the local Hugging Face cache"):
         load_model("some-org/not-cached-model")
 
 
