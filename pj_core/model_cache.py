@@ -18,10 +18,9 @@ and an interrupted conversion leaves only a temporary directory that is ignored.
 whose marker is missing or whose files do not have the recorded sizes is rebuilt.
 
 Example:
-    >>> import os, tempfile
-    >>> os.environ["PJ_CACHE_DIR"] = tempfile.mkdtemp()
-    >>> cache_root().is_dir()
-    True
+    >>> entry = converted_dir("ab" * 32)
+    >>> entry.parent.name, entry.parent.parent == cache_root()
+    ('gguf', True)
 """
 
 from __future__ import annotations
@@ -232,7 +231,11 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_path.parent), gguf_path.name
-    logger.info("converting %s once; later loads read the cache in %s", gguf_path, out_dir)
+    # A one-off delay of up to minutes deserves a visible line, not a silent wait.
+    logger.warning(
+        "converting %s to safetensors once (slow); later loads read %s", gguf_path,
+        out_dir.parent,
+    )
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(
