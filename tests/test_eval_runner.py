@@ -108,6 +108,9 @@ def test_full_run_asks_both_orders_and_gets_the_expected_outcomes(tmp_path: Path
         assert rates[(judge, "vivid", "persona-judge-base")]["rate"] == 0.5
         assert rates[(judge, "vivid", "persona-judge-base")]["ties"] == 3
     assert ("pairwise", "humor", "single:vivid") not in rates  # judged on its own dimension only
+    # Soft reading: P(A) = 0.8 with persona-judge in slot A, 0.2 with it in slot B.
+    assert rates[("pairwise-soft", "humor", "persona-judge")]["rate"] == pytest.approx(0.8)
+    assert rates[("pairwise-soft", "vivid", "persona-judge-base")]["rate"] == pytest.approx(0.5)
     assert rates[("reward", "humor", "single:humor")]["rate"] == 0.5
 
 
@@ -194,3 +197,16 @@ def test_report_files_and_table(tmp_path: Path) -> None:
     table = markdown_table(summary)
     assert "| humor | pairwise | 3 | 1.00 [1.00, 1.00] (3/0/0) |" in table
     assert table == (tmp_path / "table.md").read_text()
+
+
+def test_soft_pairwise_reading_cancels_a_position_bias() -> None:
+    from pj_core.eval.report import outcomes_pairwise
+
+    def record(order: str, prob_first: float, verdict: str) -> dict[str, Any]:
+        return {"judge": "pairwise", "dimension": "humor", "prompt_id": "p", "order": order,
+                "method_a": "persona-judge", "prob_first": prob_first, "verdict": verdict}
+
+    # The judge prefers slot A both times (bias), a little more when the method is in it.
+    out = outcomes_pairwise([record("ab", 0.7, "A"), record("ba", 0.6, "A")])
+    assert out[("pairwise", "humor", "persona-judge")] == {"p": 0.5}
+    assert out[("pairwise-soft", "humor", "persona-judge")]["p"] == pytest.approx(0.55)

@@ -38,18 +38,30 @@ SCORE_TIE_EPS = 1e-6
 
 
 def outcomes_pairwise(records: Iterable[Record]) -> dict[OutcomeKey, dict[str, float]]:
-    """Per-prompt outcomes of the pairwise judge; prompts missing an order are left out."""
-    orders: dict[tuple[str, str, str, str], dict[str, str]] = defaultdict(dict)
+    """Per-prompt outcomes of the pairwise judge; prompts missing an order are left out.
+
+    Two readings of the same records:
+
+    - ``<judge>``: the verdicts combined by :func:`combine_orders` (win only if both orders
+      agree): the strict reading;
+    - ``<judge>-soft``: the judge's probability of preferring the method, averaged over both
+      orders, ``(P_ab + 1 - P_ba) / 2`` with ``P = p(A) / (p(A) + p(B))``. A constant position
+      bias cancels in the average, so a weak but consistent preference still shows, where
+      the strict reading calls it a tie.
+    """
+    orders: dict[tuple[str, str, str, str], dict[str, Record]] = defaultdict(dict)
     for r in records:
-        orders[(r["judge"], r["dimension"], r["method_a"], r["prompt_id"])][r["order"]] = r[
-            "verdict"
-        ]
+        orders[(r["judge"], r["dimension"], r["method_a"], r["prompt_id"])][r["order"]] = r
     out: dict[OutcomeKey, dict[str, float]] = defaultdict(dict)
-    for (judge, dimension, method, prompt_id), verdicts in orders.items():
-        if "ab" in verdicts and "ba" in verdicts:
+    for (judge, dimension, method, prompt_id), by_order in orders.items():
+        if "ab" in by_order and "ba" in by_order:
+            first, swapped = by_order["ab"], by_order["ba"]
             out[(judge, dimension, method)][prompt_id] = combine_orders(
-                verdicts["ab"], verdicts["ba"]  # type: ignore[arg-type]
+                first["verdict"], swapped["verdict"]
             )
+            if "prob_first" in first and "prob_first" in swapped:
+                soft = (float(first["prob_first"]) + 1.0 - float(swapped["prob_first"])) / 2.0
+                out[(f"{judge}-soft", dimension, method)][prompt_id] = soft
     return dict(out)
 
 
