@@ -155,8 +155,10 @@ class PersonaJudge:
 
         Args:
             conversation: the user's message, or a list of ``{"role", "content"}`` messages.
-            personas: two or more ``Persona`` (or preference strings); each becomes the system
-                message of one persona prefix. Also a catalog name, a ``PersonaProfile`` or
+            personas: two or more ``Persona`` (or preference texts / catalog names), each
+                the system message of one persona prefix; or anything
+                :func:`pj_core.personas.resolve_personas` composes (one preference, a
+                ``PersonaProfile``, ``"user:ID"``). Also a catalog name, a ``PersonaProfile`` or
                 ``"user:ID"`` (default profile store): see ``pj_core.personas.resolve_personas``.
             lookahead: λ, tokens the draft persona proposes per round.
             alternate: swap draft and judge every round (Persona-judge); False keeps persona 0
