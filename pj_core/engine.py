@@ -33,6 +33,7 @@ from pj_core.errors import (
 )
 from pj_core.generation_config import GenerationConfig
 from pj_core.lockstep import lockstep_emissions
+from pj_core.models import DEFAULT_MODEL
 from pj_core.results import (
     FinishReason,
     GenerationResult,
@@ -112,20 +113,21 @@ class PersonaJudge:
 
     @classmethod
     def from_pretrained(
-        cls, spec: str | os.PathLike[str] | None = None, **load_kwargs: Any
+        cls, spec: str | os.PathLike[str] | None = DEFAULT_MODEL, **load_kwargs: Any
     ) -> PersonaJudge:
         """Load a model with :func:`pj_core.models.load_model` and wrap it.
 
         Args:
-            spec: a built-in alias (default ``"smollm2-135m-instruct"``), a path or a hub id.
+            spec: a built-in alias (default ``"smollm2-135m-instruct"``; None means the
+                default too), a ``.gguf`` file, a model directory or a cached hub id.
             load_kwargs: ``device``, ``dtype``, ``trust_remote_code`` for ``load_model``.
 
         Example:
             >>> pj = PersonaJudge.from_pretrained("smollm2-135m-instruct")  # doctest: +SKIP
         """
-        from pj_core import models
+        from pj_core.models import load_model
 
-        loaded = models.load_model(models.DEFAULT_MODEL if spec is None else spec, **load_kwargs)
+        loaded = load_model(DEFAULT_MODEL if spec is None else spec, **load_kwargs)
         return cls(
             loaded.model,
             loaded.tokenizer,
