@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pj_core.errors import PersonaJudgeError
 
 # Sub-command modules, in the order ``pj --help`` lists them.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("info", "generate", "eval", "personas", "profiles")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("info", "generate", "eval", "personas", "profiles", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
