@@ -37,7 +37,7 @@ from llama_index.core.base.llms.types import (
     MessageRole,
     VideoBlock,
 )
-from llama_index.core.bridge.pydantic import Field
+from llama_index.core.bridge.pydantic import Field, field_serializer
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
@@ -167,6 +167,11 @@ class PersonaJudgeLLM(CustomLLM):
     @classmethod
     def class_name(cls) -> str:
         return "PersonaJudgeLLM"
+
+    @field_serializer("persona")
+    def _persona_as_data(self, persona: PersonaProfile | None) -> dict[str, Any] | None:
+        # JSON-ready (timestamps as text) so LlamaIndex's to_json()/from_json() round-trip.
+        return None if persona is None else persona.model_dump(mode="json")
 
     # ------------------------------------------------------------------ engine and settings
 

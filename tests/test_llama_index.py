@@ -385,3 +385,13 @@ async def test_abandoned_async_stream_stops_the_worker() -> None:
     await stream.aclose()
     assert await asyncio.to_thread(finished.wait, 5)
     assert len(produced) < 1000
+
+
+def test_settings_round_trip_through_llama_index_json() -> None:
+    profile = PersonaProfile(user_id="carol", preferences=["humor"], description="A chef.")
+    llm = PersonaJudgeLLM(persona=profile, max_tokens=5, seed=2, stop=["\n\n"])
+    back = PersonaJudgeLLM.from_json(llm.to_json())
+    assert back.persona == profile
+    assert (back.max_tokens, back.seed, back.stop) == (5, 2, ["\n\n"])
+    listed = PersonaJudgeLLM(preferences=["humor", "Answer like a pirate."])
+    assert PersonaJudgeLLM.from_json(listed.to_json()).preferences == listed.preferences
