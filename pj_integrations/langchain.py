@@ -54,6 +54,7 @@ from pj_core.errors import (
     PersonaJudgeError,
 )
 from pj_core.generation_config import GenerationConfig
+from pj_core.models import DEFAULT_MODEL
 from pj_core.personas import PersonaProfile, PreferenceSpec, check_user_id, resolve_personas
 from pj_core.prompts import stop_strings
 from pj_core.results import GenerationResult, StreamEvent
@@ -71,10 +72,6 @@ from pj_integrations._common import (
 )
 
 __all__ = ["CONFIG_USER_ID_KEY", "ChatPersonaJudge", "MiniLMEmbeddings", "to_conversation"]
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
-"""The embedded default model (``pj_core.models.DEFAULT_MODEL``; repeated here so that
-constructing the chat model does not import the model-loading stack)."""
 
 CONFIG_USER_ID_KEY = "user_id"
 """Key of ``RunnableConfig["configurable"]`` holding the id of the user a call is for."""
@@ -328,7 +325,7 @@ class ChatPersonaJudge(BaseChatModel):
     """True: ``invoke`` streams internally (callbacks see every token). False: ``stream``
     returns the whole answer as one chunk. None: stream only when asked to."""
 
-    model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
+    model_config = ConfigDict(arbitrary_types_allowed=True)
 
     def __init__(self, **data: Any) -> None:
         # Bad settings raise our typed errors (which say what to fix), like every
