@@ -462,9 +462,7 @@ class ChatPersonaJudge(BaseChatModel):
         stop: list[str] | None = None,
         **kwargs: Any,
     ) -> AIMessage:
-        return await super().ainvoke(
-            input, config, stop=stop, **_with_config_user(config, kwargs)
-        )
+        return await super().ainvoke(input, config, stop=stop, **_with_config_user(config, kwargs))
 
     def stream(
         self,
@@ -806,9 +804,7 @@ class MiniLMEmbeddings(Embeddings):
         if not texts:
             return []
         model = _minilm()
-        vectors = model.encode(
-            list(texts), batch_size=self.batch_size, normalize_embeddings=True
-        )
+        vectors = model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True)
         return [[float(x) for x in row] for row in vectors]
 
     def embed_query(self, text: str) -> list[float]:

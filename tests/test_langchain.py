@@ -251,9 +251,7 @@ def test_per_call_preferences_bind_and_configurable_fields(llm: ChatPersonaJudge
     ]
 
 
-def test_user_id_from_config_serves_two_users_concurrently(
-    tiny_dir: str, store: Any
-) -> None:
+def test_user_id_from_config_serves_two_users_concurrently(tiny_dir: str, store: Any) -> None:
     llm = ChatPersonaJudge(model=tiny_dir, profile_store=store, seed=0)
     chain = ChatPromptTemplate.from_messages([("human", "{question}")]) | llm
     users = [{"configurable": {"user_id": "alice"}}, {"configurable": {"user_id": "bob"}}]
@@ -293,8 +291,9 @@ def test_explicit_arguments_beat_config_and_instance_profile_defaults(
     out = llm.invoke(QUESTION, config=config, preferences="humor")
     assert out.response_metadata["persona_source"] == "preferences"
     # the developer's explicit max_tokens=6 wins over bob's saved 3
-    fixed = ChatPersonaJudge(model=tiny_dir, profile_id="bob", profile_store=store, seed=0,
-                             max_tokens=6, temperature=0)
+    fixed = ChatPersonaJudge(
+        model=tiny_dir, profile_id="bob", profile_store=store, seed=0, max_tokens=6, temperature=0
+    )
     assert fixed.invoke(QUESTION).response_metadata["persona_source"] == "profile:bob"
     assert fixed._request([HumanMessage(QUESTION)], None, {}).options["max_new_tokens"] == 6
     with pytest.raises(ProfileNotFoundError):
@@ -355,7 +354,6 @@ async def test_astream_leaves_the_event_loop_free_and_stops_early(
     assert "".join(str(c.content) for c in chunks) == sync_text
 
 
-
 async def test_leaving_astream_early_stops_the_worker(
     llm: ChatPersonaJudge, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -396,9 +394,7 @@ async def test_async_errors_surface_as_typed_errors(llm: ChatPersonaJudge) -> No
 
 def test_system_ai_and_tool_messages_reach_the_engine(llm: ChatPersonaJudge) -> None:
     ai_last = llm.invoke([SystemMessage("be brief"), HumanMessage("hello"), AIMessage("the cat")])
-    tool_last = llm.invoke(
-        [HumanMessage("why"), ToolMessage("yes", tool_call_id="1", name="dog")]
-    )
+    tool_last = llm.invoke([HumanMessage("why"), ToolMessage("yes", tool_call_id="1", name="dog")])
     # a user system message is combined with the persona text, so the prompt grows
     plain = llm.invoke([HumanMessage("hello")]).usage_metadata
     with_system = llm.invoke([SystemMessage("be brief"), HumanMessage("hello")]).usage_metadata
