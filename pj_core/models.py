@@ -35,10 +35,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any
 
 from pj_core import model_cache
 from pj_core.errors import (
@@ -47,6 +44,10 @@ from pj_core.errors import (
     ModelNotFoundError,
     ModelPackageMissingError,
 )
+
+if TYPE_CHECKING:  # torch and transformers load in seconds: import them only when loading
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -306,10 +307,10 @@ def _resolve(spec: str | os.PathLike[str]) -> _Source:
 # ---------------------------------------------------------------------------------------------
 # Device and dtype
 
-_DTYPE_NAMES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+_DTYPE_NAMES: dict[str, str] = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
 }
 
 
@@ -320,6 +321,8 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         >>> resolve_device("cpu")
         device(type='cpu')
     """
+    import torch
+
     if device is None:
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
@@ -355,11 +358,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     such as ``"float32"``, ``"bf16"`` or ``"fp16"``.
 
     Example:
+        >>> import torch
         >>> resolve_dtype(None, torch.device("cpu"))
         torch.float32
         >>> resolve_dtype("bf16", torch.device("cpu"))
         torch.bfloat16
     """
+    import torch
+
     if dtype is None:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -372,8 +378,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
             raise InvalidModelOptionError(
                 f"unknown dtype {dtype!r}; use one of " + ", ".join(sorted(_DTYPE_NAMES))
             )
-        return _DTYPE_NAMES[name]
-    if isinstance(dtype, torch.dtype) and dtype in set(_DTYPE_NAMES.values()):
+        resolved: torch.dtype = getattr(torch, _DTYPE_NAMES[name])
+        return resolved
+    if isinstance(dtype, torch.dtype) and str(dtype).removeprefix("torch.") in _DTYPE_NAMES:
         return dtype
     raise InvalidModelOptionError(
         f"unsupported dtype {dtype!r}; use torch.float32, torch.bfloat16 or torch.float16"
