@@ -3,8 +3,8 @@
 Each run uses a fresh, empty ``PJ_CACHE_DIR``. A *cold* load (new process, empty cache)
 dequantises the GGUF file and converts its tokenizer, then writes the cache; a *warm* load
 (another new process, same cache) reads the cached safetensors and tokenizer.json. We report
-the time spent inside ``load_model`` and the whole process's wall time (Python start-up and
-imports included).
+the time spent inside ``load_model`` (torch and transformers already imported) and the whole
+process's wall time (Python start-up and imports included).
 
 Usage::
 
@@ -26,6 +26,8 @@ import time
 # Runs in the child process: time load_model alone, print one JSON line.
 _CHILD = """
 import json, sys, time
+import torch, transformers  # imported before the clock starts: we time loading, not imports
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from pj_core.models import load_model
 start = time.perf_counter()
 m = load_model(sys.argv[1], device="cpu")
