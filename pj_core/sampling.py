@@ -84,7 +84,8 @@ def sample_index(probs: torch.Tensor, u: float) -> int:
         2
     """
     cdf = torch.cumsum(probs, dim=-1)
-    index = int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])]), right=True)[0])
+    target = torch.tensor([u * float(cdf[-1])], dtype=cdf.dtype, device=cdf.device)
+    index = int(torch.searchsorted(cdf, target, right=True)[0])
     index = min(index, probs.shape[-1] - 1)
     if probs[index] <= 0.0:
         # Only reachable by rounding at the very top of the CDF: take the last supported token.
