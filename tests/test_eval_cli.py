@@ -46,3 +46,15 @@ def test_other_settings_are_refused_with_a_message(
                    progress=False)
     assert main([*ARGS, "--out", str(out), "--temperature", "1.0"]) == 1
     assert "temperature differ" in capsys.readouterr().err
+
+
+def test_the_report_covers_only_the_prompts_asked_for(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    longer = [a if a != "2" else "3" for a in ARGS]  # --limit 3
+    config = config_from_args(build_parser().parse_args([*longer, "--out", str(out)]))
+    run_evaluation(config, out / "results.jsonl", backends=FakeModels().backends(),
+                   progress=False)
+    assert main([*ARGS, "--out", str(out)]) == 0  # --limit 2 on a 3-prompt file
+    assert "| humor | pairwise | 2 |" in capsys.readouterr().out

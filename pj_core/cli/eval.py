@@ -99,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     # The evaluation never needs the hub: every model is packaged or local.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from pj_core.eval.backends import default_backends
+    from pj_core.eval.data import load_prompts
     from pj_core.eval.report import markdown_table, write_report
     from pj_core.eval.runner import run_evaluation
 
@@ -111,8 +112,11 @@ def run(args: argparse.Namespace) -> int:
     out_dir: Path = args.out
     log = run_evaluation(config, out_dir / "results.jsonl", backends=default_backends(config),
                          progress=not args.no_progress)
-    summary = write_report(log, out_dir, chart_path=args.chart, n_resamples=config.bootstrap,
-                           seed=config.seed)
+    # Report on this command's prompts only, even if the file holds more (a longer run).
+    prompt_ids = [p.id for p in load_prompts(config.prompts, limit=config.limit,
+                                             max_chars=config.max_prompt_chars)]
+    summary = write_report(log.restricted(prompt_ids), out_dir, chart_path=args.chart,
+                           n_resamples=config.bootstrap, seed=config.seed)
     print(markdown_table(summary), end="")
     print("\nwin rate: win 1, tie 0.5, loss 0; cells: rate [95% CI] (wins/ties/losses)")
     print(f"results: {out_dir / 'results.jsonl'}; summary: {out_dir / 'summary.json'}; "

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +119,19 @@ class ResultsLog:
     def of_kind(self, kind: str) -> Iterator[Record]:
         """The records of one kind, in file order."""
         return (r for r in self.records.values() if r["kind"] == kind)
+
+    def restricted(self, prompt_ids: Collection[str]) -> ResultsLog:
+        """A view holding only the records of these prompts (and the config record).
+
+        For reports: a run over the first N prompts reports on exactly those, even when the
+        file holds more (a longer run that was stopped part-way). Do not append to the view.
+        """
+        wanted = set(prompt_ids)
+        view = object.__new__(ResultsLog)
+        view.path = self.path
+        view.records = {key: record for key, record in self.records.items()
+                        if "prompt_id" not in record or record["prompt_id"] in wanted}
+        return view
 
     def append(self, record: Record) -> None:
         """Write one record durably (one line, flush, fsync) and remember it."""
