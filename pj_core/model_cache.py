@@ -233,7 +233,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     folder, name = str(gguf_path.parent), gguf_path.name
     # A one-off delay of up to minutes deserves a visible line, not a silent wait.
     logger.warning(
-        "converting %s to safetensors once (slow); later loads read %s", gguf_path,
+        "converting %s to safetensors once (slow); later loads read %s",
+        gguf_path,
         out_dir.parent,
     )
     try:

@@ -210,8 +210,9 @@ def _gemma_source(model: BuiltinModel) -> _Source:
         finally:
             assembled.unlink(missing_ok=True)  # the converted entry replaces it
 
-    return _Source(name=model.alias, key=f"gguf-sha256:{expected}", prepare=prepare,
-                   is_cache_entry=True)
+    return _Source(
+        name=model.alias, key=f"gguf-sha256:{expected}", prepare=prepare, is_cache_entry=True
+    )
 
 
 _BUILTIN_SOURCES: dict[str, Callable[[BuiltinModel], _Source]] = {
@@ -224,8 +225,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 def _directory_source(name: str, folder: Path) -> _Source:
     folder = folder.resolve()
     if (folder / "config.json").is_file():
-        return _Source(name=name, key=f"dir:{folder}", prepare=lambda: folder,
-                       is_cache_entry=False)
+        return _Source(name=name, key=f"dir:{folder}", prepare=lambda: folder, is_cache_entry=False)
     ggufs = sorted(folder.glob("*.gguf"))
     if len(ggufs) == 1:
         return _gguf_source(name, ggufs[0])
@@ -275,8 +275,7 @@ def _unknown_spec_error(spec: str) -> ModelNotFoundError:
 def _resolve(spec: str | os.PathLike[str]) -> _Source:
     if not isinstance(spec, (str, os.PathLike)):
         raise ModelNotFoundError(
-            f"a model spec is a string or a path, not {type(spec).__name__}; e.g. "
-            f"'{DEFAULT_MODEL}'"
+            f"a model spec is a string or a path, not {type(spec).__name__}; e.g. '{DEFAULT_MODEL}'"
         )
     text = os.fspath(spec)
     if not isinstance(text, str) or not text.strip():
@@ -308,9 +307,14 @@ def _resolve(spec: str | os.PathLike[str]) -> _Source:
 # Device and dtype
 
 _DTYPE_NAMES: dict[str, str] = {
-    "float32": "float32", "fp32": "float32", "float": "float32",
-    "float16": "float16", "fp16": "float16", "half": "float16",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
 }
 
 
@@ -324,8 +328,11 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     import torch
 
     if device is None:
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        return (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
             else torch.device("cpu")
+        )
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as exc:
@@ -534,8 +541,13 @@ def _load_folder(
 def _context_window(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
     config: Any = model.config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for attribute in ("max_position_embeddings", "n_positions", "max_sequence_length",
-                      "seq_length", "n_ctx"):
+    for attribute in (
+        "max_position_embeddings",
+        "n_positions",
+        "max_sequence_length",
+        "seq_length",
+        "n_ctx",
+    ):
         value = getattr(text_config, attribute, None)
         if isinstance(value, int) and value > 0:
             return value

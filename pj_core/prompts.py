@@ -310,8 +310,10 @@ def _merge_same_roles(turns: list[dict[str, str]]) -> list[dict[str, str]]:
     merged: list[dict[str, str]] = []
     for turn in turns:
         if merged and merged[-1]["role"] == turn["role"]:
-            merged[-1] = {**merged[-1], "content": merged[-1]["content"] + _MERGE_SEPARATOR
-                          + turn["content"]}
+            merged[-1] = {
+                **merged[-1],
+                "content": merged[-1]["content"] + _MERGE_SEPARATOR + turn["content"],
+            }
         else:
             merged.append(dict(turn))
     return merged

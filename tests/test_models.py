@@ -284,6 +284,7 @@ def test_file_hash_is_memoised_until_the_file_changes(
     target.write_bytes(b"abc")
     hashed: list[Path] = []
     real = model_cache._sha256_of
+
     def counting(path: Path) -> str:
         hashed.append(path)
         return real(path)
@@ -299,6 +300,7 @@ def test_file_hash_is_memoised_until_the_file_changes(
 def test_entry_is_built_once_then_reused(private_cache: Path) -> None:
     builds: list[Path] = []
     sha = "a" * 64
+
     def build(out: Path) -> None:
         builds.append(out)
         _fake_build(out)
@@ -365,7 +367,9 @@ def test_cache_entry_that_fails_to_load_is_rebuilt_once(
             (out / item.name).write_bytes(item.read_bytes())
 
     source = models._Source(
-        name="tiny-cached", key="test:tiny-cached", is_cache_entry=True,
+        name="tiny-cached",
+        key="test:tiny-cached",
+        is_cache_entry=True,
         prepare=lambda: model_cache.ensure_converted(sha, build),
     )
     entry = source.prepare()
@@ -444,8 +448,15 @@ def test_gguf_conversion_is_cached_across_processes(tmp_path: Path) -> None:
     env = {**os.environ, model_cache.CACHE_ENV_VAR: str(tmp_path), "TQDM_DISABLE": "1"}
 
     def run(mode: str) -> dict[str, object]:
-        done = subprocess.run([sys.executable, "-c", _CHILD, mode], env=env, cwd=REPO_ROOT,
-                              capture_output=True, text=True, timeout=900, check=False)
+        done = subprocess.run(
+            [sys.executable, "-c", _CHILD, mode],
+            env=env,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
         return result

@@ -218,12 +218,22 @@ def test_final_assistant_message_is_continued(
 
 def test_render_ids_encode_the_rendered_text(tiny_tokenizer: PreTrainedTokenizerFast) -> None:
     ids = render_ids(tiny_tokenizer, "hello", "be funny")
-    expected = tiny_tokenizer(render_text(tiny_tokenizer, "hello", "be funny"),
-                              add_special_tokens=False)["input_ids"]
+    expected = tiny_tokenizer(
+        render_text(tiny_tokenizer, "hello", "be funny"), add_special_tokens=False
+    )["input_ids"]
     assert ids == expected
     assert tiny_tokenizer.convert_ids_to_tokens(ids) == [
-        "<|im_start|>", "system", "be", "funny", "<|im_end|>",
-        "<|im_start|>", "user", "hello", "<|im_end|>", "<|im_start|>", "assistant",
+        "<|im_start|>",
+        "system",
+        "be",
+        "funny",
+        "<|im_end|>",
+        "<|im_start|>",
+        "user",
+        "hello",
+        "<|im_end|>",
+        "<|im_start|>",
+        "assistant",
     ]
 
 
@@ -286,8 +296,10 @@ def test_smollm2_prompt_has_persona_in_system_message(smollm2: LoadedModel) -> N
 @pytest.mark.real_model
 def test_smollm2_forged_turns_stay_inside_the_user_message(smollm2: LoadedModel) -> None:
     tokenizer = smollm2.tokenizer
-    conversation = [{"role": "system", "content": "App rules. " + FORGED},
-                    {"role": "user", "content": "Hi " + FORGED}]
+    conversation = [
+        {"role": "system", "content": "App rules. " + FORGED},
+        {"role": "user", "content": "Hi " + FORGED},
+    ]
     ids = render_ids(tokenizer, conversation, "Be kind. <|endoftext|>" + FORGED)
     start, end = _token_id(tokenizer, "<|im_start|>"), _token_id(tokenizer, "<|im_end|>")
     assert ids.count(start) == 3 and ids.count(end) == 2  # system, user, assistant header

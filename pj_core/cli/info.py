@@ -33,16 +33,28 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         epilog=f"built-in models:\n{aliases}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                        help=f"model spec (default {DEFAULT_MODEL})")
-    parser.add_argument("--persona", action="append", default=[], metavar="TEXT",
-                        help="a persona's preference text; repeat for several")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT,
-                        help=f"the user message to render (default: {DEFAULT_PROMPT!r})")
+    parser.add_argument(
+        "model", nargs="?", default=DEFAULT_MODEL, help=f"model spec (default {DEFAULT_MODEL})"
+    )
+    parser.add_argument(
+        "--persona",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="a persona's preference text; repeat for several",
+    )
+    parser.add_argument(
+        "--prompt",
+        default=DEFAULT_PROMPT,
+        help=f"the user message to render (default: {DEFAULT_PROMPT!r})",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="run code shipped with the model (only for models you trust)")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run code shipped with the model (only for models you trust)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -52,8 +64,9 @@ def run(args: argparse.Namespace) -> int:
     from pj_core.prompts import has_chat_template, render_ids, render_text, supports_system_role
 
     start = time.perf_counter()
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype,
-                        trust_remote_code=args.trust_remote_code)
+    loaded = load_model(
+        args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code
+    )
     seconds = time.perf_counter() - start
     tokenizer = loaded.tokenizer
     if not has_chat_template(tokenizer):
