@@ -23,7 +23,7 @@ from langchain_core.messages import (
 )
 from langchain_core.outputs import ChatGenerationChunk
 from langchain_core.prompts import ChatPromptTemplate
-from langchain_core.runnables import ConfigurableField
+from langchain_core.runnables import ConfigurableField, RunnableConfig
 
 from pj_core.errors import (
     InvalidGenerationConfigError,
@@ -32,7 +32,7 @@ from pj_core.errors import (
     ProfileNotFoundError,
     UnknownPreferenceError,
 )
-from pj_core.personas import PersonaProfile, resolve_personas
+from pj_core.personas import GenerationDefaults, PersonaProfile, resolve_personas
 from pj_core.store import open_store
 from pj_integrations._common import is_loaded
 from pj_integrations.langchain import ChatPersonaJudge, to_conversation
@@ -76,7 +76,7 @@ def store() -> Iterator[Any]:
             PersonaProfile(
                 user_id="bob",
                 preferences=["concise", "expert"],
-                defaults={"max_new_tokens": 3},
+                defaults=GenerationDefaults(max_new_tokens=3),
             )
         )
         yield opened
@@ -254,7 +254,7 @@ def test_per_call_preferences_bind_and_configurable_fields(llm: ChatPersonaJudge
 def test_user_id_from_config_serves_two_users_concurrently(tiny_dir: str, store: Any) -> None:
     llm = ChatPersonaJudge(model=tiny_dir, profile_store=store, seed=0)
     chain = ChatPromptTemplate.from_messages([("human", "{question}")]) | llm
-    users = [{"configurable": {"user_id": "alice"}}, {"configurable": {"user_id": "bob"}}]
+    users: list[RunnableConfig] = [{"configurable": {"user_id": u}} for u in ("alice", "bob")]
     results = chain.batch([{"question": QUESTION}] * 2, config=users)
     alice, bob = results
     assert alice.response_metadata["persona_source"] == "profile:alice"
