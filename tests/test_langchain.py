@@ -408,3 +408,14 @@ def test_instances_share_one_engine(tiny_dir: str) -> None:
     second = ChatPersonaJudge(model=tiny_dir, preferences=["Be brief.", "Be kind."])
     assert first._shared(tiny_dir) is second._shared(tiny_dir)
     assert first._shared(tiny_dir).engine.model is second._shared(tiny_dir).engine.model
+
+
+def test_engine_options_and_tokenizer_pass_through(llm: ChatPersonaJudge, tiny_dir: str) -> None:
+    lockstep = llm.invoke(QUESTION, strategy="lockstep", alternate=False, lookahead=2)
+    assert lockstep.response_metadata["stats"]["strategy"] == "lockstep"
+    # lockstep gives the same answer as speculative decoding for the same seed
+    assert lockstep.content == llm.invoke(QUESTION, alternate=False, lookahead=2).content
+    tokenizer = llm._shared(tiny_dir).loaded.tokenizer
+    assert llm.get_token_ids("hello the cat") == tokenizer.encode(
+        "hello the cat", add_special_tokens=False
+    )
