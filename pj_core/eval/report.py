@@ -182,8 +182,11 @@ def markdown_table(summary: dict[str, Any]) -> str:
                 cells.append("-")
                 continue
             n = max(n, row["n"])
-            cells.append(f"{row['rate']:.2f} [{row['low']:.2f}, {row['high']:.2f}] "
-                         f"({row['wins']}/{row['ties']}/{row['losses']})")
+            cell = f"{row['rate']:.2f} [{row['low']:.2f}, {row['high']:.2f}]"
+            # A soft reading's per-prompt values are probabilities, not wins/ties/losses.
+            if not judge.endswith("-soft"):
+                cell += f" ({row['wins']}/{row['ties']}/{row['losses']})"
+            cells.append(cell)
         lines.append(f"| {dimension} | {judge} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -200,10 +203,14 @@ def draw_chart(summary: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     dimensions = sorted({r["dimension"] for r in rows})
     methods = _table_methods(rows)
     lookup = {(r["judge"], r["dimension"], r["method"]): r for r in rows}
-    fig, axes = plt.subplots(1, max(len(judges), 1), figsize=(4.2 * max(len(judges), 1), 3.8),
+    columns = min(max(len(judges), 1), 2)
+    grid_rows = -(-max(len(judges), 1) // columns)
+    fig, axes = plt.subplots(grid_rows, columns, figsize=(5.2 * columns, 3.4 * grid_rows),
                              sharey=True, squeeze=False)
     width = 0.8 / max(len(methods), 1)
-    for ax, judge in zip(axes[0], judges, strict=False):
+    for ax in axes.flat[len(judges):]:
+        ax.set_visible(False)
+    for ax, judge in zip(axes.flat, judges, strict=False):
         for m_index, method in enumerate(methods):
             xs: list[float] = []
             heights: list[float] = []
@@ -222,7 +229,8 @@ def draw_chart(summary: dict[str, Any], path: str | os.PathLike[str]) -> Path:
         ax.set_xticks(range(len(dimensions)), dimensions)
         ax.set_ylim(0.0, 1.0)
         ax.set_title(f"judge: {judge}")
-    axes[0][0].set_ylabel("win rate vs direct prompting")
+    for row_axes in axes:
+        row_axes[0].set_ylabel("win rate vs direct")
     axes[0][0].legend(loc="lower left", fontsize=8)
     generator = summary.get("settings", {}).get("generator", "?")
     fig.suptitle(f"{generator}, {summary.get('prompts', '?')} prompts; bars: 95% bootstrap CI")
