@@ -90,6 +90,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=None,
         help="where plots go (default docs/img; the results dir with --quick)",
     )
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="file stem of the results (default: latest for the full sweep, else the preset)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(func=_run)
 
@@ -150,7 +155,7 @@ def _run(args: argparse.Namespace) -> int:
     }
     config = bench_config.BenchConfig.preset(name, **overrides)
     suite = args.suite or ("all" if name == "full" else "speed")
-    stem = "latest" if name == "full" else name
+    stem = args.name or ("latest" if name == "full" else name)
     out_dir: Path = args.out_dir or REPO_ROOT / "benchmarks" / "results"
     img_dir: Path = args.img_dir or (out_dir if name == "quick" else REPO_ROOT / "docs" / "img")
     command = _command_line(args)
