@@ -60,8 +60,7 @@ class ResultsLog:
         >>> path = pathlib.Path(tempfile.mkdtemp()) / "results.jsonl"
         >>> log = ResultsLog(path)
         >>> log.append({"kind": "score", "key": "k1", "score": 1.0})
-        >>> path.write_text(path.read_text() + '{"kind": "sco')  # an interrupted write
-        40
+        >>> _ = path.write_text(path.read_text() + '{"kind": "sco')  # an interrupted write
         >>> list(ResultsLog(path).records)
         ['k1']
     """
