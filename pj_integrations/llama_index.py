@@ -102,10 +102,16 @@ class PersonaJudgeLLM(CustomLLM):
     Personas come from exactly one of ``preferences`` (catalog names or free-text
     sentences), ``persona`` (a :class:`~pj_core.personas.PersonaProfile`) or ``profile_id``
     (a user whose profile is saved in ``profile_store``). A saved profile's generation
-    defaults apply to the settings you left at their defaults, never to ones you set. Every
-    setting can be overridden for one call with a keyword argument of the same name
+    defaults apply to the settings you left at their defaults, never to ones you set. The
+    persona and generation settings (all but ``model`` and ``profile_store``) can be
+    overridden for one call with keyword arguments of the same names
     (``llm.complete("Hi", preferences=["humor"], max_tokens=16)``; ``user_id=`` is accepted
-    as a synonym of ``profile_id=``); a call's persona option replaces the object's.
+    as a synonym of ``profile_id=``); a call's persona option replaces the object's. Any
+    other keyword argument is an :class:`~pj_core.errors.InvalidGenerationConfigError`.
+
+    The async methods decode in a worker thread. Cancelling the awaiting task frees the
+    caller at once; an abandoned stream stops decoding at its next token, while a
+    non-streaming call runs to its end in the background (torch cannot be interrupted).
 
     Messages are rendered with the model's own chat template; ``system_prompt`` (like any
     system message) is combined with each persona's text in the system turn. Responses
