@@ -45,6 +45,7 @@ from pj_core.engine import PersonaJudge
 from pj_core.errors import InvalidPromptError
 from pj_core.models import DEFAULT_MODEL
 from pj_core.personas import Persona, PersonaProfile, PreferenceSpec
+from pj_core.prompts import stop_strings
 from pj_core.results import GenerationResult, StreamEvent
 from pj_integrations._common import (
     GENERATION_OPTIONS,
@@ -215,9 +216,13 @@ class PersonaJudgeLLM(CustomLLM):
             profile_defaults=choice.generation_defaults,
             overrides={name: options[name] for name in GENERATION_OPTIONS if name in options},
         )
-        return _CallPlan(
-            self.get_engine(), conversation, choice.personas, choice.source, engine_kwargs
-        )
+        engine = self.get_engine()
+        # A base model without a chat template goes on to write the user's next turn; the
+        # plain prompt layout's own stop strings end the reply there.
+        layout_stops = stop_strings(engine.tokenizer)
+        if layout_stops:
+            engine_kwargs["stop"] = [*(engine_kwargs.get("stop") or ()), *layout_stops]
+        return _CallPlan(engine, conversation, choice.personas, choice.source, engine_kwargs)
 
     # ------------------------------------------------------------------ prompts
 

@@ -395,3 +395,14 @@ def test_settings_round_trip_through_llama_index_json() -> None:
     assert (back.max_tokens, back.seed, back.stop) == (5, 2, ["\n\n"])
     listed = PersonaJudgeLLM(preferences=["humor", "Answer like a pirate."])
     assert PersonaJudgeLLM.from_json(listed.to_json()).preferences == listed.preferences
+
+
+def test_base_model_without_chat_template_stops_at_the_next_user_turn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tokenizer = make_tiny_tokenizer(extra_words=8, chat_template=False)
+    base = PersonaJudge(make_tiny_model(len(tokenizer), seed=2), tokenizer, name="tiny-base")
+    calls = record_engine_calls(base, monkeypatch)
+    response = make_llm(base, stop=["the dog"]).chat([user("hello")])
+    assert calls[0]["stop"] == ["the dog", "\nUser:"]
+    assert response.raw.text == response.message.content
