@@ -14,6 +14,13 @@ from typing import Any
 from benchmarks.bench_config import METHOD_TITLES
 
 PLOT_KINDS = ("tokens_per_second", "forwards", "memory")
+COLORS = {
+    "plain": "black",
+    "reference": "tab:red",
+    "speculative": "tab:blue",
+    "lockstep": "tab:green",
+    "auto": "tab:orange",
+}
 
 
 def format_number(value: float | None) -> str:
@@ -124,7 +131,7 @@ def _plot_tokens_per_second(report: dict[str, Any], path: Path) -> None:
                     mine[0]["tokens_per_second"],
                     linestyle="--",
                     label=METHOD_TITLES[method],
-                    color="black" if method == "plain" else None,
+                    color=COLORS[method],
                 )
             else:
                 xs = [c["lookahead"] for c in mine]
@@ -133,6 +140,7 @@ def _plot_tokens_per_second(report: dict[str, Any], path: Path) -> None:
                     [c["tokens_per_second"] for c in mine],
                     marker="o",
                     label=METHOD_TITLES[method],
+                    color=COLORS[method],
                 )
         ax.set_yscale("log")
         ax.set_xticks(lookaheads)
@@ -156,8 +164,10 @@ def _plot_forwards(report: dict[str, Any], path: Path) -> None:
                 continue
             xs = [c["lookahead"] for c in mine]
             label = f"{METHOD_TITLES[method]}, n={budget}"
-            left.plot(xs, [c["forward_passes_per_token"] for c in mine], marker="o", label=label)
-            right.plot(xs, [c["acceptance_rate"] for c in mine], marker="o", label=label)
+            style = {"marker": "o", "label": label, "color": COLORS[method]}
+            style["linestyle"] = "-" if budget == min(c["max_new_tokens"] for c in cells) else ":"
+            left.plot(xs, [c["forward_passes_per_token"] for c in mine], **style)
+            right.plot(xs, [c["acceptance_rate"] for c in mine], **style)
     left.axhline(1.0, color="black", linestyle="--", label="plain generate / lockstep: 1")
     left.set(xlabel="lookahead λ", ylabel="forward passes per token")
     right.set(xlabel="lookahead λ", ylabel="acceptance rate", ylim=(0, 1))
@@ -176,7 +186,11 @@ def _plot_memory(report: dict[str, Any], path: Path) -> None:
             peaks[c["method"]] = c["process_peak_rss_mb"]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     names = list(peaks)
-    ax.barh([METHOD_TITLES[n] for n in names], [peaks[n] for n in names], color="tab:blue")
+    ax.barh(
+        [METHOD_TITLES[n] for n in names],
+        [peaks[n] for n in names],
+        color=[COLORS[n] for n in names],
+    )
     for i, n in enumerate(names):
         ax.text(peaks[n], i, f" {peaks[n]:.0f}", va="center", fontsize=8)
     ax.set_xlabel("process peak RSS (MiB), all cells of the method")
