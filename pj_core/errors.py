@@ -6,7 +6,9 @@ exception (``ValueError``, ``LookupError``, ...) so generic handlers keep workin
 
 Example:
     >>> from pj_core.errors import ContextOverflowError, PersonaJudgeError
-    >>> issubclass(ContextOverflowError, PersonaJudgeError) and issubclass(ContextOverflowError, ValueError)
+    >>> issubclass(ContextOverflowError, PersonaJudgeError)
+    True
+    >>> issubclass(ContextOverflowError, ValueError)
     True
 """
 

@@ -265,9 +265,7 @@ class GenerationDefaults(_Model):
     @classmethod
     def _check_temperature(cls, value: float | None) -> float | None:
         if value is not None and not 0.0 <= value <= 10.0:
-            raise InvalidGenerationConfigError(
-                f"temperature must be between 0 and 10, got {value}"
-            )
+            raise InvalidGenerationConfigError(f"temperature must be between 0 and 10, got {value}")
         return value
 
     @field_validator("top_p")

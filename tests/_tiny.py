@@ -11,8 +11,23 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<|im_start|>", "<|im_end|>"]
 WORDS = [
-    "system", "user", "assistant", "hello", "world", "be", "funny", "brief", "a", "the",
-    "cat", "dog", "yes", "no", "why", "because", "\n",
+    "system",
+    "user",
+    "assistant",
+    "hello",
+    "world",
+    "be",
+    "funny",
+    "brief",
+    "a",
+    "the",
+    "cat",
+    "dog",
+    "yes",
+    "no",
+    "why",
+    "because",
+    "\n",
 ]
 # A ChatML-like template, as SmolLM2 uses, so prompt rendering can be exercised on it.
 CHAT_TEMPLATE = (
@@ -21,7 +36,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_tiny_tokenizer(extra_words: int = 0, chat_template: bool = True) -> PreTrainedTokenizerFast:
+def make_tiny_tokenizer(
+    extra_words: int = 0, chat_template: bool = True
+) -> PreTrainedTokenizerFast:
     """A whitespace word-level tokenizer; ``extra_words`` adds filler words w0, w1, ..."""
     vocab_list = SPECIAL_TOKENS + WORDS + [f"w{i}" for i in range(extra_words)] + ["<unk>"]
     vocab = {token: i for i, token in enumerate(vocab_list)}
@@ -40,7 +57,9 @@ def make_tiny_tokenizer(extra_words: int = 0, chat_template: bool = True) -> Pre
     return tokenizer
 
 
-def make_tiny_model(vocab_size: int, seed: int = 0, layers: int = 2, hidden: int = 32) -> LlamaForCausalLM:
+def make_tiny_model(
+    vocab_size: int, seed: int = 0, layers: int = 2, hidden: int = 32
+) -> LlamaForCausalLM:
     """A random 2-layer Llama; ``seed`` fixes the weights. Logits are scaled up so that
     the next-token distributions are far from uniform (a sharper, more realistic test)."""
     config = LlamaConfig(
