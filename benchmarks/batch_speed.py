@@ -72,6 +72,7 @@ def run_batch_benchmark(
 
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    started_at = time.strftime("%Y-%m-%d %H:%M:%S")
     prompts, source = load_prompts(requests)
     max_new_tokens = config.token_budgets[0]
     loaded = load_model(config.model, device=config.device, dtype=config.dtype)
@@ -131,7 +132,7 @@ def run_batch_benchmark(
     return {
         "meta": {
             "command": command,
-            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "started": started_at,
             "git_commit": _git_commit(),
             "model": config.model,
             "device": str(loaded.device),
