@@ -28,6 +28,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
+from pj_core.errors import EvaluationError
 from pj_core.eval.judges import combine_orders
 from pj_core.eval.methods import DIRECT, PERSONA_JUDGE, PERSONA_JUDGE_BASE, SINGLE_PREFIX
 from pj_core.eval.records import Record, ResultsLog
@@ -193,7 +194,12 @@ def markdown_table(summary: dict[str, Any]) -> str:
 
 def draw_chart(summary: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Grouped bars of win rate vs direct with 95% CIs: one panel per judge."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise EvaluationError(
+            "drawing the chart needs matplotlib: pip install 'persona-judge[plots]'"
+        ) from None
 
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
