@@ -75,7 +75,12 @@ def run_batch_benchmark(
     started_at = time.strftime("%Y-%m-%d %H:%M:%S")
     prompts, source = load_prompts(requests)
     max_new_tokens = config.token_budgets[0]
-    loaded = load_model(config.model, device=config.device, dtype=config.dtype)
+    loaded = load_model(
+        config.model,
+        device=config.device,
+        dtype=config.dtype,
+        pack_cpu_weights=config.pack_cpu_weights,
+    )
     engine = PersonaJudge(
         loaded.model, loaded.tokenizer, context_window=loaded.context_window, eos_token_ids=()
     )
@@ -138,6 +143,7 @@ def run_batch_benchmark(
             "device": str(loaded.device),
             "dtype": str(loaded.dtype).removeprefix("torch."),
             "torch_threads": torch.get_num_threads(),
+            "packed_linear_layers": loaded.packed_linear_layers,
             "cpu_count": os.cpu_count(),
             "max_new_tokens": max_new_tokens,
             "repeats": config.repeats,
@@ -156,6 +162,11 @@ def run_batch_benchmark(
     }
 
 
+def _kernels(meta: dict[str, Any]) -> str:
+    packed = meta.get("packed_linear_layers", 0)
+    return f"{packed} linear layers oneDNN-packed" if packed else "default linear kernels"
+
+
 def batch_markdown(report: dict[str, Any]) -> str:
     """The Markdown section of a batch report."""
     meta = report["meta"]
@@ -167,7 +178,8 @@ def batch_markdown(report: dict[str, Any]) -> str:
         f"Command: `{meta['command']}`  ",
         f"Run: {meta['started']}, commit `{meta['git_commit']}`, {meta['cpu_count']} CPUs, "
         f"torch threads {meta['torch_threads']}; model `{meta['model']}` on {meta['device']} "
-        f"({meta['dtype']}); {meta['max_new_tokens']} new tokens per request (EOS ignored), "
+        f"({meta['dtype']}, {_kernels(meta)}); {meta['max_new_tokens']} new tokens per request "
+        "(EOS ignored), "
         f"λ = 4, {meta['repeats']} repeats, medians  ",
         f"Load average before: {meta['load_average_before']}, after: {meta['load_average_after']}",
         "",

@@ -72,6 +72,9 @@ class BenchConfig:
         threads: torch CPU threads of every worker (None: torch's default, one per core).
             On a machine that other jobs keep busy, 1 avoids threads spinning against each
             other; the report records the value.
+        pack_cpu_weights: load the model with oneDNN-packed linear layers on CPU (the
+            library's default, :mod:`pj_core.cpu_linear`); False measures PyTorch's default
+            kernels. Every method uses the same setting.
     """
 
     model: str = "smollm2-135m-instruct"
@@ -91,6 +94,7 @@ class BenchConfig:
     personas: tuple[str, ...] = DEFAULT_PERSONAS
     warmup_tokens: int = 8
     threads: int | None = None
+    pack_cpu_weights: bool = True
     preset_name: str = "full"
 
     def __post_init__(self) -> None:

@@ -69,12 +69,17 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
     )
+    parser.add_argument(
+        "--no-pack",
+        action="store_true",
+        help="PyTorch's default linear kernels instead of oneDNN-packed weights",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    loaded = load_model(args.model, device="cpu")
+    loaded = load_model(args.model, device="cpu", pack_cpu_weights=not args.no_pack)
     # No EOS: every run generates exactly --tokens tokens, as the plain run does.
     pj = PersonaJudge(
         loaded.model,
@@ -89,6 +94,7 @@ def main() -> None:
         "tokens": args.tokens,
         "lookahead": args.lookahead,
         "threads": torch.get_num_threads(),
+        "packed_linear_layers": loaded.packed_linear_layers,
         "load_average_before": os.getloadavg(),
     }
     rates: dict[str, list[float]] = {"plain generate": [], "speculative": [], "lockstep": []}

@@ -41,6 +41,11 @@ def _lookahead(cell: dict[str, Any]) -> str:
     return "(4)" if cell["method"] == "lockstep" else "—"
 
 
+def _kernels(meta: dict[str, Any]) -> str:
+    packed = meta.get("packed_linear_layers", 0)
+    return f"{packed} linear layers oneDNN-packed" if packed else "default linear kernels"
+
+
 def markdown_table(report: dict[str, Any]) -> str:
     """The Markdown page of one report: how it was made, the targets, every cell."""
     meta = report["meta"]
@@ -53,7 +58,8 @@ def markdown_table(report: dict[str, Any]) -> str:
         f"Run: {meta['started']} ({meta['wall_seconds'] / 60:.1f} min), commit "
         f"`{meta['git_commit']}`, {meta['platform']}, {meta['cpu_count']} CPUs, "
         f"torch threads {meta['torch_threads']}  ",
-        f"Model: `{meta['model']}` on {meta['device']} ({meta['dtype']}); "
+        f"Model: `{meta['model']}` on {meta['device']} ({meta['dtype']}, "
+        f"{_kernels(meta)}); "
         f"T={config['temperature']}, top-k {config['top_k']}, top-p {config['top_p']}; "
         "every generation runs to its full budget (EOS ignored)  ",
         f"Load average (1, 5, 15 min) before: {meta['load_average_before']}, "

@@ -162,6 +162,7 @@ def run_benchmark(
         "device": first["device"],
         "dtype": first["dtype"],
         "torch_threads": first["threads"],
+        "packed_linear_layers": first.get("packed_linear_layers", 0),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),

@@ -72,7 +72,12 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     started = time.perf_counter()
-    loaded = load_model(config.model, device=config.device, dtype=config.dtype)
+    loaded = load_model(
+        config.model,
+        device=config.device,
+        dtype=config.dtype,
+        pack_cpu_weights=config.pack_cpu_weights,
+    )
     load_seconds = time.perf_counter() - started
     run = _runner(method, loaded, config)
     cells = config.cells(method)
@@ -106,6 +111,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         "device": str(loaded.device),
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
+        "packed_linear_layers": loaded.packed_linear_layers,
         "load_seconds": load_seconds,
         "load_peak_rss_mb": load_peak,
         "exact_cell_peaks": memory.resettable,

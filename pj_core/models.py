@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pj_core import model_cache
+from pj_core.cpu_linear import pack_linear_layers
 from pj_core.errors import (
     InvalidModelOptionError,
     ModelLoadError,
@@ -68,6 +69,8 @@ class LoadedModel:
         eos_token_ids: every token id that ends a turn.
         device: where the weights live.
         dtype: the floating-point type of the weights.
+        packed_linear_layers: how many linear layers run on pre-packed oneDNN weights
+            (:mod:`pj_core.cpu_linear`; 0 on GPUs or with ``pack_cpu_weights=False``).
     """
 
     model: PreTrainedModel
@@ -77,6 +80,7 @@ class LoadedModel:
     eos_token_ids: tuple[int, ...]
     device: torch.device
     dtype: torch.dtype
+    packed_linear_layers: int = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,9 +401,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 # ---------------------------------------------------------------------------------------------
 # Loading
 
-_loaded: dict[tuple[str, str, str, bool], LoadedModel] = {}
-_named: dict[tuple[tuple[str, str, str, bool], str], LoadedModel] = {}
-_key_locks: dict[tuple[str, str, str, bool], threading.Lock] = {}
+_LoadKey = tuple[str, str, str, bool, bool]
+_loaded: dict[_LoadKey, LoadedModel] = {}
+_named: dict[tuple[_LoadKey, str], LoadedModel] = {}
+_key_locks: dict[_LoadKey, threading.Lock] = {}
 _registry_lock = threading.Lock()
 
 
@@ -409,8 +414,14 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
+    pack_cpu_weights: bool = True,
 ) -> LoadedModel:
     """Load a model and its tokenizer from local files (see the module docstring for specs).
+
+    The model is for inference: eval mode, no parameter requires gradients, and on a CPU in
+    float32 its linear layers run on weights pre-packed for oneDNN, which makes the
+    multi-token verify and batched forwards of Persona-judge about as cheap as one decode step
+    (:mod:`pj_core.cpu_linear`; ``unpack_linear_layers(model)`` undoes it).
 
     Args:
         spec: a built-in alias, a model directory, a ``.gguf`` file, or a cached hub id.
@@ -418,6 +429,8 @@ def load_model(
         dtype: default float32 on CPU, bfloat16 (or float16) on CUDA.
         trust_remote_code: run model code shipped with a directory or hub model. Off by
             default: only turn it on for models whose code you trust.
+        pack_cpu_weights: pack the linear layers for oneDNN on CPU/float32 (default). Off
+            gives PyTorch's default kernels, e.g. to compare or to train the model.
 
     Returns:
         The :class:`LoadedModel`; the same object for repeated calls with the same arguments.
@@ -437,14 +450,17 @@ def load_model(
     source = _resolve(spec)
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device)
-    key = (source.key, str(resolved_device), str(resolved_dtype), bool(trust_remote_code))
+    pack = bool(pack_cpu_weights)
+    key = (source.key, str(resolved_device), str(resolved_dtype), bool(trust_remote_code), pack)
     with _registry_lock:
         lock = _key_locks.setdefault(key, threading.Lock())
     # One lock per key: loading one model does not block loading another.
     with lock:
         loaded = _loaded.get(key)
         if loaded is None:
-            loaded = _load_uncached(source, resolved_device, resolved_dtype, trust_remote_code)
+            loaded = _load_uncached(
+                source, resolved_device, resolved_dtype, trust_remote_code, pack=pack
+            )
             _loaded[key] = loaded
         if loaded.name == source.name:
             return loaded
@@ -464,7 +480,12 @@ def clear_loaded_models() -> None:
 
 
 def _load_uncached(
-    source: _Source, device: torch.device, dtype: torch.dtype, trust_remote_code: bool
+    source: _Source,
+    device: torch.device,
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+    *,
+    pack: bool,
 ) -> LoadedModel:
     folder = source.prepare()
     try:
@@ -479,6 +500,8 @@ def _load_uncached(
         model, tokenizer = _load_folder(folder, dtype, trust_remote_code)
     model.to(device)  # type: ignore[arg-type]  # transformers' stub types `to` oddly
     model.eval()
+    model.requires_grad_(False)  # inference only; also what lets the linear layers be packed
+    packed = pack_linear_layers(model).layers if pack and device.type == "cpu" else 0
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # reuse a token; the vocab is unchanged
     return LoadedModel(
@@ -489,6 +512,7 @@ def _load_uncached(
         eos_token_ids=_eos_token_ids(model, tokenizer),
         device=device,
         dtype=dtype,
+        packed_linear_layers=packed,
     )
 
 

@@ -71,6 +71,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=None,
         help="torch CPU threads per measuring process (default: torch's; 1 on a busy machine)",
     )
+    parser.add_argument(
+        "--no-pack",
+        action="store_true",
+        help="PyTorch's default CPU linear kernels instead of oneDNN-packed weights",
+    )
     parser.add_argument("--requests", type=int, default=8, help="batch suite: requests per batch")
     parser.add_argument(
         "--batch-tokens",
@@ -150,6 +155,7 @@ def _run(args: argparse.Namespace) -> int:
             "reference_prompts": args.reference_prompts,
             "reference_repeats": args.reference_repeats,
             "threads": args.threads,
+            "pack_cpu_weights": False if args.no_pack else None,
         }.items()
         if value is not None
     }
