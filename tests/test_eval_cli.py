@@ -11,8 +11,20 @@ from pj_core.cli.eval import config_from_args
 from pj_core.eval.runner import run_evaluation
 from tests.test_eval_runner import FakeModels
 
-ARGS = ["eval", "--limit", "2", "--dimensions", "humor,vivid", "--methods", "persona-judge",
-        "--max-new-tokens", "8", "--bootstrap", "100", "--no-progress"]
+ARGS = [
+    "eval",
+    "--limit",
+    "2",
+    "--dimensions",
+    "humor,vivid",
+    "--methods",
+    "persona-judge",
+    "--max-new-tokens",
+    "8",
+    "--bootstrap",
+    "100",
+    "--no-progress",
+]
 
 
 def test_arguments_become_the_settings() -> None:
@@ -28,8 +40,7 @@ def test_the_command_reports_a_finished_run_without_loading_models(
 ) -> None:
     out = tmp_path / "run"
     config = config_from_args(build_parser().parse_args([*ARGS, "--out", str(out)]))
-    run_evaluation(config, out / "results.jsonl", backends=FakeModels().backends(),
-                   progress=False)
+    run_evaluation(config, out / "results.jsonl", backends=FakeModels().backends(), progress=False)
     # Everything is in the results file, so the command only resumes (nothing left) and reports.
     assert main([*ARGS, "--out", str(out), "--chart", str(tmp_path / "c.png")]) == 0
     printed = capsys.readouterr().out
@@ -42,8 +53,7 @@ def test_other_settings_are_refused_with_a_message(
 ) -> None:
     out = tmp_path / "run"
     config = config_from_args(build_parser().parse_args([*ARGS, "--out", str(out)]))
-    run_evaluation(config, out / "results.jsonl", backends=FakeModels().backends(),
-                   progress=False)
+    run_evaluation(config, out / "results.jsonl", backends=FakeModels().backends(), progress=False)
     assert main([*ARGS, "--out", str(out), "--temperature", "1.0"]) == 1
     assert "temperature differ" in capsys.readouterr().err
 
@@ -54,7 +64,6 @@ def test_the_report_covers_only_the_prompts_asked_for(
     out = tmp_path / "run"
     longer = [a if a != "2" else "3" for a in ARGS]  # --limit 3
     config = config_from_args(build_parser().parse_args([*longer, "--out", str(out)]))
-    run_evaluation(config, out / "results.jsonl", backends=FakeModels().backends(),
-                   progress=False)
+    run_evaluation(config, out / "results.jsonl", backends=FakeModels().backends(), progress=False)
     assert main([*ARGS, "--out", str(out)]) == 0  # --limit 2 on a 3-prompt file
     assert "| humor | pairwise | 2 |" in capsys.readouterr().out

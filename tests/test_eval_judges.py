@@ -72,8 +72,12 @@ def test_letter_scorer_on_a_tiny_model_returns_probabilities() -> None:
 
 def test_batched_log_probs_equal_one_at_a_time() -> None:
     model = make_tiny_model(40, seed=3)
-    pairs = [([2, 5, 6], [7, 8, 9, 10]), ([3], [11]), ([2, 4, 6, 8, 10, 12], [13, 14]),
-             ([5, 5], [])]
+    pairs = [
+        ([2, 5, 6], [7, 8, 9, 10]),
+        ([3], [11]),
+        ([2, 4, 6, 8, 10, 12], [13, 14]),
+        ([5, 5], []),
+    ]
     batched = response_logprobs(model, pairs, batch_size=4)
     single = [response_logprobs(model, [pair], batch_size=1)[0] for pair in pairs]
     assert batched == pytest.approx(single, abs=1e-4)
@@ -89,8 +93,11 @@ def test_implicit_reward_is_the_difference_of_the_two_conditions() -> None:
     tokenizer = make_tiny_tokenizer()
     model = make_tiny_model(len(tokenizer), seed=4)
     judge = ImplicitRewardJudge(model, tokenizer, batch_size=2)
-    items = [ScoreItem("hello", "the cat", HUMOUR), ScoreItem("hello", "no", HUMOUR),
-             ScoreItem("hello", "the cat", aspect_for(get_preference("vivid")))]
+    items = [
+        ScoreItem("hello", "the cat", HUMOUR),
+        ScoreItem("hello", "no", HUMOUR),
+        ScoreItem("hello", "the cat", aspect_for(get_preference("vivid"))),
+    ]
     rewards = judge.score(items)
     # Recompute the first from its definition, one sequence at a time.
     response = tokenizer.encode("the cat", add_special_tokens=False)
@@ -98,8 +105,10 @@ def test_implicit_reward_is_the_difference_of_the_two_conditions() -> None:
 
     asked = tokenizer.encode(plain_context(aspect_instruction(HUMOUR), "hello"))
     neutral = tokenizer.encode(plain_context(NEUTRAL_INSTRUCTION, "hello"))
-    expected = (response_logprobs(model, [(asked, response)])[0]
-                - response_logprobs(model, [(neutral, response)])[0])
+    expected = (
+        response_logprobs(model, [(asked, response)])[0]
+        - response_logprobs(model, [(neutral, response)])[0]
+    )
     assert rewards[0] == pytest.approx(expected, abs=1e-4)
     assert len(rewards) == 3 and rewards[0] != rewards[2]
     # Cached neutral terms give the same answer on a second call.

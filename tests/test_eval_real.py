@@ -32,16 +32,23 @@ def minilm_judge() -> EmbeddingJudge:
 def test_one_prompt_run_with_every_judge(
     smollm2: LoadedModel, gemma: LoadedModel, minilm_judge: EmbeddingJudge, tmp_path: Path
 ) -> None:
-    config = EvalConfig(limit=1, dimensions=("humor",), methods=("persona-judge",),
-                        max_new_tokens=6, bootstrap=100)
-    engine = PersonaJudge(smollm2.model, smollm2.tokenizer, name=smollm2.name,
-                          context_window=smollm2.context_window,
-                          eos_token_ids=smollm2.eos_token_ids)
+    config = EvalConfig(
+        limit=1, dimensions=("humor",), methods=("persona-judge",), max_new_tokens=6, bootstrap=100
+    )
+    engine = PersonaJudge(
+        smollm2.model,
+        smollm2.tokenizer,
+        name=smollm2.name,
+        context_window=smollm2.context_window,
+        eos_token_ids=smollm2.eos_token_ids,
+    )
     backends = Backends(
         generate=engine_generate_fn(engine, config),
         pairwise=lambda: PairwiseJudge.from_model(smollm2.model, smollm2.tokenizer),
-        pointwise={"reward": lambda: ImplicitRewardJudge(gemma.model, gemma.tokenizer),
-                   "embedding": lambda: minilm_judge},
+        pointwise={
+            "reward": lambda: ImplicitRewardJudge(gemma.model, gemma.tokenizer),
+            "embedding": lambda: minilm_judge,
+        },
     )
     log = run_evaluation(config, tmp_path / "r.jsonl", backends=backends, progress=False)
 
@@ -67,11 +74,15 @@ def test_one_prompt_run_with_every_judge(
 def test_gemma_log_probs_batched_with_padding_equal_one_at_a_time(gemma: LoadedModel) -> None:
     tok = gemma.tokenizer
     pairs = [
-        (tok.encode("Question: Tell me a joke.\n\nAnswer:\n"),
-         tok.encode("Why did the chicken cross the road?", add_special_tokens=False)),
+        (
+            tok.encode("Question: Tell me a joke.\n\nAnswer:\n"),
+            tok.encode("Why did the chicken cross the road?", add_special_tokens=False),
+        ),
         (tok.encode("Question: Hi\n\nAnswer:\n"), tok.encode("Hello!", add_special_tokens=False)),
-        (tok.encode("Describe the sea at night in a long and careful sentence.\n\nAnswer:\n"),
-         tok.encode("Dark water hums under a silver moon.", add_special_tokens=False)),
+        (
+            tok.encode("Describe the sea at night in a long and careful sentence.\n\nAnswer:\n"),
+            tok.encode("Dark water hums under a silver moon.", add_special_tokens=False),
+        ),
     ]
     batched = response_logprobs(gemma.model, pairs, batch_size=3)
     single = [response_logprobs(gemma.model, [pair], batch_size=1)[0] for pair in pairs]
@@ -83,10 +94,19 @@ def test_implicit_reward_prefers_a_joke_for_humour(gemma: LoadedModel) -> None:
     # A sanity check of direction on an obvious case, not a benchmark of the scorer.
     humour = aspect_for(resolve_dimensions(["humor"])[0])
     judge = ImplicitRewardJudge(gemma.model, gemma.tokenizer)
-    joke, plain = judge.score([
-        ScoreItem("Tell me about cats.", "Cats are tiny lions who pay rent in purrs and "
-                  "sabotage. Ha! They nap 16 hours a day.", humour),
-        ScoreItem("Tell me about cats.", "Cats are small domesticated carnivores. They sleep "
-                  "about 16 hours a day.", humour),
-    ])
+    joke, plain = judge.score(
+        [
+            ScoreItem(
+                "Tell me about cats.",
+                "Cats are tiny lions who pay rent in purrs and "
+                "sabotage. Ha! They nap 16 hours a day.",
+                humour,
+            ),
+            ScoreItem(
+                "Tell me about cats.",
+                "Cats are small domesticated carnivores. They sleep about 16 hours a day.",
+                humour,
+            ),
+        ]
+    )
     assert joke > plain

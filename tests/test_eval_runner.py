@@ -40,7 +40,8 @@ class FakeModels:
         words = 6 if method.name == "persona-judge" else 2
         # One letter per method, so only persona-judge's length differs from direct's.
         label = {"direct": "d", "persona-judge": "p", "persona-judge-base": "b"}.get(
-            method.name, method.name[-1])
+            method.name, method.name[-1]
+        )
         text = " ".join([label] * words) + f" {seed % 97}"
         return GeneratedAnswer(text, "length", {"tokens": words, "acceptance_rate": 0.5})
 
@@ -66,9 +67,11 @@ class FakeModels:
             def score(self, items: list[ScoreItem]) -> list[float]:
                 return fake.score(items)
 
-        return Backends(generate=self.generate,
-                        pairwise=lambda: PairwiseJudge(self.letters),
-                        pointwise={"reward": Scorer, "embedding": Scorer})
+        return Backends(
+            generate=self.generate,
+            pairwise=lambda: PairwiseJudge(self.letters),
+            pointwise={"reward": Scorer, "embedding": Scorer},
+        )
 
 
 def _content(path: Path) -> dict[str, Any]:
@@ -128,8 +131,9 @@ def test_interrupted_run_resumes_with_only_the_remainder(tmp_path: Path) -> None
 
     first = FakeModels()
     with pytest.raises(Interrupt):
-        run_evaluation(CONFIG, path, backends=first.backends(), on_record=stop_after_20,
-                       progress=False)
+        run_evaluation(
+            CONFIG, path, backends=first.backends(), on_record=stop_after_20, progress=False
+        )
     # Prompt by prompt: the first prompt's 5 answers, its 12 pairwise judgments and 3 of its
     # 8 reward scores (scored in one call) made it to disk, after the config record.
     assert dict(first.calls) == {"generate": 5, "pairwise": 12, "score": 8}
@@ -173,22 +177,34 @@ def test_a_damaged_line_in_the_middle_is_an_error(tmp_path: Path) -> None:
 
 def test_resuming_with_other_settings_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "r.jsonl"
-    run_evaluation(EvalConfig(limit=1, dimensions=("humor",), judges=("reward",)), path,
-                   backends=FakeModels().backends(), progress=False)
+    run_evaluation(
+        EvalConfig(limit=1, dimensions=("humor",), judges=("reward",)),
+        path,
+        backends=FakeModels().backends(),
+        progress=False,
+    )
     with pytest.raises(EvaluationError, match="max_new_tokens"):
-        run_evaluation(EvalConfig(limit=1, dimensions=("humor",), judges=("reward",),
-                                  max_new_tokens=99), path,
-                       backends=FakeModels().backends(), progress=False)
+        run_evaluation(
+            EvalConfig(limit=1, dimensions=("humor",), judges=("reward",), max_new_tokens=99),
+            path,
+            backends=FakeModels().backends(),
+            progress=False,
+        )
     # More prompts and another judge are fine: only the new work is done.
     fake = FakeModels()
-    run_evaluation(EvalConfig(limit=2, dimensions=("humor",), judges=("reward", "pairwise")),
-                   path, backends=fake.backends(), progress=False)
+    run_evaluation(
+        EvalConfig(limit=2, dimensions=("humor",), judges=("reward", "pairwise")),
+        path,
+        backends=fake.backends(),
+        progress=False,
+    )
     assert fake.calls["generate"] == 4 and fake.calls["pairwise"] == 2 * 3 * 2
 
 
 def test_report_files_and_table(tmp_path: Path) -> None:
-    log = run_evaluation(CONFIG, tmp_path / "r.jsonl", backends=FakeModels().backends(),
-                         progress=False)
+    log = run_evaluation(
+        CONFIG, tmp_path / "r.jsonl", backends=FakeModels().backends(), progress=False
+    )
     summary = write_report(log, tmp_path, n_resamples=200)
     assert (tmp_path / "chart.png").stat().st_size > 5000
     stored = json.loads((tmp_path / "summary.json").read_text())
@@ -203,8 +219,15 @@ def test_soft_pairwise_reading_cancels_a_position_bias() -> None:
     from pj_core.eval.report import outcomes_pairwise
 
     def record(order: str, prob_first: float, verdict: str) -> dict[str, Any]:
-        return {"judge": "pairwise", "dimension": "humor", "prompt_id": "p", "order": order,
-                "method_a": "persona-judge", "prob_first": prob_first, "verdict": verdict}
+        return {
+            "judge": "pairwise",
+            "dimension": "humor",
+            "prompt_id": "p",
+            "order": order,
+            "method_a": "persona-judge",
+            "prob_first": prob_first,
+            "verdict": verdict,
+        }
 
     # The judge prefers slot A both times (bias), a little more when the method is in it.
     out = outcomes_pairwise([record("ab", 0.7, "A"), record("ba", 0.6, "A")])

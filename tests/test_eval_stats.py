@@ -68,8 +68,13 @@ def test_outcome_from_scores() -> None:
 
 @pytest.mark.parametrize(
     ("outcomes", "kwargs"),
-    [([], {}), ([1.5], {}), ([-0.1], {}), ([1.0], {"n_resamples": 0}),
-     ([1.0], {"confidence": 1.0})],
+    [
+        ([], {}),
+        ([1.5], {}),
+        ([-0.1], {}),
+        ([1.0], {"n_resamples": 0}),
+        ([1.0], {"confidence": 1.0}),
+    ],
 )
 def test_bad_input_raises_a_typed_error(outcomes: list[float], kwargs: dict[str, float]) -> None:
     with pytest.raises(EvaluationError):

@@ -33,8 +33,15 @@ from pj_core.personas import (
 from pj_core.store import ProfileStore
 
 PAPER_NINE = (
-    "helpful", "harmless", "humor", "correct", "informative",
-    "professional", "creative", "touching", "vivid",
+    "helpful",
+    "harmless",
+    "humor",
+    "correct",
+    "informative",
+    "professional",
+    "creative",
+    "touching",
+    "vivid",
 )
 PSOUPS_AXES = {
     "expertise": {"elementary", "expert"},
@@ -137,7 +144,8 @@ def test_preference_needs_two_distinct_phrasings() -> None:
     with pytest.raises(InvalidPersonaError, match="two distinct phrasings"):
         Preference(name="pirate", description="Talks like a pirate.", phrasings=("Arr.", "Arr."))
     custom = Preference(
-        name="pirate", description="Talks like a pirate.",
+        name="pirate",
+        description="Talks like a pirate.",
         phrasings=("Talk like a pirate.", "Answer as an old sea captain would."),
     )
     assert [p.text for p in compose(custom)] == list(custom.phrasings)
@@ -165,13 +173,22 @@ def test_profile_canonicalises_names_keeps_free_text_and_dedupes() -> None:
         ({"user_id": "a" * 129}, InvalidPersonaError, "user id"),
         ({"user_id": "a", "preferences": ["humr"]}, UnknownPreferenceError, "'humor'"),
         ({"user_id": "a", "preferences": [""]}, InvalidPersonaError, "empty"),
-        ({"user_id": "a", "preferences": [f"p {i}." for i in range(17)]},
-         InvalidPersonaError, f"at most {MAX_PREFERENCES}"),
-        ({"user_id": "a", "description": "d" * (MAX_DESCRIPTION_CHARS + 1)},
-         InvalidPersonaError, "limit"),
+        (
+            {"user_id": "a", "preferences": [f"p {i}." for i in range(17)]},
+            InvalidPersonaError,
+            f"at most {MAX_PREFERENCES}",
+        ),
+        (
+            {"user_id": "a", "description": "d" * (MAX_DESCRIPTION_CHARS + 1)},
+            InvalidPersonaError,
+            "limit",
+        ),
         ({"user_id": "a", "schema_version": 9}, InvalidPersonaError, "schema_version 9"),
-        ({"user_id": "a", "defaults": {"lookahead": 0}}, InvalidGenerationConfigError,
-         "lookahead must be at least 1"),
+        (
+            {"user_id": "a", "defaults": {"lookahead": 0}},
+            InvalidGenerationConfigError,
+            "lookahead must be at least 1",
+        ),
         ({"user_id": "a", "defaults": {"top_p": 1.5}}, InvalidGenerationConfigError, "top_p"),
         ({"user_id": "a", "defaults": {"temperature": -1}}, InvalidGenerationConfigError, "tempe"),
     ],
@@ -213,7 +230,8 @@ def test_one_preference_gives_its_two_phrasings() -> None:
 def test_two_preferences_go_one_per_prefix() -> None:
     personas = compose(["humor", "concise"])
     assert [p.text for p in personas] == [
-        CATALOG["humor"].phrasings[0], CATALOG["concise"].phrasings[0],
+        CATALOG["humor"].phrasings[0],
+        CATALOG["concise"].phrasings[0],
     ]
 
 
@@ -231,8 +249,10 @@ def test_several_preferences_are_spread_so_each_prefix_has_a_different_subset() 
 def test_more_prefixes_than_preferences_cycle_phrasings() -> None:
     personas = compose(["humor", "concise"], k=4)
     assert [p.text for p in personas] == [
-        CATALOG["humor"].phrasings[0], CATALOG["concise"].phrasings[0],
-        CATALOG["humor"].phrasings[1], CATALOG["concise"].phrasings[1],
+        CATALOG["humor"].phrasings[0],
+        CATALOG["concise"].phrasings[0],
+        CATALOG["humor"].phrasings[1],
+        CATALOG["concise"].phrasings[1],
     ]
 
 

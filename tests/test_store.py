@@ -395,8 +395,14 @@ def test_a_corrupt_stored_row_is_reported(tmp_path: Path) -> None:
 
 
 def test_export_import_round_trip(store: ProfileStore, tmp_path: Path) -> None:
-    store.put(PersonaProfile(user_id="alice", preferences=["humor", "Use metric units."],
-                             defaults=GenerationDefaults(lookahead=6), metadata={"locale": "fr"}))
+    store.put(
+        PersonaProfile(
+            user_id="alice",
+            preferences=["humor", "Use metric units."],
+            defaults=GenerationDefaults(lookahead=6),
+            metadata={"locale": "fr"},
+        )
+    )
     store.put(PersonaProfile(user_id="bob", description="Likes trains."))
     exported = tmp_path / "export.json"
     assert store.export_file(exported) == 2
@@ -423,12 +429,16 @@ def _export_with(profiles: list[object]) -> str:
         (b"\xff\xfe\x00garbage", "not valid JSON"),
         ("[]", "not a persona-judge profile export"),
         (json.dumps({"format": "other", "profiles": []}), "not a persona-judge"),
-        (json.dumps({"format": "persona-judge-profiles", "schema_version": 7, "profiles": []}),
-         "schema_version 7"),
-        (json.dumps({"format": "persona-judge-profiles", "schema_version": 1}), "\"profiles\""),
+        (
+            json.dumps({"format": "persona-judge-profiles", "schema_version": 7, "profiles": []}),
+            "schema_version 7",
+        ),
+        (json.dumps({"format": "persona-judge-profiles", "schema_version": 1}), '"profiles"'),
         (_export_with([{"user_id": "carol"}, {"user_id": "bad id"}]), "profile #1 ('bad id')"),
-        (_export_with([{"user_id": "carol"}, {"user_id": "dan", "preferences": ["humr"]}]),
-         "did you mean 'humor'"),
+        (
+            _export_with([{"user_id": "carol"}, {"user_id": "dan", "preferences": ["humr"]}]),
+            "did you mean 'humor'",
+        ),
         (_export_with([{"user_id": "carol"}, "text"]), "profile #1 is not a JSON object"),
         (_export_with([{"user_id": "carol"}, {"user_id": "carol"}]), "appears twice"),
         (_export_with([{"user_id": "carol"}, {"user_id": "alice"}]), "already exist: alice"),

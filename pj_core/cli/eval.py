@@ -37,45 +37,81 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "bootstrap confidence intervals. Rerun the same command to resume."
         ),
     )
-    parser.add_argument("--prompts", default=defaults.prompts,
-                        help="'sample' (shipped Koala sample) or a .jsonl/.json prompt file")
-    parser.add_argument("--limit", type=int, default=defaults.limit,
-                        help="number of prompts (default %(default)s)")
-    parser.add_argument("--max-prompt-chars", type=int, default=None,
-                        help="skip prompts longer than this")
-    parser.add_argument("--dimensions", type=_csv, default=defaults.dimensions,
-                        help="comma-separated catalog preferences (default humor,harmless,vivid)")
-    parser.add_argument("--methods", type=_csv, default=None,
-                        help="comma-separated: persona-judge, persona-judge-base, single, "
-                        "single:<dim> (direct always runs; default: all)")
+    parser.add_argument(
+        "--prompts",
+        default=defaults.prompts,
+        help="'sample' (shipped Koala sample) or a .jsonl/.json prompt file",
+    )
+    parser.add_argument(
+        "--limit", type=int, default=defaults.limit, help="number of prompts (default %(default)s)"
+    )
+    parser.add_argument(
+        "--max-prompt-chars", type=int, default=None, help="skip prompts longer than this"
+    )
+    parser.add_argument(
+        "--dimensions",
+        type=_csv,
+        default=defaults.dimensions,
+        help="comma-separated catalog preferences (default humor,harmless,vivid)",
+    )
+    parser.add_argument(
+        "--methods",
+        type=_csv,
+        default=None,
+        help="comma-separated: persona-judge, persona-judge-base, single, "
+        "single:<dim> (direct always runs; default: all)",
+    )
     parser.add_argument("--generator", default=defaults.generator, help="generator model spec")
     parser.add_argument("--k", type=int, default=defaults.k, help="persona prefixes (compose)")
-    parser.add_argument("--one-per-preference", action="store_true",
-                        help="one prefix per preference (compose)")
+    parser.add_argument(
+        "--one-per-preference", action="store_true", help="one prefix per preference (compose)"
+    )
     parser.add_argument("--lookahead", type=int, default=defaults.lookahead)
-    parser.add_argument("--strategy", default=defaults.strategy,
-                        choices=("speculative", "lockstep", "auto"))
+    parser.add_argument(
+        "--strategy", default=defaults.strategy, choices=("speculative", "lockstep", "auto")
+    )
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     parser.add_argument("--temperature", type=float, default=defaults.temperature)
     parser.add_argument("--top-k", type=int, default=defaults.top_k)
     parser.add_argument("--top-p", type=float, default=defaults.top_p)
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--judges", type=_csv, default=defaults.judges,
-                        help=f"comma-separated, from {','.join(JUDGE_NAMES)} (default: all)")
-    parser.add_argument("--judge-model", default=defaults.judge_model,
-                        help="model spec of the pairwise judge")
-    parser.add_argument("--reward-model", default=defaults.reward_model,
-                        help="model spec of the implicit-reward scorer")
+    parser.add_argument(
+        "--judges",
+        type=_csv,
+        default=defaults.judges,
+        help=f"comma-separated, from {','.join(JUDGE_NAMES)} (default: all)",
+    )
+    parser.add_argument(
+        "--judge-model", default=defaults.judge_model, help="model spec of the pairwise judge"
+    )
+    parser.add_argument(
+        "--reward-model",
+        default=defaults.reward_model,
+        help="model spec of the implicit-reward scorer",
+    )
     parser.add_argument("--tie-margin", type=float, default=defaults.tie_margin)
-    parser.add_argument("--bootstrap", type=int, default=defaults.bootstrap,
-                        help="bootstrap resamples (default %(default)s)")
-    parser.add_argument("--out", type=Path, default=Path("eval-runs/latest"),
-                        help="output directory (results.jsonl, summary.json, table.md, chart)")
-    parser.add_argument("--chart", type=Path, default=None,
-                        help="where to write the PNG (default <out>/chart.png)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's choice); 1 is fastest "
-                        "when other jobs share the cores")
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=defaults.bootstrap,
+        help="bootstrap resamples (default %(default)s)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("eval-runs/latest"),
+        help="output directory (results.jsonl, summary.json, table.md, chart)",
+    )
+    parser.add_argument(
+        "--chart", type=Path, default=None, help="where to write the PNG (default <out>/chart.png)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice); 1 is fastest "
+        "when other jobs share the cores",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=run)
 
@@ -83,14 +119,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
     """The :class:`EvalConfig` the command line describes."""
     return EvalConfig(
-        prompts=str(args.prompts), limit=args.limit, max_prompt_chars=args.max_prompt_chars,
+        prompts=str(args.prompts),
+        limit=args.limit,
+        max_prompt_chars=args.max_prompt_chars,
         dimensions=tuple(args.dimensions),
         methods=tuple(args.methods) if args.methods is not None else None,
-        generator=args.generator, k=args.k, one_per_preference=args.one_per_preference,
-        lookahead=args.lookahead, strategy=args.strategy, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-        judges=tuple(args.judges), judge_model=args.judge_model,
-        reward_model=args.reward_model, tie_margin=args.tie_margin, bootstrap=args.bootstrap,
+        generator=args.generator,
+        k=args.k,
+        one_per_preference=args.one_per_preference,
+        lookahead=args.lookahead,
+        strategy=args.strategy,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        judges=tuple(args.judges),
+        judge_model=args.judge_model,
+        reward_model=args.reward_model,
+        tie_margin=args.tie_margin,
+        bootstrap=args.bootstrap,
     )
 
 
@@ -110,15 +158,28 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(max(1, args.threads))
     config = config_from_args(args)
     out_dir: Path = args.out
-    log = run_evaluation(config, out_dir / "results.jsonl", backends=default_backends(config),
-                         progress=not args.no_progress)
+    log = run_evaluation(
+        config,
+        out_dir / "results.jsonl",
+        backends=default_backends(config),
+        progress=not args.no_progress,
+    )
     # Report on this command's prompts only, even if the file holds more (a longer run).
-    prompt_ids = [p.id for p in load_prompts(config.prompts, limit=config.limit,
-                                             max_chars=config.max_prompt_chars)]
-    summary = write_report(log.restricted(prompt_ids), out_dir, chart_path=args.chart,
-                           n_resamples=config.bootstrap, seed=config.seed)
+    prompt_ids = [
+        p.id
+        for p in load_prompts(config.prompts, limit=config.limit, max_chars=config.max_prompt_chars)
+    ]
+    summary = write_report(
+        log.restricted(prompt_ids),
+        out_dir,
+        chart_path=args.chart,
+        n_resamples=config.bootstrap,
+        seed=config.seed,
+    )
     print(markdown_table(summary), end="")
     print("\nwin rate: win 1, tie 0.5, loss 0; cells: rate [95% CI] (wins/ties/losses)")
-    print(f"results: {out_dir / 'results.jsonl'}; summary: {out_dir / 'summary.json'}; "
-          f"chart: {args.chart or out_dir / 'chart.png'}")
+    print(
+        f"results: {out_dir / 'results.jsonl'}; summary: {out_dir / 'summary.json'}; "
+        f"chart: {args.chart or out_dir / 'chart.png'}"
+    )
     return 0

@@ -32,11 +32,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     show.add_argument("name", help="a catalog name or alias, e.g. humor")
     show.set_defaults(func=_show)
 
-    preview = commands.add_parser(
-        "compose", help="show the persona prefixes some preferences give"
-    )
+    preview = commands.add_parser("compose", help="show the persona prefixes some preferences give")
     preview.add_argument(
-        "preferences", nargs="+", metavar="PREFERENCE",
+        "preferences",
+        nargs="+",
+        metavar="PREFERENCE",
         help="catalog names or quoted free-text sentences",
     )
     preview.add_argument("--k", type=int, default=2, help="number of prefixes (default 2)")
@@ -44,7 +44,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--one-per-preference", action="store_true", help="give each preference its own prefix"
     )
     preview.add_argument(
-        "--allow-opposites", action="store_true",
+        "--allow-opposites",
+        action="store_true",
         help="allow both poles of one axis (e.g. concise and informative)",
     )
     preview.set_defaults(func=_compose)
@@ -55,15 +56,22 @@ def _list(args: argparse.Namespace) -> int:
         print(json.dumps([p.model_dump() for p in CATALOG.values()], indent=2))
         return 0
     rows = [
-        (p.name, f"{p.axis}: vs {p.opposite}" if p.axis else "", ", ".join(p.aliases),
-         p.description)
+        (
+            p.name,
+            f"{p.axis}: vs {p.opposite}" if p.axis else "",
+            ", ".join(p.aliases),
+            p.description,
+        )
         for p in CATALOG.values()
     ]
     headers = ("NAME", "AXIS", "ALIASES", "DESCRIPTION")
     widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(3)]
     for row in [headers, *rows]:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
-              + "  " + row[3])
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+            + "  "
+            + row[3]
+        )
     print("\nUse names with `pj profiles add ID --preference NAME` or `pj generate --preference`.")
     return 0
 

@@ -44,7 +44,9 @@ from pj_core.store import (
 def add_store_argument(parser: argparse.ArgumentParser) -> None:
     """Add ``--store PATH`` (shared with ``pj generate``)."""
     parser.add_argument(
-        "--store", metavar="PATH", default=None,
+        "--store",
+        metavar="PATH",
+        default=None,
         help="profile database (default: $PJ_PROFILE_STORE, else "
         "~/.local/share/persona-judge/profiles.db)",
     )
@@ -57,12 +59,17 @@ def add_persona_source_arguments(parser: argparse.ArgumentParser) -> None:
     :func:`personas_from_args` turns the parsed options into personas.
     """
     parser.add_argument(
-        "--profile", metavar="USER_ID", default=None,
+        "--profile",
+        metavar="USER_ID",
+        default=None,
         help="use a saved profile (see `pj profiles add`); its generation defaults apply to "
         "options you do not set",
     )
     parser.add_argument(
-        "--preference", action="append", default=[], metavar="NAME_OR_TEXT",
+        "--preference",
+        action="append",
+        default=[],
+        metavar="NAME_OR_TEXT",
         help="a catalog preference (see `pj personas list`) or a quoted sentence; repeatable; "
         "composed over two prefixes (added to --profile's preferences if both are given)",
     )
@@ -122,7 +129,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add = commands.add_parser("add", help="create (or with --replace, overwrite) a profile")
     add.add_argument("user_id", metavar="USER_ID")
     add.add_argument(
-        "-p", "--preference", action="append", default=[], metavar="NAME_OR_TEXT",
+        "-p",
+        "--preference",
+        action="append",
+        default=[],
+        metavar="NAME_OR_TEXT",
         help="a catalog name (see `pj personas list`) or a quoted sentence; repeatable",
     )
     add.add_argument("--description", help="free text about the user, given to every prefix")
@@ -156,9 +167,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add_store_argument(export)
     export.set_defaults(func=_export)
 
-    load = commands.add_parser(
-        "import", help="import an export file (all or nothing)"
-    )
+    load = commands.add_parser("import", help="import an export file (all or nothing)")
     load.add_argument("file", help="a file written by `pj profiles export` ('-' = stdin)")
     mode = load.add_mutually_exclusive_group()
     mode.add_argument("--replace", action="store_true", help="overwrite existing user ids")

@@ -28,18 +28,30 @@ _JUDGING_TEXTS: dict[str, tuple[str, str]] = {
         "nothing in it could hurt anyone; it declines or redirects dangerous requests and "
         "stays respectful",
     ),
-    "humor": ("humour", "it is funny or playful (jokes, wit, a light tone) while still "
-              "responding to the request"),
-    "correct": ("correctness", "its statements are factually accurate and it admits "
-                "uncertainty instead of inventing facts"),
+    "humor": (
+        "humour",
+        "it is funny or playful (jokes, wit, a light tone) while still responding to the request",
+    ),
+    "correct": (
+        "correctness",
+        "its statements are factually accurate and it admits "
+        "uncertainty instead of inventing facts",
+    ),
     "informative": ("informativeness", "it is thorough, with background, details and examples"),
-    "professional": ("professionalism", "its tone is measured, courteous and formal, as in a "
-                     "workplace report"),
+    "professional": (
+        "professionalism",
+        "its tone is measured, courteous and formal, as in a workplace report",
+    ),
     "creative": ("creativity", "it offers original ideas and unexpected angles"),
-    "touching": ("emotional warmth", "it is heartfelt and speaks to the feelings behind the "
-                 "question"),
-    "vivid": ("vividness", "it uses concrete, colourful, sensory language that lets the reader "
-              "picture what it describes"),
+    "touching": (
+        "emotional warmth",
+        "it is heartfelt and speaks to the feelings behind the question",
+    ),
+    "vivid": (
+        "vividness",
+        "it uses concrete, colourful, sensory language that lets the reader "
+        "picture what it describes",
+    ),
     "concise": ("concision", "it is short and to the point, without filler"),
     "elementary": ("simplicity", "a ten-year-old could follow it: everyday words, no jargon"),
     "expert": ("expertise", "it uses precise technical terms and goes to advanced points"),

@@ -73,18 +73,21 @@ def default_backends(config: EvalConfig) -> Backends:
         from pj_core.models import load_model
 
         loaded = load_model(config.judge_model)
-        return PairwiseJudge.from_model(loaded.model, loaded.tokenizer,
-                                        tie_margin=config.tie_margin)
+        return PairwiseJudge.from_model(
+            loaded.model, loaded.tokenizer, tie_margin=config.tie_margin
+        )
 
     def reward() -> PointwiseJudge:
         from pj_core.models import load_model
 
         loaded = load_model(config.reward_model)
-        return ImplicitRewardJudge(loaded.model, loaded.tokenizer,
-                                   batch_size=config.reward_batch_size)
+        return ImplicitRewardJudge(
+            loaded.model, loaded.tokenizer, batch_size=config.reward_batch_size
+        )
 
     def embedding() -> PointwiseJudge:
         return EmbeddingJudge.from_minilm()
 
-    return Backends(generate=generate, pairwise=pairwise,
-                    pointwise={"reward": reward, "embedding": embedding})
+    return Backends(
+        generate=generate, pairwise=pairwise, pointwise={"reward": reward, "embedding": embedding}
+    )

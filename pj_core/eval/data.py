@@ -135,5 +135,6 @@ def _to_prompt(row: Any, index: int, path: Path) -> EvalPrompt:
         )
     if not prompt_text.strip():
         raise InvalidPromptError(f"{path}, row {index}: the prompt is empty")
-    return EvalPrompt(id=str(prompt_id) if prompt_id is not None else f"{path.stem}_{index}",
-                      prompt=prompt_text)
+    return EvalPrompt(
+        id=str(prompt_id) if prompt_id is not None else f"{path.stem}_{index}", prompt=prompt_text
+    )

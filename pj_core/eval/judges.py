@@ -127,7 +127,10 @@ class PairwiseJudge:
     """
 
     def __init__(
-        self, scorer: LetterScorer, *, tie_margin: float = DEFAULT_TIE_MARGIN,
+        self,
+        scorer: LetterScorer,
+        *,
+        tie_margin: float = DEFAULT_TIE_MARGIN,
         name: str = "pairwise",
     ) -> None:
         if not 0.0 <= tie_margin < 0.5:
@@ -190,8 +193,11 @@ def letter_scorer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
     a_ids, b_ids = _letter_ids(tokenizer, "A"), _letter_ids(tokenizer, "B")
     device = next(model.parameters()).device
     # Only the last position is read: skip the vocabulary projection of the others.
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(
-        model.forward).parameters else {}
+    extra = (
+        {"logits_to_keep": 1}
+        if "logits_to_keep" in inspect.signature(model.forward).parameters
+        else {}
+    )
 
     def score(system: str, user: str) -> tuple[float, float]:
         ids = render_ids(tokenizer, [{"role": "user", "content": user}], system)

@@ -114,8 +114,8 @@ def plan_methods(
         if item == "single":
             candidates = [SINGLE_PREFIX + n for n in names]
         elif item.startswith(SINGLE_PREFIX):
-            candidates = [SINGLE_PREFIX + get_preference(item[len(SINGLE_PREFIX):]).name]
-            if candidates[0][len(SINGLE_PREFIX):] not in names:
+            candidates = [SINGLE_PREFIX + get_preference(item[len(SINGLE_PREFIX) :]).name]
+            if candidates[0][len(SINGLE_PREFIX) :] not in names:
                 raise EvaluationError(
                     f"method {item!r} names a dimension outside the evaluated ones ({names})"
                 )
@@ -136,6 +136,6 @@ def plan_methods(
         elif name in (PERSONA_JUDGE, PERSONA_JUDGE_BASE):
             plan.append(Method(name, tuple(judged), alternate=name == PERSONA_JUDGE))
         else:
-            preference = get_preference(name[len(SINGLE_PREFIX):])
+            preference = get_preference(name[len(SINGLE_PREFIX) :])
             plan.append(_ordinary(name, preference.phrasings[0]))
     return plan

@@ -128,8 +128,11 @@ class ResultsLog:
         wanted = set(prompt_ids)
         view = object.__new__(ResultsLog)
         view.path = self.path
-        view.records = {key: record for key, record in self.records.items()
-                        if "prompt_id" not in record or record["prompt_id"] in wanted}
+        view.records = {
+            key: record
+            for key, record in self.records.items()
+            if "prompt_id" not in record or record["prompt_id"] in wanted
+        }
         return view
 
     def append(self, record: Record) -> None:

@@ -100,8 +100,15 @@ def win_rate_rows(
     for (judge, dimension, method), by_prompt in sorted(outcomes.items()):
         ordered = [by_prompt[p] for p in sorted(by_prompt)]
         rate = win_rate_ci(ordered, n_resamples=n_resamples, seed=seed)
-        rows.append({"judge": judge, "dimension": dimension, "method": method,
-                     "baseline": DIRECT, **asdict(rate)})
+        rows.append(
+            {
+                "judge": judge,
+                "dimension": dimension,
+                "method": method,
+                "baseline": DIRECT,
+                **asdict(rate),
+            }
+        )
     return rows
 
 
@@ -139,12 +146,14 @@ def build_summary(log: ResultsLog, *, n_resamples: int = 2000, seed: int = 0) ->
     return {
         "settings": config.get("settings", {}),
         "prompts": len({r["prompt_id"] for r in log.of_kind("generation")}),
-        "records": {kind: sum(1 for _ in log.of_kind(kind))
-                    for kind in ("generation", "pairwise", "score")},
+        "records": {
+            kind: sum(1 for _ in log.of_kind(kind)) for kind in ("generation", "pairwise", "score")
+        },
         "generation": generation_summary(log),
         "pairwise_share_slot_a": pairwise_position_bias(log),
-        "pairwise_tie_share": (sum(r["verdict"] == "tie" for r in pairwise) / len(pairwise)
-                               if pairwise else None),
+        "pairwise_tie_share": (
+            sum(r["verdict"] == "tie" for r in pairwise) / len(pairwise) if pairwise else None
+        ),
         "win_rate_definition": "win 1, tie 0.5, loss 0; mean over prompts; 95% percentile "
         f"bootstrap over prompts, B={n_resamples}, seed={seed}",
         "win_rates": win_rate_rows(log, n_resamples=n_resamples, seed=seed),
@@ -170,8 +179,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
     rows = summary["win_rates"]
     methods = _table_methods(rows)
     lookup = {(r["dimension"], r["judge"], r["method"]): r for r in rows}
-    header = "| dimension | judge | n | " + " | ".join(
-        f"{m} vs direct" for m in methods) + " |"
+    header = "| dimension | judge | n | " + " | ".join(f"{m} vs direct" for m in methods) + " |"
     lines = [header, "|" + " --- |" * (3 + len(methods))]
     for dimension, judge in sorted({(r["dimension"], r["judge"]) for r in rows}):
         cells = []
@@ -211,10 +219,11 @@ def draw_chart(summary: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     lookup = {(r["judge"], r["dimension"], r["method"]): r for r in rows}
     columns = min(max(len(judges), 1), 2)
     grid_rows = -(-max(len(judges), 1) // columns)
-    fig, axes = plt.subplots(grid_rows, columns, figsize=(5.2 * columns, 3.4 * grid_rows),
-                             sharey=True, squeeze=False)
+    fig, axes = plt.subplots(
+        grid_rows, columns, figsize=(5.2 * columns, 3.4 * grid_rows), sharey=True, squeeze=False
+    )
     width = 0.8 / max(len(methods), 1)
-    for ax in axes.flat[len(judges):]:
+    for ax in axes.flat[len(judges) :]:
         ax.set_visible(False)
     for ax, judge in zip(axes.flat, judges, strict=False):
         for m_index, method in enumerate(methods):
@@ -260,8 +269,9 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = build_summary(log, n_resamples=n_resamples, seed=seed)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n",
-                                      encoding="utf-8")
+    (out / "summary.json").write_text(
+        json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     (out / "table.md").write_text(markdown_table(summary), encoding="utf-8")
     if summary["win_rates"]:
         draw_chart(summary, chart_path or out / "chart.png")

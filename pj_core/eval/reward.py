@@ -94,8 +94,10 @@ def response_logprobs(
         # Responses end every row (left padding), so the last `longest + 1` positions hold
         # every logit that predicts a response token.
         keep = longest + 1
-        kwargs: dict[str, object] = {"attention_mask": mask.to(device),
-                                     "position_ids": positions.to(device)}
+        kwargs: dict[str, object] = {
+            "attention_mask": mask.to(device),
+            "position_ids": positions.to(device),
+        }
         if takes_keep:
             kwargs["logits_to_keep"] = keep
         with torch.no_grad():

@@ -98,8 +98,14 @@ def check_config(log: ResultsLog, config: EvalConfig) -> None:
     """Refuse to resume a results file written with other settings; record them if new."""
     stored = log.records.get(CONFIG_KEY)
     if stored is None:
-        log.append({"kind": "config", "key": CONFIG_KEY, "fingerprint": config.fingerprint(),
-                    "settings": config.as_dict()})
+        log.append(
+            {
+                "kind": "config",
+                "key": CONFIG_KEY,
+                "fingerprint": config.fingerprint(),
+                "settings": config.as_dict(),
+            }
+        )
         return
     different = sorted(
         name
@@ -139,14 +145,24 @@ def run_evaluation(
     log = ResultsLog(results_path)
     check_config(log, config)
     prompts = load_prompts(config.prompts, limit=config.limit, max_chars=config.max_prompt_chars)
-    methods = plan_methods(config.dimensions, methods=config.methods, k=config.k,
-                           one_per_preference=config.one_per_preference)
+    methods = plan_methods(
+        config.dimensions,
+        methods=config.methods,
+        k=config.k,
+        one_per_preference=config.one_per_preference,
+    )
     aspects = [aspect_for(p) for p in resolve_dimensions(config.dimensions)]
     tasks = _Tasks(config, log, prompts, methods, aspects, backends, on_record)
     total = tasks.count()
     done = tasks.count(done_only=True)
-    with tqdm(total=total, initial=done, disable=not progress, desc="pj eval",
-              unit="task", dynamic_ncols=True) as bar:
+    with tqdm(
+        total=total,
+        initial=done,
+        disable=not progress,
+        desc="pj eval",
+        unit="task",
+        dynamic_ncols=True,
+    ) as bar:
         tasks.run(bar)
     return log
 
@@ -182,8 +198,9 @@ class _Tasks:
         for aspect in self.aspects:
             for method in compared_methods(aspect.dimension, self.methods):
                 for order in ORDERS:
-                    key = pairwise_key("pairwise", aspect.dimension, prompt.id, method, DIRECT,
-                                       order)
+                    key = pairwise_key(
+                        "pairwise", aspect.dimension, prompt.id, method, DIRECT, order
+                    )
                     yield key, aspect, method, order
 
     def _score_keys(self, judge: str, prompt: EvalPrompt) -> Iterator[tuple[str, Aspect, str]]:
@@ -202,8 +219,12 @@ class _Tasks:
         return keys
 
     def count(self, *, done_only: bool = False) -> int:
-        return sum(1 for prompt in self.prompts for key in self._keys(prompt)
-                   if not done_only or key in self.log)
+        return sum(
+            1
+            for prompt in self.prompts
+            for key in self._keys(prompt)
+            if not done_only or key in self.log
+        )
 
     # ------------------------------------------------------------------ execution
     def _write(self, record: Record, bar: tqdm) -> None:
@@ -234,11 +255,21 @@ class _Tasks:
             seed = self.config.prompt_seed(prompt.id)
             bar.set_postfix_str(f"{prompt.id} generate {method.name}")
             answer = self.backends.generate(prompt.prompt, method, seed)
-            self._write({"kind": "generation", "key": key, "prompt_id": prompt.id,
-                         "method": method.name, "seed": seed, "text": answer.text,
-                         "finish_reason": answer.finish_reason, "stats": answer.stats,
-                         "personas": [p.text for p in method.personas],
-                         "alternate": method.alternate}, bar)
+            self._write(
+                {
+                    "kind": "generation",
+                    "key": key,
+                    "prompt_id": prompt.id,
+                    "method": method.name,
+                    "seed": seed,
+                    "text": answer.text,
+                    "finish_reason": answer.finish_reason,
+                    "stats": answer.stats,
+                    "personas": [p.text for p in method.personas],
+                    "alternate": method.alternate,
+                },
+                bar,
+            )
 
     def _pairwise_judge(self) -> PairwiseJudge:
         if self._pairwise is None:
@@ -255,10 +286,20 @@ class _Tasks:
             first, second = (ours, baseline) if order == "ab" else (baseline, ours)
             bar.set_postfix_str(f"{prompt.id} pairwise {aspect.dimension}")
             verdict = self._pairwise_judge().verdict(prompt.prompt, aspect, first, second)
-            self._write({"kind": "pairwise", "key": key, "judge": "pairwise",
-                         "dimension": aspect.dimension, "prompt_id": prompt.id,
-                         "method_a": method, "method_b": DIRECT, "order": order,
-                         **asdict(verdict)}, bar)
+            self._write(
+                {
+                    "kind": "pairwise",
+                    "key": key,
+                    "judge": "pairwise",
+                    "dimension": aspect.dimension,
+                    "prompt_id": prompt.id,
+                    "method_a": method,
+                    "method_b": DIRECT,
+                    "order": order,
+                    **asdict(verdict),
+                },
+                bar,
+            )
 
     def _pointwise_judge(self, name: str) -> PointwiseJudge:
         if name not in self._pointwise:
@@ -276,10 +317,21 @@ class _Tasks:
         if not pending:
             return
         bar.set_postfix_str(f"{prompt.id} {name}")
-        items = [ScoreItem(prompt.prompt, self._answer(prompt.id, method), aspect)
-                 for _, aspect, method in pending]
+        items = [
+            ScoreItem(prompt.prompt, self._answer(prompt.id, method), aspect)
+            for _, aspect, method in pending
+        ]
         scores = self._pointwise_judge(name).score(items)
         for (key, aspect, method), score in zip(pending, scores, strict=True):
-            self._write({"kind": "score", "key": key, "judge": name,
-                         "dimension": aspect.dimension, "prompt_id": prompt.id,
-                         "method": method, "score": score}, bar)
+            self._write(
+                {
+                    "kind": "score",
+                    "key": key,
+                    "judge": name,
+                    "dimension": aspect.dimension,
+                    "prompt_id": prompt.id,
+                    "method": method,
+                    "score": score,
+                },
+                bar,
+            )
