@@ -43,11 +43,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
 from pj_core.errors import InvalidGenerationConfigError, PersonaJudgeError
 from pj_core.generation_config import GenerationConfig
-from pj_core.kv import _left_padded, forward_logits, model_device
+from pj_core.kv import BatchedContexts
 from pj_core.lockstep import lockstep_emissions
 from pj_core.results import GenerationResult, StreamEvent
 
@@ -125,25 +125,17 @@ class SharedRows:
     """
 
     def __init__(self, model: PreTrainedModel, prefixes: Sequence[Sequence[Sequence[int]]]) -> None:
-        self.model = model
-        self.forward_passes = 0
-        self._device = model_device(model)
         self._requests: list[int] = []  # request of each row, in row order
         flat: list[Sequence[int]] = []
         for request, rows in enumerate(prefixes):
             self._requests += [request] * len(rows)
             flat += list(rows)
-        self._cache = DynamicCache()
-        lengths = torch.tensor([len(p) for p in flat], dtype=torch.long, device=self._device)
-        if int(lengths.max()) == 0:
-            self._mask = torch.zeros((len(flat), 0), dtype=torch.long, device=self._device)
-        else:
-            ids, self._mask, positions = _left_padded(flat, self._device)
-            forward_logits(
-                model, ids, self._cache, keep=1, attention_mask=self._mask, position_ids=positions
-            )
-            self.forward_passes += 1
-        self._next_position = lengths
+        self._contexts = BatchedContexts(model, flat)
+
+    @property
+    def forward_passes(self) -> int:
+        """Batched forwards run so far, the prefill included."""
+        return self._contexts.forward_passes
 
     def rows_of(self, request: int) -> list[int]:
         """The batch rows that belong to ``request`` now."""
@@ -159,19 +151,7 @@ class SharedRows:
         flat = [t for request in order for t in tokens[request]]
         if len(flat) != len(self._requests):
             raise ValueError("step needs one token per row of every request")
-        ones = torch.ones((len(flat), 1), dtype=torch.long, device=self._device)
-        self._mask = torch.cat([self._mask, ones], dim=-1)
-        ids = torch.tensor(flat, dtype=torch.long, device=self._device).unsqueeze(-1)
-        logits = forward_logits(
-            self.model,
-            ids,
-            self._cache,
-            keep=1,
-            attention_mask=self._mask,
-            position_ids=self._next_position.unsqueeze(-1),
-        )[:, -1, :]
-        self._next_position = self._next_position + 1
-        self.forward_passes += 1
+        logits = self._contexts.step(flat)
         return {request: logits[self.rows_of(request)] for request in order}
 
     def drop(self, request: int) -> None:
@@ -180,20 +160,7 @@ class SharedRows:
         if len(keep) == len(self._requests):
             return
         self._requests = [self._requests[row] for row in keep]
-        index = torch.tensor(keep, dtype=torch.long, device=self._device)
-        self._mask = self._mask.index_select(0, index)
-        self._next_position = self._next_position.index_select(0, index)
-        # Left columns that are padding in every remaining row are dead weight: cut them.
-        used = self._mask.any(dim=0).nonzero()
-        start = int(used[0]) if len(used) and keep else 0
-        self._mask = self._mask[:, start:]
-        if not keep:
-            return
-        for layer in self._cache.layers:
-            for name in ("keys", "values"):
-                states = getattr(layer, name, None)
-                if isinstance(states, torch.Tensor) and states.dim() == 4:
-                    setattr(layer, name, states.index_select(0, index)[:, :, start:, :])
+        self._contexts.keep_rows(keep)
 
 
 class _RequestRows:
@@ -247,7 +214,6 @@ def _prepare(
     engine: PersonaJudge, request: BatchRequest
 ) -> tuple[list[list[int]], list[str], GenerationConfig]:
     """Validate a request and render its persona prompts, as ``PersonaJudge.stream`` does."""
-    from pj_core.engine import _display_name
     from pj_core.personas import resolve_personas
     from pj_core.prompts import render_ids
 
@@ -266,7 +232,7 @@ def _prepare(
     resolved = resolve_personas(request.personas)
     with engine._tokenizer_lock:
         prompts = [render_ids(engine.tokenizer, request.conversation, p.text) for p in resolved]
-    return prompts, [_display_name(p.name, p.text) for p in resolved], config
+    return prompts, [p.display_name for p in resolved], config
 
 
 def generate_batch(

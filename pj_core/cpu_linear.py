@@ -228,6 +228,21 @@ def pack_linear_layers(model: nn.Module) -> PackingReport:
     return PackingReport(available=True, layers=packed, skipped_tied=tuple(skipped))
 
 
+def weight_count(model: nn.Module) -> int:
+    """Number of weights of ``model``, packed layers included (their packed weights are not
+    registered parameters, so ``model.parameters()`` alone undercounts a packed model).
+
+    Example:
+        >>> weight_count(nn.Linear(3, 2))
+        8
+    """
+    total = sum(p.numel() for p in model.parameters())
+    for module in model.modules():
+        if isinstance(module, PackedLinear) and module._dense is None:
+            total += module.in_features * module.out_features
+    return total
+
+
 def unpack_linear_layers(model: nn.Module) -> int:
     """Turn every :class:`PackedLinear` of ``model`` back into ``nn.Linear``; return how many."""
     restored = 0

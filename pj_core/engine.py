@@ -58,7 +58,6 @@ if TYPE_CHECKING:
 
 # Weight of the newest call in the running acceptance-rate estimate used by strategy="auto".
 ACCEPTANCE_SMOOTHING = 0.3
-PERSONA_NAME_CHARS = 24
 # A strategy's emission generator, called like
 # ``run(model, prompts, config, *, eos_ids, generator, counters)``.
 EmissionSource = Callable[..., Generator[Emission, None, None]]
@@ -245,7 +244,7 @@ class PersonaJudge:
         resolved = resolve_personas(personas)
         with self._tokenizer_lock:
             prompts = [render_ids(self.tokenizer, conversation, p.text) for p in resolved]
-        names = [_display_name(p.name, p.text) for p in resolved]
+        names = [p.display_name for p in resolved]
         return self._stream_checked(prompts, names, config)
 
     def generate_from_ids(
@@ -503,12 +502,6 @@ def _trace_entry(emission: Emission, piece: str, names: list[str]) -> TokenTrace
         outcome=emission.outcome,
         round=emission.round,
     )
-
-
-def _display_name(name: str | None, text: str) -> str:
-    if name:
-        return name
-    return text if len(text) <= PERSONA_NAME_CHARS else text[: PERSONA_NAME_CHARS - 1] + "…"
 
 
 def _default_context_window(model: PreTrainedModel) -> int:

@@ -184,3 +184,32 @@ class BatchedContexts:
         self._next_position = self._next_position + 1
         self.forward_passes += 1
         return logits[:, -1, :]
+
+    @property
+    def rows(self) -> int:
+        """How many rows (contexts) the batch holds."""
+        return int(self._mask.shape[0])
+
+    def keep_rows(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows`` (in that order) and drop the others, e.g. finished requests.
+
+        Left padding columns that no remaining row needs are cut as well, so later steps do
+        not pay for contexts that left the batch.
+
+        Example:
+            >>> from tests._tiny import make_tiny_model
+            >>> contexts = BatchedContexts(make_tiny_model(vocab_size=22), [[5, 6, 7], [8]])
+            >>> contexts.keep_rows([1]); contexts.rows, contexts.step([9]).shape
+            (1, torch.Size([1, 22]))
+        """
+        index = torch.tensor(list(rows), dtype=torch.long, device=self._device)
+        self._mask = self._mask.index_select(0, index)
+        self._next_position = self._next_position.index_select(0, index)
+        used = self._mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else self._mask.shape[1]
+        self._mask = self._mask[:, start:]
+        for layer in self._cache.layers:
+            for name in ("keys", "values"):
+                states = getattr(layer, name, None)
+                if isinstance(states, torch.Tensor) and states.dim() == 4:
+                    setattr(layer, name, states.index_select(0, index)[:, :, start:, :])

@@ -145,6 +145,10 @@ def _typed_error(exc: ValidationError, model: str) -> PersonaJudgeError:
     return InvalidPersonaError(f"invalid {model}: " + "; ".join(parts))
 
 
+# Longest persona label shown in traces and stats when a persona has no name.
+DISPLAY_NAME_CHARS = 24
+
+
 class _Model(BaseModel):
     """Frozen, strict-field base whose constructor raises our typed errors, not pydantic's."""
 
@@ -230,6 +234,20 @@ class Persona(_Model):
     @classmethod
     def _check_text(cls, value: str) -> str:
         return check_text(value)
+
+    @property
+    def display_name(self) -> str:
+        """``name``, else the text cut to :data:`DISPLAY_NAME_CHARS` characters (for traces).
+
+        Example:
+            >>> Persona(text="Answer with playful humour and lots of puns.").display_name
+            'Answer with playful hum…'
+        """
+        if self.name:
+            return self.name
+        if len(self.text) <= DISPLAY_NAME_CHARS:
+            return self.text
+        return self.text[: DISPLAY_NAME_CHARS - 1] + "…"
 
 
 class GenerationDefaults(_Model):

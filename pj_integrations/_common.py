@@ -11,7 +11,9 @@ form:
   user generation defaults it gives;
 - :func:`generation_kwargs`: the keyword arguments for ``PersonaJudge.generate`` from the
   adapter's fields, the user's saved defaults and per-call overrides, in that order;
-- :func:`stats_dict`: the Persona-judge statistics as plain JSON-able data for metadata.
+- :func:`stats_dict`: the Persona-judge statistics as plain JSON-able data for metadata;
+- :func:`batch_request` and :func:`run_batch`: many adapter calls as requests of ONE
+  ``PersonaJudge.generate_batch``, a request that fails validation getting its own error.
 
 Example:
     >>> generation_kwargs(defaults={"temperature": 0.7, "max_tokens": 64}, explicit=set(),
@@ -23,18 +25,24 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pj_core.errors import InvalidGenerationConfigError, InvalidPersonaError
+from pj_core.errors import InvalidGenerationConfigError, InvalidPersonaError, PersonaJudgeError
 from pj_core.personas import (
     Persona,
     PersonaProfile,
     PreferenceSpec,
     resolve_personas,
 )
+
+if TYPE_CHECKING:
+    from pj_core.batch import BatchRequest
+    from pj_core.engine import PersonaJudge
+    from pj_core.results import GenerationResult
 
 ProfileStoreLike = Any
 """A :class:`pj_core.store.AbstractProfileStore`, a database path, or ``None`` (the default
@@ -282,3 +290,107 @@ def stats_dict(stats: Any) -> dict[str, Any]:
     data["acceptance_rate"] = stats.acceptance_rate
     data["tokens_per_second"] = stats.tokens_per_second
     return data
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def unbatchable_options(options: Mapping[str, Any]) -> list[str]:
+    """Names in ``options`` (``PersonaJudge.generate`` keyword arguments) that a
+    :class:`pj_core.batch.BatchRequest` has no field for; such a call must run on its own.
+
+    Example:
+        >>> unbatchable_options({"seed": 1, "max_new_tokens": 8})
+        []
+        >>> unbatchable_options({"seed": 1, "logits_hook": print})
+        ['logits_hook']
+    """
+    from pj_core.batch import BatchRequest
+
+    fields = {field.name for field in dataclasses.fields(BatchRequest)}
+    return sorted(set(options) - fields)
+
+
+def batch_request(
+    conversation: Any, personas: Sequence[Persona], options: Mapping[str, Any]
+) -> BatchRequest:
+    """The ``generate_batch`` request of one adapter call: the same conversation, personas and
+    keyword arguments the call would hand ``PersonaJudge.generate``.
+
+    Raises:
+        InvalidGenerationConfigError: ``options`` hold an argument a batch cannot take (check
+            :func:`unbatchable_options` first to run such a call on its own instead).
+
+    Example:
+        >>> batch_request("Hi!", resolve_personas(["humor"]), {"seed": 3}).seed
+        3
+    """
+    from pj_core.batch import BatchRequest
+
+    unknown = unbatchable_options(options)
+    if unknown:
+        raise InvalidGenerationConfigError(
+            f"option(s) {', '.join(unknown)} cannot be batched; run this call on its own"
+        )
+    return BatchRequest(conversation=conversation, personas=list(personas), **options)
+
+
+_REQUEST_PREFIX = re.compile(r"^request (\d+): ")
+
+
+def run_batch(
+    engine: PersonaJudge, requests: Sequence[BatchRequest]
+) -> list[GenerationResult | PersonaJudgeError]:
+    """Run ``requests`` through ONE ``engine.generate_batch``; results in request order.
+
+    A request that the engine rejects (``generate_batch`` validates every request, naming
+    its index, before it decodes anything) gets its typed error in its slot, with the message
+    a single call would have given, and the batch is submitted again without it: a bad request
+    never costs the others their answers, and nothing is decoded twice. Other exceptions
+    (a failure while decoding) propagate.
+
+    Example:
+        >>> from tests._tiny import make_tiny_model, make_tiny_tokenizer
+        >>> from pj_core.engine import PersonaJudge
+        >>> tokenizer = make_tiny_tokenizer()
+        >>> pj = PersonaJudge(make_tiny_model(len(tokenizer)), tokenizer, context_window=64)
+        >>> personas = resolve_personas(["be funny", "be brief"])
+        >>> good = batch_request("hello", personas, {"seed": 1, "max_new_tokens": 4})
+        >>> too_long = batch_request("hello", personas, {"max_new_tokens": 500})
+        >>> [type(outcome).__name__ for outcome in run_batch(pj, [good, too_long, good])]
+        ['GenerationResult', 'ContextOverflowError', 'GenerationResult']
+    """
+    outcomes: dict[int, GenerationResult | PersonaJudgeError] = {}
+    pending = list(range(len(requests)))
+    while pending:
+        try:
+            results = engine.generate_batch([requests[i] for i in pending])
+        except PersonaJudgeError as exc:
+            position = _rejected_request(exc, len(pending))
+            if position is None:
+                raise  # not a validation error of one request: it concerns them all
+            outcomes[pending.pop(position)] = exc
+            continue
+        outcomes.update(zip(pending, results, strict=True))
+        break
+    return [outcomes[i] for i in range(len(requests))]
+
+
+def _rejected_request(exc: PersonaJudgeError, count: int) -> int | None:
+    """The index ``generate_batch`` put in front of ``exc``'s message (removing it, so the
+    message reads as the single call's), or None when the error names no request."""
+    message = exc.args[0] if exc.args else None
+    match = _REQUEST_PREFIX.match(message) if isinstance(message, str) else None
+    if match is None or int(match.group(1)) >= count:
+        return None
+    assert isinstance(message, str)
+    exc.args = (message[match.end() :], *exc.args[1:])
+    return int(match.group(1))
+
+
+def name_request(exc: PersonaJudgeError, index: int) -> PersonaJudgeError:
+    """Put ``request <index>: `` in front of ``exc``'s message (as ``generate_batch`` does),
+    so an error raised for one item of a batch says which item it was."""
+    if exc.args and isinstance(exc.args[0], str):
+        exc.args = (f"request {index}: {exc.args[0]}", *exc.args[1:])
+    return exc

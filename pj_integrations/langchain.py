@@ -19,14 +19,16 @@ import copy
 import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, cast
 
 from langchain_core.callbacks import (
     AsyncCallbackManagerForLLMRun,
+    CallbackManager,
     CallbackManagerForLLMRun,
 )
 from langchain_core.embeddings import Embeddings
+from langchain_core.globals import get_llm_cache
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.language_models.model_profile import ModelProfile
@@ -41,9 +43,10 @@ from langchain_core.messages import (
     ToolMessage,
     UsageMetadata,
 )
-from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, LLMResult
 from langchain_core.runnables import RunnableConfig
-from langchain_core.runnables.config import ensure_config
+from langchain_core.runnables.config import ensure_config, get_config_list
+from langchain_core.utils.utils import LC_ID_PREFIX
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 from typing_extensions import Self
 
@@ -63,12 +66,15 @@ from pj_integrations._common import (
     PersonaChoice,
     PersonaSources,
     SharedModel,
+    batch_request,
     check_call_options,
     choose_personas,
     generation_kwargs,
     is_loaded,
+    run_batch,
     shared_engine,
     stats_dict,
+    unbatchable_options,
 )
 
 __all__ = ["CONFIG_USER_ID_KEY", "ChatPersonaJudge", "MiniLMEmbeddings", "to_conversation"]
@@ -191,6 +197,19 @@ class _Request:
     options: dict[str, Any]
 
 
+@dataclass
+class _BatchItem:
+    """One input of :meth:`ChatPersonaJudge.batch` on its way through the shared decode."""
+
+    config: RunnableConfig
+    kwargs: dict[str, Any]  # the call's keyword arguments, the config's user id included
+    callbacks: CallbackManager
+    messages: list[BaseMessage] | None = None
+    request: _Request | None = None
+    run: CallbackManagerForLLMRun | None = None
+    outcome: AIMessage | Exception | None = field(default=None)
+
+
 class ChatPersonaJudge(BaseChatModel):
     """Persona-judge chat model: a local model whose answers follow each user's personas.
 
@@ -257,8 +276,14 @@ class ChatPersonaJudge(BaseChatModel):
         >>> _ = store.put(PersonaProfile(user_id="alice", preferences=["humor"]))
         >>> chat = ChatPersonaJudge(profile_store=store, max_tokens=32)
         >>> chat.invoke("Hi!", config={"configurable": {"user_id": "alice"}})  # doctest: +SKIP
+
+    Batch (many users in ONE batched decode; each answer is invoke's for the same seed):
         >>> users = [{"configurable": {"user_id": u}} for u in ("alice", "bob")]
-        >>> chat.batch(["Hi!", "Hi!"], config=users)  # doctest: +SKIP
+        >>> replies = chat.batch(["Hi!", "Why?"], config=users)  # doctest: +SKIP
+        >>> [r.response_metadata["persona_source"] for r in replies]  # doctest: +SKIP
+        ['profile:alice', 'profile:bob']
+        >>> await chat.abatch(["Hi!", []], return_exceptions=True)  # doctest: +SKIP
+        [AIMessage(...), InvalidPromptError('the messages hold no human (user) message; ...')]
 
     Response metadata:
         ``model_name``, ``finish_reason`` ("eos", "stop" or "length"), ``stats`` (Persona-judge
@@ -509,6 +534,220 @@ class ChatPersonaJudge(BaseChatModel):
             input, config, stop=stop, **_with_config_user(config, kwargs)
         )
 
+    # ------------------------------------------------------------------ batches
+
+    def batch(
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[AIMessage]:
+        """Answer many inputs, each with its own user, personas and prompt, in ONE batched
+        decode (:meth:`pj_core.engine.PersonaJudge.generate_batch`) instead of one call each.
+
+        Every input is read as :meth:`invoke` reads it: ``config`` may be a list, one per
+        input, whose ``configurable["user_id"]`` picks that input's user; keyword arguments
+        (``stop``, ``seed``, ``preferences``, ... and those bound with ``bind``) apply to every
+        input. Each input gets its own callback run (``on_chat_model_start``, then
+        ``on_llm_end`` or ``on_llm_error``) and a message with invoke's ``response_metadata``
+        and ``usage_metadata``. Its text is invoke's with the same seed (up to rare float
+        rounding differences between batched and single forwards); ``stats`` describe the
+        batched run, so their ``strategy`` is ``"lockstep"``.
+
+        An input that fails validation (no human message, unknown user, prompt too long for
+        the context window, ...) gets its typed :class:`~pj_core.errors.PersonaJudgeError`.
+        With ``return_exceptions=True`` the error takes its place in the list and the other
+        inputs are answered; otherwise it is raised, before anything is decoded if the
+        adapter itself caught it.
+
+        Calls that LangChain must make one by one go through its default batch (one
+        ``invoke`` per input): with a ``rate_limiter``, an LLM cache, ``output_version="v1"``
+        or streaming (``streaming=True``, or a streaming callback handler such as
+        ``astream_events``'s).
+
+        Example:
+            >>> users = [{"configurable": {"user_id": u}} for u in ("alice", "bob")]
+            >>> chat.batch(["Hi!", "What is RAG?"], config=users)  # doctest: +SKIP
+        """
+        if not inputs:
+            return []
+        configs = get_config_list(config, len(inputs))
+        stop = kwargs.pop("stop", None)
+        items = [self._batch_item(one, stop, kwargs) for one in configs]
+        if self._needs_single_calls(items):
+            return super().batch(
+                inputs, configs, return_exceptions=return_exceptions, stop=stop, **kwargs
+            )
+        return self._batch_now(inputs, items, stop, return_exceptions, kwargs)
+
+    async def abatch(
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[AIMessage]:
+        """Async :meth:`batch`: the same single batched decode, in a worker thread so the
+        event loop stays free (callbacks are called from that thread)."""
+        if not inputs:
+            return []
+        configs = get_config_list(config, len(inputs))
+        stop = kwargs.pop("stop", None)
+        items = [self._batch_item(one, stop, kwargs) for one in configs]
+        if self._needs_single_calls(items):
+            return await super().abatch(
+                inputs, configs, return_exceptions=return_exceptions, stop=stop, **kwargs
+            )
+        return await asyncio.to_thread(
+            self._batch_now, inputs, items, stop, return_exceptions, kwargs
+        )
+
+    def _batch_item(
+        self, config: RunnableConfig, stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> _BatchItem:
+        """An input's call arguments and callback manager, configured as ``generate`` does."""
+        call_kwargs = _with_config_user(config, kwargs)
+        callbacks = CallbackManager.configure(
+            config.get("callbacks"),
+            self.callbacks,
+            self.verbose,
+            config.get("tags"),
+            self.tags,
+            {
+                **(config.get("metadata") or {}),
+                **self._get_ls_params_with_defaults(stop=stop, **call_kwargs),
+            },
+            self.metadata,
+        )
+        return _BatchItem(config=config, kwargs=call_kwargs, callbacks=callbacks)
+
+    def _needs_single_calls(self, items: list[_BatchItem]) -> bool:
+        """Whether LangChain's per-call machinery has work a batched decode would skip."""
+        if self.rate_limiter is not None:
+            return True  # every call takes its own token from the limiter
+        if self.cache is not False and (self.cache is not None or get_llm_cache() is not None):
+            return True  # lookups and updates are per call (and keyed on its messages)
+        if self.output_version == "v1":
+            return True  # content blocks are made by the per-call path
+        protocol = getattr(self, "_should_use_protocol_streaming", None)
+        for item in items:
+            # Both checks read only the handlers of the manager they are given.
+            manager = cast(Any, item.callbacks)
+            if self._should_stream(async_api=False, run_manager=manager, **item.kwargs):
+                return True  # callbacks (astream_events, streaming=True) expect tokens
+            if protocol is not None and protocol(
+                async_api=False, run_manager=manager, **item.kwargs
+            ):
+                return True
+        return False
+
+    def _batch_now(
+        self,
+        inputs: list[LanguageModelInput],
+        items: list[_BatchItem],
+        stop: list[str] | None,
+        return_exceptions: bool,
+        kwargs: dict[str, Any],
+    ) -> list[AIMessage]:
+        for item, input_ in zip(items, inputs, strict=True):
+            self._prepare_batch_item(item, input_, stop)
+        if any(
+            item.request is not None and unbatchable_options(item.request.options) for item in items
+        ):
+            # An option generate_batch has no field for: only single calls honour it.
+            return super().batch(
+                inputs,
+                [item.config for item in items],
+                return_exceptions=return_exceptions,
+                stop=stop,
+                **kwargs,
+            )
+        failed = next((item for item in items if isinstance(item.outcome, Exception)), None)
+        if failed is not None and not return_exceptions:
+            # The error is raised anyway: report it on the failing input's run, as invoke
+            # does, and decode nothing (no other run has started).
+            self._start_run(failed, stop)
+            self._end_run(failed)
+            assert isinstance(failed.outcome, Exception)
+            raise failed.outcome
+        for item in items:
+            self._start_run(item, stop)
+        self._decode_batch(items)
+        for item in items:
+            self._end_run(item)
+        outcomes = [item.outcome for item in items]
+        if not return_exceptions:
+            for outcome in outcomes:
+                if isinstance(outcome, Exception):
+                    raise outcome
+        return cast(list[AIMessage], outcomes)
+
+    def _prepare_batch_item(
+        self, item: _BatchItem, input_: LanguageModelInput, stop: list[str] | None
+    ) -> None:
+        """Messages and request of one input, or the error invoke would raise for it."""
+        try:
+            item.messages = self._convert_input(input_).to_messages()
+        except Exception as exc:  # invoke raises it before starting a run
+            item.outcome = exc
+            return
+        try:
+            item.request = self._request(item.messages, stop, item.kwargs)
+        except Exception as exc:  # invoke raises it inside the run
+            item.outcome = exc
+
+    def _start_run(self, item: _BatchItem, stop: list[str] | None) -> None:
+        if item.messages is None:
+            return  # the input was not even messages: invoke starts no run either
+        (item.run,) = item.callbacks.on_chat_model_start(
+            self._serialized,
+            [item.messages],
+            invocation_params=self._get_invocation_params(stop=stop, **item.kwargs),
+            options={"stop": stop},
+            name=item.config.get("run_name"),
+            run_id=item.config.get("run_id"),
+            batch_size=1,
+        )
+
+    @staticmethod
+    def _end_run(item: _BatchItem) -> None:
+        if item.run is None:
+            return
+        if isinstance(item.outcome, Exception):
+            item.run.on_llm_error(item.outcome)
+        else:
+            assert isinstance(item.outcome, AIMessage)
+            generation = ChatGeneration(message=item.outcome)
+            item.run.on_llm_end(LLMResult(generations=[[generation]]))
+
+    def _decode_batch(self, items: list[_BatchItem]) -> None:
+        """One ``generate_batch`` per model (one in all: every input shares the call's
+        ``model``) for the inputs that passed validation; outcomes go into the items."""
+        groups: dict[int, list[tuple[_BatchItem, _Request]]] = {}
+        for item in items:
+            if item.request is not None and item.outcome is None:
+                groups.setdefault(id(item.request.shared), []).append((item, item.request))
+        for group in groups.values():
+            requests = [
+                batch_request(r.conversation, r.choice.personas, r.options) for _, r in group
+            ]
+            outcomes: list[GenerationResult | Exception]
+            try:
+                outcomes = list(run_batch(group[0][1].shared.engine, requests))
+            except Exception as exc:  # a failure while decoding: every input of it failed
+                outcomes = [exc] * len(group)
+            for (item, request), outcome in zip(group, outcomes, strict=True):
+                if isinstance(outcome, Exception):
+                    item.outcome = outcome
+                    continue
+                message = _ai_message(request, outcome)
+                if item.run is not None:  # the id invoke's message gets
+                    message.id = f"{LC_ID_PREFIX}-{item.run.run_id}-0"
+                item.outcome = message
+
     # ------------------------------------------------------------------ generation
 
     def _generate(
@@ -562,12 +801,7 @@ class ChatPersonaJudge(BaseChatModel):
         result: GenerationResult = request.shared.engine.generate(
             request.conversation, request.choice.personas, **request.options
         )
-        message = AIMessage(
-            content=result.text,
-            usage_metadata=_usage(result),
-            response_metadata=_response_metadata(request, result),
-        )
-        return ChatResult(generations=[ChatGeneration(message=message)])
+        return ChatResult(generations=[ChatGeneration(message=_ai_message(request, result))])
 
     def _chunks(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
@@ -668,6 +902,14 @@ def _call_user_id(kwargs: Mapping[str, Any]) -> str | None:
 def _engine_names(fields: Mapping[str, Any]) -> dict[str, Any]:
     renamed = {("max_new_tokens" if k == "max_tokens" else k): v for k, v in fields.items()}
     return {k: v for k, v in renamed.items() if v is not None}
+
+
+def _ai_message(request: _Request, result: GenerationResult) -> AIMessage:
+    return AIMessage(
+        content=result.text,
+        usage_metadata=_usage(result),
+        response_metadata=_response_metadata(request, result),
+    )
 
 
 def _usage(result: GenerationResult) -> UsageMetadata:

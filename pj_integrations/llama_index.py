@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.custom import CustomLLM
 
 from pj_core.engine import PersonaJudge
-from pj_core.errors import InvalidPromptError
+from pj_core.errors import InvalidPromptError, PersonaJudgeError
 from pj_core.models import DEFAULT_MODEL
 from pj_core.personas import Persona, PersonaProfile, PreferenceSpec
 from pj_core.prompts import stop_strings
@@ -50,11 +51,14 @@ from pj_core.results import GenerationResult, StreamEvent
 from pj_integrations._common import (
     GENERATION_OPTIONS,
     PersonaSources,
+    batch_request,
     check_call_options,
     choose_personas,
     generation_kwargs,
+    name_request,
     shared_engine,
     stats_dict,
+    unbatchable_options,
 )
 
 T = TypeVar("T")
@@ -123,7 +127,9 @@ class PersonaJudgeLLM(CustomLLM):
     the statistics and the result.
 
     For several users, make one copy each: ``llm.model_copy(update={"profile_id": "bob"})``.
-    Copies share the loaded weights (one engine per model spec per process).
+    Copies share the loaded weights (one engine per model spec per process). For many
+    prompts at once, :meth:`complete_batch` and :meth:`chat_batch` answer them all in ONE
+    batched decode, each answer the one :meth:`complete` / :meth:`chat` gives.
 
     Example:
         >>> from llama_index.core.llms import ChatMessage
@@ -134,6 +140,9 @@ class PersonaJudgeLLM(CustomLLM):
         >>> alice = llm.model_copy(update={"preferences": None, "profile_id": "alice"})
         >>> alice.profile_id, alice.model == llm.model
         ('alice', True)
+        >>> replies = llm.complete_batch(["What is RAG?", "What is BM25?"])  # doctest: +SKIP
+        >>> [r.additional_kwargs["stats"]["strategy"] for r in replies]  # doctest: +SKIP
+        ['lockstep', 'lockstep']
     """
 
     model: str = Field(
@@ -327,6 +336,102 @@ class PersonaJudgeLLM(CustomLLM):
         """Stream a chat answer; ``message.content`` is cumulative, ``delta`` the new piece."""
         plan = self._plan(self._chat_conversation(messages), kwargs)
         return self._chat_chunks(self._completion_chunks(self._events(plan), plan))
+
+    # ------------------------------------------------------------------ batches
+    # LlamaIndex's LLM interface has no batch call; these serve many prompts (e.g. many
+    # users' copies of one query) with one batched decode instead of one call each.
+
+    def complete_batch(
+        self, prompts: Sequence[str], formatted: bool = False, **kwargs: Any
+    ) -> list[CompletionResponse]:
+        """Answer several prompts in ONE batched decode
+        (:meth:`pj_core.engine.PersonaJudge.generate_batch`); responses in prompt order.
+
+        Each prompt is read as :meth:`complete` reads it, and ``kwargs`` (personas or
+        settings) apply to every prompt. Each response is :meth:`complete`'s for the same
+        settings and seed (up to rare float rounding differences between batched and single
+        forwards); its ``stats`` describe the batched run (``strategy`` is ``"lockstep"``).
+        A prompt that fails validation raises its typed error, whose message starts with
+        ``request <index>:``, before anything is decoded. LlamaIndex's per-call LLM events
+        belong to :meth:`complete` and are not emitted by a batch.
+
+        Example:
+            >>> llm = PersonaJudgeLLM(preferences=["humor", "concise"], max_tokens=32, seed=0)
+            >>> replies = llm.complete_batch(["Name a fruit.", "Name a tree."])  # doctest: +SKIP
+            >>> [r.additional_kwargs["finish_reason"] for r in replies]  # doctest: +SKIP
+            ['eos', 'eos']
+        """
+        if isinstance(prompts, str):
+            raise InvalidPromptError(
+                "complete_batch takes a list of prompts, e.g. ['Hi!', 'Why?']; for one prompt "
+                "use complete()"
+            )
+        plans = [
+            self._batch_plan(
+                index, functools.partial(self._completion_conversation, prompt, formatted), kwargs
+            )
+            for index, prompt in enumerate(prompts)
+        ]
+        results = self._generate_batch(plans)
+        return [self._completion(result, plan) for result, plan in zip(results, plans, strict=True)]
+
+    def chat_batch(
+        self, messages_list: Sequence[Sequence[ChatMessage]], **kwargs: Any
+    ) -> list[ChatResponse]:
+        """Answer several conversations in ONE batched decode; responses in input order.
+
+        :meth:`complete_batch` for :meth:`chat`: each conversation is rendered as
+        :meth:`chat` renders it, and each response equals :meth:`chat`'s with the same
+        settings and seed.
+
+        Example:
+            >>> from llama_index.core.llms import ChatMessage
+            >>> llm = PersonaJudgeLLM(preferences=["concise", "expert"], max_tokens=48, seed=1)
+            >>> talks = [[ChatMessage(role="user", content="What is RAG?")],
+            ...          [ChatMessage(role="user", content="What is BM25?")]]
+            >>> [r.message.content for r in llm.chat_batch(talks)]  # doctest: +SKIP
+        """
+        if isinstance(messages_list, str) or any(
+            isinstance(item, ChatMessage | str) for item in messages_list
+        ):
+            raise InvalidPromptError(
+                "chat_batch takes a list of conversations, each a list of ChatMessage; for "
+                "one conversation use chat()"
+            )
+        plans = [
+            self._batch_plan(index, functools.partial(self._chat_conversation, messages), kwargs)
+            for index, messages in enumerate(messages_list)
+        ]
+        results = self._generate_batch(plans)
+        return [self._chat(result, plan) for result, plan in zip(results, plans, strict=True)]
+
+    def _batch_plan(
+        self,
+        index: int,
+        conversation: Callable[[], list[dict[str, str]]],
+        options: Mapping[str, Any],
+    ) -> _CallPlan:
+        """The plan of one batch item; its error names the item, as generate_batch's do."""
+        try:
+            return self._plan(conversation(), options)
+        except PersonaJudgeError as exc:
+            raise name_request(exc, index) from None
+
+    def _generate_batch(self, plans: list[_CallPlan]) -> list[GenerationResult]:
+        if not plans:
+            return []
+        if any(unbatchable_options(plan.engine_kwargs) for plan in plans):
+            # An option generate_batch has no field for: only single calls honour it.
+            return [self._generate(plan) for plan in plans]
+        if self.rate_limiter is not None:
+            for _ in plans:  # one token per answer, as for single calls
+                self.rate_limiter.acquire()
+        requests = [
+            batch_request(plan.conversation, plan.personas, plan.engine_kwargs) for plan in plans
+        ]
+        # Every plan of one object decodes with the object's engine.
+        results: list[GenerationResult] = plans[0].engine.generate_batch(requests)
+        return results
 
     # ------------------------------------------------------------------ async API
     # Decoding is CPU/GPU-bound and synchronous; it runs in a worker thread so that other

@@ -188,3 +188,23 @@ def test_smollm2_is_packed_and_its_next_token_distribution_unchanged(
     dense_logits = restored(input_ids=ids).logits[0, -1]
     probs = torch.softmax(packed_logits, -1), torch.softmax(dense_logits, -1)
     assert float((probs[0] - probs[1]).abs().sum()) < 1e-3  # total variation * 2
+
+
+@needs_packing
+def test_pj_info_counts_packed_weights_and_names_the_kernels(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pj_core.cli import main
+
+    tokenizer = make_tiny_tokenizer()
+    model = make_tiny_model(len(tokenizer))
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    dense_count = sum(p.numel() for p in model.parameters())
+    assert main(["info", str(tmp_path / "tiny"), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert f"parameters      {dense_count / 1e6:.1f} M" in printed
+    assert "oneDNN, 15 layers with pre-packed weights" in printed
+    packed = make_tiny_model(len(tokenizer)).requires_grad_(False)
+    pack_linear_layers(packed)
+    assert cpu_linear.weight_count(packed) == dense_count

@@ -122,10 +122,10 @@ def test_loading_one_model_does_not_block_another(
     release = threading.Event()
     real = models._load_uncached
 
-    def slow_for_tiny(source: models._Source, *args: object) -> LoadedModel:
+    def slow_for_tiny(source: models._Source, *args: object, **kwargs: object) -> LoadedModel:
         if source.key.endswith(str(tiny_dir)):
             assert release.wait(30)
-        return real(source, *args)  # type: ignore[arg-type]
+        return real(source, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(models, "_load_uncached", slow_for_tiny)
     blocked = threading.Thread(target=load_model, args=(tiny_dir,), kwargs={"device": "cpu"})
@@ -375,7 +375,7 @@ def test_cache_entry_that_fails_to_load_is_rebuilt_once(
     entry = source.prepare()
     weights = entry / "model.safetensors"
     weights.write_bytes(b"\0" * weights.stat().st_size)  # same size: passes the marker check
-    loaded = models._load_uncached(source, torch.device("cpu"), torch.float32, False)
+    loaded = models._load_uncached(source, torch.device("cpu"), torch.float32, False, pack=True)
     assert loaded.name == "tiny-cached" and len(builds) == 2
 
 

@@ -58,8 +58,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.set_defaults(func=run)
 
 
+def _kernels(packed_layers: int) -> str:
+    if packed_layers:
+        return f"oneDNN, {packed_layers} layers with pre-packed weights (pj_core.cpu_linear)"
+    return "PyTorch default"
+
+
 def run(args: argparse.Namespace) -> int:
     """Load the model, print its settings and one rendered prompt per persona."""
+    from pj_core.cpu_linear import weight_count
     from pj_core.models import load_model
     from pj_core.prompts import has_chat_template, render_ids, render_text, supports_system_role
 
@@ -79,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     rows = [
         ("model", loaded.name),
         ("class", type(loaded.model).__name__),
-        ("parameters", f"{sum(p.numel() for p in loaded.model.parameters()) / 1e6:.1f} M"),
+        ("parameters", f"{weight_count(loaded.model) / 1e6:.1f} M"),
+        ("linear kernels", _kernels(loaded.packed_linear_layers)),
         ("device", str(loaded.device)),
         ("dtype", str(loaded.dtype).removeprefix("torch.")),
         ("context window", f"{loaded.context_window} tokens"),
