@@ -323,8 +323,10 @@ def generate_batch(
 
 
 def _name_request(exc: PersonaJudgeError, index: int) -> None:
-    """Prefix the error message with the index of the request that caused it."""
-    if exc.args and isinstance(exc.args[0], str):
+    """Record the index of the request that caused ``exc`` and prefix its message with it."""
+    exc.request_index = index
+    already_named = str(exc.args[0]).startswith(f"request {index} ") if exc.args else False
+    if exc.args and isinstance(exc.args[0], str) and not already_named:
         exc.args = (f"request {index}: {exc.args[0]}", *exc.args[1:])
 
 

@@ -16,7 +16,14 @@ from __future__ import annotations
 
 
 class PersonaJudgeError(Exception):
-    """Base class of every error raised by persona-judge."""
+    """Base class of every error raised by persona-judge.
+
+    Attributes:
+        request_index: for an error raised by ``generate_batch``, the index of the request
+            that caused it (its message then starts with ``request <index>: ``); else None.
+    """
+
+    request_index: int | None = None
 
 
 class ModelNotFoundError(PersonaJudgeError, LookupError):

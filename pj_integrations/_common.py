@@ -377,15 +377,18 @@ def run_batch(
 
 
 def _rejected_request(exc: PersonaJudgeError, count: int) -> int | None:
-    """The index ``generate_batch`` put in front of ``exc``'s message (removing it, so the
-    message reads as the single call's), or None when the error names no request."""
+    """The index of the request ``generate_batch`` rejected (``exc.request_index``), or None
+    when the error concerns no single request. The ``request <i>: `` prefix is removed from
+    the message, so it reads as the single call's."""
+    index = exc.request_index
+    if index is None or not 0 <= index < count:
+        return None
     message = exc.args[0] if exc.args else None
     match = _REQUEST_PREFIX.match(message) if isinstance(message, str) else None
-    if match is None or int(match.group(1)) >= count:
-        return None
-    assert isinstance(message, str)
-    exc.args = (message[match.end() :], *exc.args[1:])
-    return int(match.group(1))
+    if match is not None and isinstance(message, str):
+        exc.args = (message[match.end() :], *exc.args[1:])
+    exc.request_index = None  # the index was into this sub-batch, not the caller's list
+    return index
 
 
 def name_request(exc: PersonaJudgeError, index: int) -> PersonaJudgeError:

@@ -116,8 +116,9 @@ def test_bad_requests_name_the_request(tiny_engine: PersonaJudge) -> None:
     good = {"conversation": "hello", "personas": ["be funny", "be brief"]}
     with pytest.raises(InvalidGenerationConfigError, match="request 1: lookahead"):
         generate_batch(tiny_engine, [good, {**good, "lookahead": 0}])
-    with pytest.raises(InvalidGenerationConfigError, match="request 0 has unknown key"):
+    with pytest.raises(InvalidGenerationConfigError, match=r"^request 0 has unknown key") as info:
         generate_batch(tiny_engine, [{**good, "max_tokens": 5}])
+    assert info.value.request_index == 0
     with pytest.raises(InvalidGenerationConfigError, match="request 0 lacks personas"):
         generate_batch(tiny_engine, [{"conversation": "hi"}])
     with pytest.raises(InvalidGenerationConfigError, match="list of requests"):
@@ -126,8 +127,9 @@ def test_bad_requests_name_the_request(tiny_engine: PersonaJudge) -> None:
         generate_batch(tiny_engine, [good, "hello"])  # type: ignore[list-item]
     with pytest.raises(InvalidPersonaError, match="request 1:"):
         generate_batch(tiny_engine, [good, {**good, "personas": []}])
-    with pytest.raises(ContextOverflowError, match="request 0:"):
-        generate_batch(tiny_engine, [{**good, "max_new_tokens": 10_000}])
+    with pytest.raises(ContextOverflowError, match="request 1:") as overflow:
+        generate_batch(tiny_engine, [good, {**good, "max_new_tokens": 10_000}])
+    assert overflow.value.request_index == 1
 
 
 def test_shared_rows_drop_leaves_the_other_rows_exact(tiny_model: LlamaForCausalLM) -> None:
