@@ -19,10 +19,13 @@ from typing import Any, Literal
 
 from pj_core.errors import InvalidGenerationConfigError
 
-METHODS: tuple[str, ...] = ("plain", "reference", "speculative", "lockstep", "auto")
+METHODS: tuple[str, ...] = ("plain", "reference", "authors", "speculative", "lockstep", "auto")
+# The no-cache baselines: O(n²) work, so they get fewer samples.
+REFERENCE_METHODS: frozenset[str] = frozenset({"reference", "authors"})
 METHOD_TITLES: dict[str, str] = {
     "plain": "plain generate (1 prompt)",
     "reference": "reference loop (no cache, 2 weight copies)",
+    "authors": "authors' loop (reference + logits at every position)",
     "speculative": "engine: speculative",
     "lockstep": "engine: lockstep",
     "auto": "engine: auto",
@@ -156,11 +159,15 @@ class BenchConfig:
 
     def prompt_count(self, method: str) -> int:
         """Prompts per cell for ``method``."""
-        return min(self.prompts, self.reference_prompts) if method == "reference" else self.prompts
+        if method in REFERENCE_METHODS:
+            return min(self.prompts, self.reference_prompts)
+        return self.prompts
 
     def repeat_count(self, method: str) -> int:
         """Timed repeats for ``method``."""
-        return min(self.repeats, self.reference_repeats) if method == "reference" else self.repeats
+        if method in REFERENCE_METHODS:
+            return min(self.repeats, self.reference_repeats)
+        return self.repeats
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict of every setting."""

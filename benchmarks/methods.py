@@ -158,7 +158,8 @@ def run_reference(
     config: BenchConfig,
     seed: int,
 ) -> Sample:
-    """The authors' cost profile: see :mod:`benchmarks.reference_loop`."""
+    """The authors' cost profile: see :mod:`benchmarks.reference_loop`. Method ``authors``
+    also computes the logits of every position, as the authors' forwards do."""
     assert cell.lookahead is not None, "the reference loop needs a lookahead"
     device = next(models[0].parameters()).device
     generator = torch.Generator().manual_seed(seed)
@@ -174,6 +175,7 @@ def run_reference(
             top_k=config.top_k,
             top_p=config.top_p,
             generator=generator,
+            full_logits=cell.method == "authors",
         )
         _sync(device)
         seconds = time.perf_counter() - started

@@ -8,8 +8,15 @@ so for the same seed it emits the same tokens as the engine, up to floating-poin
 only the way the logits are computed differs. Like the authors' loop, it does not stop at EOS:
 the benchmark wants a fixed number of tokens.
 
-To keep the baseline honest (not artificially slow) each forward projects only the positions
-it samples from onto the vocabulary (``logits_to_keep``), as the engine does.
+Two variants:
+
+* ``full_logits=False`` (method ``reference``): each forward projects only the positions it
+  samples from onto the vocabulary (``logits_to_keep``), as the engine does; the
+  conservative baseline, not slower than it has to be.
+* ``full_logits=True`` (method ``authors``): each forward computes the logits of every
+  position, as the authors' ``model(prefix).logits`` calls do. Their code then also runs
+  temperature/top-k/top-p over every position of the context in a Python loop each round;
+  that is not reproduced here, so this variant is still faster than their code.
 
 Example:
     >>> import copy, torch
@@ -46,11 +53,19 @@ class ReferenceRun:
     first_token_seconds: float
 
 
-def _full_forward(model: PreTrainedModel, ids: list[int], keep: int) -> torch.Tensor:
-    """Recompute the whole context (no cache) and return the last ``keep`` logits rows."""
+def _full_forward(
+    model: PreTrainedModel, ids: list[int], keep: int, *, full_logits: bool
+) -> torch.Tensor:
+    """Recompute the whole context (no cache) and return the last ``keep`` logits rows.
+
+    ``full_logits`` projects every position onto the vocabulary, as the authors' code does.
+    """
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-    output = model(input_ids=input_ids, use_cache=False, logits_to_keep=keep)
+    if full_logits:
+        output = model(input_ids=input_ids, use_cache=False)
+    else:
+        output = model(input_ids=input_ids, use_cache=False, logits_to_keep=keep)
     return output.logits[0, -keep:, :].float()
 
 
@@ -65,6 +80,7 @@ def reference_generate(
     top_p: float,
     generator: torch.Generator,
     alternate: bool = True,
+    full_logits: bool = False,
     on_token: Callable[[int], None] | None = None,
 ) -> ReferenceRun:
     """Generate ``max_new_tokens`` tokens with full recomputation, one model copy per persona.
@@ -76,6 +92,8 @@ def reference_generate(
         lookahead: λ, draft tokens per round.
         generator: consumed exactly like the engine consumes its own (one ``draw_round`` per
             round), so the same seed gives the same tokens.
+        full_logits: compute the logits of every position in every forward (the authors'
+            forward) instead of only those sampled from.
         on_token: called with each emitted token as soon as it is known.
     """
     if len(models) != len(prompts):
@@ -106,13 +124,19 @@ def reference_generate(
             q_rows: list[torch.Tensor] = []
             # Like the engine, never draft more than the budget has left.
             for position in range(min(lookahead, max_new_tokens - len(generated))):
-                logits = _full_forward(models[roles.draft], draft_ids + drafted, keep=1)[-1]
+                logits = _full_forward(
+                    models[roles.draft], draft_ids + drafted, keep=1, full_logits=full_logits
+                )[-1]
                 forward_passes += 1
                 q = probs(logits)
                 drafted.append(sample_index(q, draws.draft[position]))
                 q_rows.append(q)
             judge_ids = list(prompts[roles.judge]) + generated + drafted
-            p_rows = probs(_full_forward(models[roles.judge], judge_ids, keep=len(drafted) + 1))
+            p_rows = probs(
+                _full_forward(
+                    models[roles.judge], judge_ids, keep=len(drafted) + 1, full_logits=full_logits
+                )
+            )
             forward_passes += 1
             for position, token in enumerate(drafted):
                 emitted, outcome = judge_draft_token(

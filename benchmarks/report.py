@@ -17,6 +17,7 @@ PLOT_KINDS = ("tokens_per_second", "forwards", "memory")
 COLORS = {
     "plain": "black",
     "reference": "tab:red",
+    "authors": "tab:purple",
     "speculative": "tab:blue",
     "lockstep": "tab:green",
     "auto": "tab:orange",

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.bench_config import BenchConfig, Cell
+from benchmarks.bench_config import REFERENCE_METHODS, BenchConfig, Cell
 from benchmarks.memory import PeakMemory, process_peak_rss_mb
 from benchmarks.methods import Sample, run_engine, run_plain, run_reference
 
@@ -42,7 +42,7 @@ def _runner(method: str, loaded: Any, config: BenchConfig) -> Callable[[str, Cel
         return lambda prompt, cell, seed: run_plain(
             loaded.model, render_ids(tokenizer, prompt, persona_text), cell, config, seed
         )
-    if method == "reference":
+    if method in REFERENCE_METHODS:
         # The authors hold one copy of the weights per persona: genuinely copy them.
         models = [loaded.model] + [copy.deepcopy(loaded.model) for _ in config.personas[1:]]
         return lambda prompt, cell, seed: run_reference(

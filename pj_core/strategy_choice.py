@@ -7,15 +7,18 @@ Their costs per emitted token are, with λ the lookahead and α the acceptance r
   (judge) and emits on average ``E = (1 - α^(λ+1)) / (1 - α)`` tokens;
 * lockstep: one forward of a k-row batch per token.
 
-Which is cheaper depends on the device: on a CPU a batch of k rows costs almost k times one
-row (SmolLM2-135M on the reference 2-core machine: 57 ms for one row, 87 ms for two, 68 ms to
-verify 5 tokens, hence speculative at α ≈ 0.9 costs ≈ 296 ms / 4.1 ≈ 72 ms per token against
-87 ms for lockstep), whereas on a GPU a small batch costs about the same as one row and the
-λ + 1 forwards per round make speculative slower. Rather than guess from the device name,
-:func:`measure_step_timings` times the three kinds of forward on the model itself (a few
-forwards, once per PersonaJudge, persona count and lookahead) and :func:`choose_strategy`
-compares the predicted costs. α is the running acceptance rate measured by earlier calls of
-the same PersonaJudge, starting from :data:`DEFAULT_ACCEPTANCE_RATE`.
+Which is cheaper depends on the device and its kernels. SmolLM2-135M on the reference 2-core
+CPU with a 300-token context (``benchmarks/results/linear_kernels.md``): with the weights
+packed for oneDNN (the default, :mod:`pj_core.cpu_linear`) one row costs 52 ms, two rows 58 ms
+and a 5-token verify 68 ms, so lockstep (58 ms per token) beats speculative
+((4 · 52 + 68) / 4.3 ≈ 64 ms per token at α ≈ 0.92); with PyTorch's default kernels the same
+forwards cost 80, 115 and 140 ms, and speculative (≈ 108 ms) beat lockstep (115 ms). On a
+GPU a small batch costs about one row, so lockstep wins there. Rather than guess from the
+device name, :func:`measure_step_timings` times the three kinds of forward on the model
+itself (a few forwards, once per PersonaJudge, persona count and lookahead) and
+:func:`choose_strategy` compares the predicted costs. α is the running acceptance rate
+measured by earlier calls of the same PersonaJudge, starting from
+:data:`DEFAULT_ACCEPTANCE_RATE`.
 
 Example:
     >>> timings = StepTimings(single_step=0.057, verify=0.068, batch_step=0.087)

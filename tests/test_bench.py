@@ -96,6 +96,37 @@ def test_reference_loop_recomputes_everything(tiny_model: LlamaForCausalLM) -> N
     assert sample.accepted == sample.drafted == 8
 
 
+def test_authors_loop_projects_every_position_and_emits_the_reference_tokens(
+    tiny_model: LlamaForCausalLM,
+) -> None:
+    config = BenchConfig.preset("quick")
+    copies = [tiny_model, copy.deepcopy(tiny_model)]
+    prompts = [[5, 6, 7], [8, 9, 5, 6]]
+    seen: list[tuple[int, int]] = []  # (context length of a forward, rows it projected)
+
+    def context(_model: object, _args: object, kwargs: dict[str, torch.Tensor]) -> None:
+        seen.append((kwargs["input_ids"].shape[1], 0))
+
+    def projected(_module: object, _inputs: object, out: torch.Tensor) -> None:
+        seen[-1] = (seen[-1][0], out.shape[1])
+
+    hooks = [m.register_forward_pre_hook(context, with_kwargs=True) for m in copies]
+    hooks += [m.lm_head.register_forward_hook(projected) for m in copies]
+    try:
+        reference = run_reference(copies, prompts, Cell("reference", 3, 8), config, seed=5)
+        reference_seen, seen[:] = list(seen), []
+        authors = run_reference(copies, prompts, Cell("authors", 3, 8), config, seed=5)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert authors.token_ids == reference.token_ids
+    assert authors.forward_passes == reference.forward_passes == len(seen)
+    # The authors' loop projects the whole context onto the vocabulary in every forward;
+    # the reference only the rows it samples from (1 per draft step, λ+1 per verify).
+    assert all(rows == length for length, rows in seen)
+    assert all(rows <= 4 and rows < length for length, rows in reference_seen)
+
+
 def test_plain_generate_runs_the_full_budget(
     tiny_model: LlamaForCausalLM, tiny_tokenizer: PreTrainedTokenizerFast
 ) -> None:
@@ -161,17 +192,19 @@ def _worker(method: str, tps: float, rss: float, lookahead: int | None, n: int) 
 
 
 def test_targets_come_from_the_right_cells() -> None:
-    config = BenchConfig.preset("targets", methods=("plain", "reference", "speculative"))
+    config = BenchConfig.preset("targets", methods=("plain", "reference", "authors", "speculative"))
     workers = [
         _worker("plain", 20.0, 1000.0, None, 128),
         _worker("speculative", 15.0, 1100.0, 4, 128),  # 0.75x speed: met; 1.1x RSS: met
         _worker("reference", 2.0, 1900.0, 4, 256),
-        _worker("speculative", 10.0, 1300.0, 4, 256),  # 5x the reference: not met
+        _worker("authors", 0.5, 1900.0, 4, 256),
+        _worker("speculative", 10.0, 1300.0, 4, 256),  # 5x the reference, 20x the authors'
     ]
     summary = summarise(config, workers)
-    met = {(t["target"].split(" (")[0], t["met"]) for t in summary["targets"]}
+    met = {(t["target"].split(" (λ")[0], t["met"]) for t in summary["targets"]}
     assert ("tokens/s vs plain generate", True) in met
     assert ("tokens/s vs reference loop", False) in met
+    assert ("tokens/s vs authors' loop (full logits)", True) in met
     speed = next(t for t in summary["targets"] if t["target"].startswith("tokens/s vs plain"))
     assert speed["value"] == pytest.approx(0.75)
     # The process peak of the method is the max over its workers: 1300 / 1000.

@@ -57,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--methods",
         nargs="+",
         default=None,
-        help="subset of: plain reference speculative lockstep auto",
+        help="subset of: plain reference authors speculative lockstep auto",
     )
     parser.add_argument("--lookaheads", nargs="+", type=int, default=None, help="λ values")
     parser.add_argument("--tokens", nargs="+", type=int, default=None, help="new-token budgets")
