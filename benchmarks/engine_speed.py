@@ -36,7 +36,7 @@ PERSONAS = [
     Persona(text="Answer with playful humour."),
     Persona(text="Answer concisely, in at most five sentences."),
 ]
-SAMPLING = {"temperature": 0.7, "top_k": 20, "top_p": 0.9}
+SAMPLING: dict[str, Any] = {"temperature": 0.7, "top_k": 20, "top_p": 0.9}
 
 
 def plain_generate_seconds(loaded: Any, tokens: int, seed: int) -> tuple[float, float]:

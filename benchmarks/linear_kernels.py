@@ -87,13 +87,13 @@ def forward_costs(
     }
 
 
-def largest_linear(loaded: LoadedModel) -> nn.Module:
+def largest_linear(loaded: LoadedModel) -> nn.Linear | PackedLinear:
     """The linear layer with the most weights (the vocabulary projection on small models)."""
     layers = [m for m in loaded.model.modules() if isinstance(m, nn.Linear | PackedLinear)]
     return max(layers, key=lambda m: m.in_features * m.out_features)
 
 
-def linear_costs(layer: nn.Module, repeats: int) -> dict[str, float]:
+def linear_costs(layer: nn.Linear | PackedLinear, repeats: int) -> dict[str, float]:
     """Microseconds of ``layer`` on 1..6 rows."""
     costs = {}
     for rows in range(1, 7):
