@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
+from transformers import LlamaForCausalLM
 
 from pj_core import cpu_linear
 from pj_core.cpu_linear import (
@@ -26,7 +28,7 @@ needs_packing = pytest.mark.skipif(
 )
 
 
-def _frozen_tiny(vocab_size: int, *, tied: bool = False) -> nn.Module:
+def _frozen_tiny(vocab_size: int, *, tied: bool = False) -> LlamaForCausalLM:
     model = make_tiny_model(vocab_size)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -149,7 +151,12 @@ def test_engine_on_a_packed_model_decodes_like_the_dense_one() -> None:
     packed = PersonaJudge(packed_model, tokenizer)
     differing = 0
     for seed in range(20):
-        kwargs = {"max_new_tokens": 12, "seed": seed, "temperature": 1.0, "top_k": 0}
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": 12,
+            "seed": seed,
+            "temperature": 1.0,
+            "top_k": 0,
+        }
         a = dense.generate("hello why", ["be funny", "be brief"], **kwargs)
         b = packed.generate("hello why", ["be funny", "be brief"], **kwargs)
         differing += a.token_ids != b.token_ids

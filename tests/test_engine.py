@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from pj_core.errors import (
     InvalidPromptError,
 )
 from pj_core.kv import BatchedContexts, forward_logits, prefill_split
-from pj_core.results import GenerationResult
+from pj_core.results import GenerationResult, StreamEvent
 from pj_core.strategy_choice import StepTimings, choose_strategy, expected_tokens_per_round
 from tests._engine_reference import (
     PERSONA_TEXTS,
@@ -28,8 +29,8 @@ from tests._engine_reference import (
 from tests._tiny import make_tiny_model
 
 EOS = frozenset({1})
-SAMPLED = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
-FILTERED = {"temperature": 0.8, "top_k": 6, "top_p": 0.9}
+SAMPLED: dict[str, Any] = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+FILTERED: dict[str, Any] = {"temperature": 0.8, "top_k": 6, "top_p": 0.9}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -94,7 +95,7 @@ def test_cached_engine_emits_the_tokens_of_a_no_cache_reference_loop(
     n_personas: int,
     lookahead: int,
     alternate: bool,
-    settings: dict[str, float],
+    settings: dict[str, Any],
 ) -> None:
     used = prompts[:n_personas]
     for seed in range(6):
@@ -106,7 +107,7 @@ def test_cached_engine_emits_the_tokens_of_a_no_cache_reference_loop(
             max_new_tokens=9,
             seed=seed,
             eos_ids=EOS,
-            **settings,  # type: ignore[arg-type]
+            **settings,
         )
         out = pj.generate_from_ids(
             used,
@@ -139,7 +140,7 @@ def test_speculative_and_lockstep_emit_identical_tokens_for_the_same_seed(
                         strategy=strategy,
                         max_new_tokens=12,
                         seed=seed,
-                        **config,  # type: ignore[arg-type]
+                        **config,
                     )
                     for strategy in ("speculative", "lockstep")
                 ]
@@ -154,7 +155,7 @@ def test_speculative_and_lockstep_emit_identical_tokens_for_the_same_seed(
 def test_greedy_with_fixed_roles_is_the_judges_greedy_decoding(
     pj: PersonaJudge, prompts: list[list[int]]
 ) -> None:
-    greedy = {"temperature": 0.0, "top_k": 0, "top_p": 1.0}
+    greedy: dict[str, Any] = {"temperature": 0.0, "top_k": 0, "top_p": 1.0}
     out = pj.generate_from_ids(prompts[:2], alternate=False, max_new_tokens=12, **greedy)
     judge_prompt = torch.tensor([prompts[1]])
     with torch.inference_mode():
@@ -255,7 +256,7 @@ def test_generation_ends_at_every_eos_id_and_text_excludes_it(prompts: list[list
         assert out.text == TOKENIZER.decode(tokens[:first], skip_special_tokens=True)
 
 
-def _collect(events: Iterator) -> tuple[str, GenerationResult]:  # type: ignore[type-arg]
+def _collect(events: Iterator[StreamEvent]) -> tuple[str, GenerationResult]:
     shown = ""
     result = None
     for event in events:
@@ -372,7 +373,7 @@ def test_strategy_choice_follows_the_predicted_costs() -> None:
     ],
 )
 def test_bad_settings_raise_typed_errors_that_name_the_setting(
-    pj: PersonaJudge, prompts: list[list[int]], settings: dict[str, object], fragment: str
+    pj: PersonaJudge, prompts: list[list[int]], settings: dict[str, Any], fragment: str
 ) -> None:
     with pytest.raises(InvalidGenerationConfigError, match=fragment):
         pj.generate_from_ids(prompts[:2], **settings)
@@ -407,6 +408,6 @@ def test_bad_prompt_ids_are_refused(pj: PersonaJudge, prompts: list[list[int]]) 
 
 
 def test_judge_distribution_reference_is_sane(pj: PersonaJudge, prompts: list[list[int]]) -> None:
-    probs = next_token_probs(pj.model, prompts[0], **FILTERED)  # type: ignore[arg-type]
+    probs = next_token_probs(pj.model, prompts[0], **FILTERED)
     assert float(probs.sum()) == pytest.approx(1.0, abs=1e-5)
     assert int((probs > 0).sum()) <= 6

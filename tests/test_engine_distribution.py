@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ from tests._tiny import make_tiny_model
 pytestmark = [pytest.mark.slow]
 
 EOS = frozenset({1})
-SETTINGS = {"temperature": 1.0, "top_k": 2, "top_p": 1.0}
+SETTINGS: dict[str, Any] = {"temperature": 1.0, "top_k": 2, "top_p": 1.0}
 LENGTH = 3
 LOOKAHEAD = 2
 SAMPLES = 600
@@ -60,7 +61,9 @@ def prompts() -> list[list[int]]:
     return [tiny_prompt("yes yes yes", "cat"), tiny_prompt("no no no", "dog")]
 
 
-def _empirical(pj: PersonaJudge, prompts: list[list[int]], **settings: object) -> dict:  # type: ignore[type-arg]
+def _empirical(
+    pj: PersonaJudge, prompts: list[list[int]], **settings: Any
+) -> dict[tuple[int, ...], float]:
     counts: Counter[tuple[int, ...]] = Counter()
     for seed in range(SAMPLES):
         out = pj.generate_from_ids(
@@ -69,7 +72,7 @@ def _empirical(pj: PersonaJudge, prompts: list[list[int]], **settings: object) -
             max_new_tokens=LENGTH,
             seed=seed,
             **SETTINGS,
-            **settings,  # type: ignore[arg-type]
+            **settings,
         )
         counts[tuple(out.token_ids)] += 1
     return {sequence: n / SAMPLES for sequence, n in counts.items()}
@@ -90,7 +93,9 @@ def _tolerance(exact: dict[tuple[int, ...], float]) -> float:
     return float(torch.quantile(tv, 0.999))
 
 
-def _exact(pj: PersonaJudge, prompts: list[list[int]], alternate: bool) -> dict:  # type: ignore[type-arg]
+def _exact(
+    pj: PersonaJudge, prompts: list[list[int]], alternate: bool
+) -> dict[tuple[int, ...], float]:
     return exact_sequence_distribution(
         pj.model,
         prompts,
@@ -98,7 +103,7 @@ def _exact(pj: PersonaJudge, prompts: list[list[int]], alternate: bool) -> dict:
         alternate=alternate,
         length=LENGTH,
         eos_ids=EOS,
-        **SETTINGS,  # type: ignore[arg-type]
+        **SETTINGS,
     )
 
 
@@ -111,14 +116,14 @@ def test_fixed_roles_follow_the_judges_own_distribution(
         prompts[1],
         length=LENGTH,
         eos_ids=EOS,
-        **SETTINGS,  # type: ignore[arg-type]
+        **SETTINGS,
     )
     draft_alone = autoregressive_distribution(
         pj.model,
         prompts[0],
         length=LENGTH,
         eos_ids=EOS,
-        **SETTINGS,  # type: ignore[arg-type]
+        **SETTINGS,
     )
     # The round-process enumeration agrees with the theorem: the judge's distribution.
     assert total_variation(exact, judge_alone) < 1e-6

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,7 @@ class FakeModels:
         class Scorer:
             name = "reward"
 
-            def score(self, items: list[ScoreItem]) -> list[float]:
+            def score(self, items: Sequence[ScoreItem]) -> list[float]:
                 return fake.score(items)
 
         return Backends(

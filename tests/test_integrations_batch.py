@@ -10,7 +10,7 @@ its typed error without costing the others their answers, and callbacks see one 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -22,6 +22,7 @@ from langchain_core.outputs import LLMResult
 from langchain_core.runnables import RunnableConfig
 from llama_index.core.base.llms.types import ChatMessage, MessageRole
 
+from pj_core.batch import BatchRequest
 from pj_core.engine import PersonaJudge
 from pj_core.errors import ContextOverflowError, InvalidPromptError, PersonaJudgeError
 from pj_core.personas import GenerationDefaults, PersonaProfile, resolve_personas
@@ -277,7 +278,12 @@ def test_streaming_models_keep_langchains_per_call_batch(
     engine = shared_engine(tiny_dir).engine
     calls: list[int] = []
     original = engine.generate_batch
-    monkeypatch.setattr(engine, "generate_batch", lambda r: calls.append(len(r)) or original(r))
+
+    def spy(requests: Sequence[BatchRequest | Mapping[str, Any]]) -> list[GenerationResult]:
+        calls.append(len(requests))
+        return original(requests)
+
+    monkeypatch.setattr(engine, "generate_batch", spy)
     out = llm.batch(INPUTS[:2])
     assert calls == []
     assert [m.content for m in out] == [m.content for m in expected]
@@ -367,7 +373,7 @@ def test_llama_batches_reject_bad_input_with_typed_errors(
     llm = _llama(engine)
     spy = BatchSpy(engine, monkeypatch)
     with pytest.raises(InvalidPromptError, match="list of prompts"):
-        llm.complete_batch("hello")  # type: ignore[arg-type]
+        llm.complete_batch("hello")  # a str is a Sequence[str] to mypy: only the runtime check
     with pytest.raises(InvalidPromptError, match="list of conversations"):
         llm.chat_batch([user("hello")])  # type: ignore[list-item]
     with pytest.raises(InvalidPromptError, match=r"^request 1: .*str"):

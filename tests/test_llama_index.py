@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import AsyncGenerator, Iterator
+from typing import Any, cast
 
 import pytest
 from llama_index.core.base.llms.types import (
@@ -378,7 +378,8 @@ async def test_abandoned_async_stream_stops_the_worker() -> None:
         finally:
             finished.set()
 
-    stream = iterate_in_thread(numbers)
+    # An async generator function, annotated as returning AsyncIterator: aclose() is there.
+    stream = cast(AsyncGenerator[int, None], iterate_in_thread(numbers))
     async for item in stream:
         if item == 2:
             break
