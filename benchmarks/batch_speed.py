@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from benchmarks.bench_config import BenchConfig
 from benchmarks.prompt_source import load_prompts
-from benchmarks.report import format_number
+from benchmarks.report import format_number, kernels_text
 from benchmarks.runner import _git_commit
 
 # One persona pair per user (cycled): users of a service do not share preferences.
@@ -162,11 +162,6 @@ def run_batch_benchmark(
     }
 
 
-def _kernels(meta: dict[str, Any]) -> str:
-    packed = meta.get("packed_linear_layers", 0)
-    return f"{packed} linear layers oneDNN-packed" if packed else "default linear kernels"
-
-
 def batch_markdown(report: dict[str, Any]) -> str:
     """The Markdown section of a batch report."""
     meta = report["meta"]
@@ -178,7 +173,7 @@ def batch_markdown(report: dict[str, Any]) -> str:
         f"Command: `{meta['command']}`  ",
         f"Run: {meta['started']}, commit `{meta['git_commit']}`, {meta['cpu_count']} CPUs, "
         f"torch threads {meta['torch_threads']}; model `{meta['model']}` on {meta['device']} "
-        f"({meta['dtype']}, {_kernels(meta)}); {meta['max_new_tokens']} new tokens per request "
+        f"({meta['dtype']}, {kernels_text(meta)}); {meta['max_new_tokens']} new tokens per request "
         "(EOS ignored), "
         f"λ = 4, {meta['repeats']} repeats, medians  ",
         f"Load average before: {meta['load_average_before']}, after: {meta['load_average_after']}",

@@ -60,19 +60,28 @@ class Sample:
 
 
 class ForwardCounter:
-    """Counts forward calls of one or more models while the ``with`` block runs."""
+    """Counts forward calls of one or more models, and the wall time spent inside them
+    (``seconds``), while the ``with`` block runs. The models' forwards never nest (none
+    calls another), so one start time serves them all."""
 
     def __init__(self, models: Sequence[torch.nn.Module]) -> None:
         self.models = list(models)
         self.count = 0
+        self.seconds = 0.0
+        self._started = 0.0
         self._handles: list[Any] = []
 
-    def _hook(self, *_: object) -> None:
+    def _pre(self, *_: object) -> None:
+        self._started = time.perf_counter()
+
+    def _post(self, *_: object) -> None:
+        self.seconds += time.perf_counter() - self._started
         self.count += 1
 
     def __enter__(self) -> ForwardCounter:
-        self.count = 0
-        self._handles = [m.register_forward_hook(self._hook) for m in self.models]
+        self.count, self.seconds = 0, 0.0
+        self._handles = [m.register_forward_pre_hook(self._pre) for m in self.models]
+        self._handles += [m.register_forward_hook(self._post) for m in self.models]
         return self
 
     def __exit__(

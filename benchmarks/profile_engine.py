@@ -13,50 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import torch
 
 from benchmarks.bench_config import BenchConfig, Cell
-from benchmarks.methods import run_engine, run_plain
+from benchmarks.methods import ForwardCounter, run_engine, run_plain
 from benchmarks.prompt_source import REPO_ROOT, load_prompts
-
-
-class ForwardTimer:
-    """Wall time spent inside ``model.forward`` while the ``with`` block runs."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-        self.seconds = 0.0
-        self.calls = 0
-        self._started = 0.0
-        self._handles: list[Any] = []
-
-    def _pre(self, *_: object) -> None:
-        self._started = time.perf_counter()
-
-    def _post(self, *_: object) -> None:
-        self.seconds += time.perf_counter() - self._started
-        self.calls += 1
-
-    def __enter__(self) -> ForwardTimer:
-        self._handles = [
-            self.model.register_forward_pre_hook(self._pre),
-            self.model.register_forward_hook(self._post),
-        ]
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        for handle in self._handles:
-            handle.remove()
 
 
 def profile(tokens: int, lookahead: int, torch_profiler: bool) -> dict[str, Any]:
@@ -81,15 +45,15 @@ def profile(tokens: int, lookahead: int, torch_profiler: bool) -> dict[str, Any]
     for method, run in runs.items():
         cell = Cell(method, None if method == "plain" else lookahead, tokens)
         run(Cell(method, cell.lookahead, 8))  # warm-up
-        with ForwardTimer(loaded.model) as timer:
+        with ForwardCounter([loaded.model]) as timer:
             sample = run(cell)
         out[method] = {
             "tokens": sample.tokens,
             "seconds": sample.seconds,
-            "forwards": timer.calls,
+            "forwards": timer.count,
             "forward_seconds": timer.seconds,
             "other_seconds": sample.seconds - timer.seconds,
-            "ms_per_forward": 1000 * timer.seconds / timer.calls,
+            "ms_per_forward": 1000 * timer.seconds / timer.count,
             "forward_ms_per_token": 1000 * timer.seconds / sample.tokens,
             "other_ms_per_token": 1000 * (sample.seconds - timer.seconds) / sample.tokens,
             "acceptance_rate": (sample.accepted or 0) / sample.drafted if sample.drafted else None,

@@ -42,7 +42,8 @@ def _lookahead(cell: dict[str, Any]) -> str:
     return "(4)" if cell["method"] == "lockstep" else "—"
 
 
-def _kernels(meta: dict[str, Any]) -> str:
+def kernels_text(meta: dict[str, Any]) -> str:
+    """Which linear kernels a report's runs used, from its ``meta`` (older reports: default)."""
     packed = meta.get("packed_linear_layers", 0)
     return f"{packed} linear layers oneDNN-packed" if packed else "default linear kernels"
 
@@ -60,7 +61,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         f"`{meta['git_commit']}`, {meta['platform']}, {meta['cpu_count']} CPUs, "
         f"torch threads {meta['torch_threads']}  ",
         f"Model: `{meta['model']}` on {meta['device']} ({meta['dtype']}, "
-        f"{_kernels(meta)}); "
+        f"{kernels_text(meta)}); "
         f"T={config['temperature']}, top-k {config['top_k']}, top-p {config['top_p']}; "
         "every generation runs to its full budget (EOS ignored)  ",
         f"Load average (1, 5, 15 min) before: {meta['load_average_before']}, "

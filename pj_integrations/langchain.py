@@ -573,9 +573,7 @@ class ChatPersonaJudge(BaseChatModel):
         """
         if not inputs:
             return []
-        configs = get_config_list(config, len(inputs))
-        stop = kwargs.pop("stop", None)
-        items = [self._batch_item(one, stop, kwargs) for one in configs]
+        configs, stop, items = self._plan_batch(config, len(inputs), kwargs)
         if self._needs_single_calls(items):
             return super().batch(
                 inputs, configs, return_exceptions=return_exceptions, stop=stop, **kwargs
@@ -594,9 +592,7 @@ class ChatPersonaJudge(BaseChatModel):
         event loop stays free (callbacks are called from that thread)."""
         if not inputs:
             return []
-        configs = get_config_list(config, len(inputs))
-        stop = kwargs.pop("stop", None)
-        items = [self._batch_item(one, stop, kwargs) for one in configs]
+        configs, stop, items = self._plan_batch(config, len(inputs), kwargs)
         if self._needs_single_calls(items):
             return await super().abatch(
                 inputs, configs, return_exceptions=return_exceptions, stop=stop, **kwargs
@@ -604,6 +600,17 @@ class ChatPersonaJudge(BaseChatModel):
         return await asyncio.to_thread(
             self._batch_now, inputs, items, stop, return_exceptions, kwargs
         )
+
+    def _plan_batch(
+        self,
+        config: RunnableConfig | list[RunnableConfig] | None,
+        count: int,
+        kwargs: dict[str, Any],
+    ) -> tuple[list[RunnableConfig], list[str] | None, list[_BatchItem]]:
+        """Per-input configs, the call's ``stop`` (taken out of ``kwargs``) and the items."""
+        configs = get_config_list(config, count)
+        stop = kwargs.pop("stop", None)
+        return configs, stop, [self._batch_item(one, stop, kwargs) for one in configs]
 
     def _batch_item(
         self, config: RunnableConfig, stop: list[str] | None, kwargs: dict[str, Any]
