@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from pj_core.errors import InvalidGenerationConfigError
+from pj_core.settings import DEFAULTS
 
 METHODS: tuple[str, ...] = ("plain", "reference", "authors", "speculative", "lockstep", "auto")
 # The no-cache baselines: O(n²) work, so they get fewer samples.
@@ -90,9 +91,9 @@ class BenchConfig:
     repeats: int = 3
     reference_prompts: int = 1
     reference_repeats: int = 1
-    temperature: float = 0.7
-    top_k: int = 20
-    top_p: float = 0.9
+    temperature: float = DEFAULTS.temperature
+    top_k: int = DEFAULTS.top_k
+    top_p: float = DEFAULTS.top_p
     seed: int = 0
     personas: tuple[str, ...] = DEFAULT_PERSONAS
     warmup_tokens: int = 8

@@ -29,6 +29,7 @@ from pj_core.engine import PersonaJudge
 from pj_core.models import load_model
 from pj_core.personas import Persona
 from pj_core.prompts import render_ids
+from pj_core.settings import DEFAULTS
 from pj_core.strategy_choice import measure_step_timings, predicted_seconds_per_token
 
 PROMPT = "Got any creative ideas for a 10 year old's birthday?"
@@ -36,7 +37,11 @@ PERSONAS = [
     Persona(text="Answer with playful humour."),
     Persona(text="Answer concisely, in at most five sentences."),
 ]
-SAMPLING: dict[str, Any] = {"temperature": 0.7, "top_k": 20, "top_p": 0.9}
+SAMPLING: dict[str, Any] = {
+    "temperature": DEFAULTS.temperature,
+    "top_k": DEFAULTS.top_k,
+    "top_p": DEFAULTS.top_p,
+}
 
 
 def plain_generate_seconds(loaded: Any, tokens: int, seed: int) -> tuple[float, float]:

@@ -61,22 +61,23 @@ class BatchRequest:
 
     ``strategy`` is accepted so that the keyword arguments of ``generate`` can be passed
     unchanged, but a batch always decodes in lockstep (which emits the same tokens as the
-    other strategies); the result's ``stats.strategy`` says ``"lockstep"``.
+    other strategies); the result's ``stats.strategy`` says ``"lockstep"``. A setting left at
+    ``None`` takes its value from :data:`pj_core.settings.DEFAULTS`, as in ``generate``.
 
     Example:
-        >>> BatchRequest("Hi!", ["Be funny.", "Be brief."], seed=3).max_new_tokens
-        128
+        >>> BatchRequest("Hi!", ["Be funny.", "Be brief."], seed=3, top_k=5).top_k
+        5
     """
 
     conversation: Any
     personas: Any
-    lookahead: int = 4
-    alternate: bool = True
-    strategy: str = "speculative"
-    max_new_tokens: int = 128
-    temperature: float = 0.7
-    top_k: int = 20
-    top_p: float = 0.9
+    lookahead: int | None = None
+    alternate: bool | None = None
+    strategy: str | None = None
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
     seed: int | None = None
     stop: Sequence[str] | None = None
 

@@ -142,17 +142,19 @@ class PersonaJudge:
         conversation: str | Sequence[dict[str, str]],
         personas: PersonasInput,
         *,
-        lookahead: int = 4,
-        alternate: bool = True,
-        strategy: str = "speculative",
-        max_new_tokens: int = 128,
-        temperature: float = 0.7,
-        top_k: int = 20,
-        top_p: float = 0.9,
+        lookahead: int | None = None,
+        alternate: bool | None = None,
+        strategy: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
         seed: int | None = None,
         stop: Sequence[str] | None = None,
     ) -> GenerationResult:
         """Generate one answer in which every token follows a persona's judgement.
+
+        Every setting left at ``None`` takes its value from :data:`pj_core.settings.DEFAULTS`.
 
         Args:
             conversation: the user's message, or a list of ``{"role", "content"}`` messages.
@@ -208,13 +210,13 @@ class PersonaJudge:
         conversation: str | Sequence[dict[str, str]],
         personas: PersonasInput,
         *,
-        lookahead: int = 4,
-        alternate: bool = True,
-        strategy: str = "speculative",
-        max_new_tokens: int = 128,
-        temperature: float = 0.7,
-        top_k: int = 20,
-        top_p: float = 0.9,
+        lookahead: int | None = None,
+        alternate: bool | None = None,
+        strategy: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
         seed: int | None = None,
         stop: Sequence[str] | None = None,
     ) -> Iterator[StreamEvent]:

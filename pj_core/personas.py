@@ -48,11 +48,11 @@ from pydantic import (
 
 from pj_core.catalog import CATALOG_ENTRIES
 from pj_core.errors import (
-    InvalidGenerationConfigError,
     InvalidPersonaError,
     PersonaJudgeError,
     UnknownPreferenceError,
 )
+from pj_core.settings import check_settings
 
 if TYPE_CHECKING:  # store imports this module; only the type checker needs the reverse
     from pj_core.store import AbstractProfileStore
@@ -251,7 +251,8 @@ class Persona(_Model):
 
 
 class GenerationDefaults(_Model):
-    """A user's default generation settings; ``None`` leaves the engine's own default.
+    """A user's default generation settings; ``None`` leaves the engine's own default
+    (:data:`pj_core.settings.DEFAULTS`). Values are checked against the engine's ranges.
 
     Example:
         >>> GenerationDefaults(lookahead=6, temperature=0.8).as_kwargs()
@@ -265,32 +266,11 @@ class GenerationDefaults(_Model):
     max_new_tokens: int | None = None
     alternate: bool | None = None
 
-    @field_validator("lookahead", "max_new_tokens")
+    @field_validator("lookahead", "temperature", "top_k", "top_p", "max_new_tokens", "alternate")
     @classmethod
-    def _check_positive(cls, value: int | None, info: ValidationInfo) -> int | None:
-        if value is not None and value < 1:
-            raise InvalidGenerationConfigError(f"{info.field_name} must be at least 1, got {value}")
-        return value
-
-    @field_validator("top_k")
-    @classmethod
-    def _check_top_k(cls, value: int | None) -> int | None:
-        if value is not None and value < 0:
-            raise InvalidGenerationConfigError(f"top_k must be 0 (off) or more, got {value}")
-        return value
-
-    @field_validator("temperature")
-    @classmethod
-    def _check_temperature(cls, value: float | None) -> float | None:
-        if value is not None and not 0.0 <= value <= 10.0:
-            raise InvalidGenerationConfigError(f"temperature must be between 0 and 10, got {value}")
-        return value
-
-    @field_validator("top_p")
-    @classmethod
-    def _check_top_p(cls, value: float | None) -> float | None:
-        if value is not None and not 0.0 < value <= 1.0:
-            raise InvalidGenerationConfigError(f"top_p must be in (0, 1], got {value}")
+    def _check_setting(cls, value: Any, info: ValidationInfo) -> Any:
+        # The engine's own ranges (pj_core.settings), so a saved default always runs.
+        check_settings({str(info.field_name): value})
         return value
 
     def as_kwargs(self) -> dict[str, Any]:

@@ -226,12 +226,13 @@ class ChatPersonaJudge(BaseChatModel):
         model: str
             Built-in alias (``"smollm2-135m-instruct"``, ``"gemma3-270m"``) or a model path.
         lookahead: int | None
-            λ, tokens the draft persona proposes per round (default 4).
+            λ, tokens the draft persona proposes per round.
         temperature, top_k, top_p: float | int | None
-            Sampling filters, applied identically to both personas (defaults 0.7, 20, 0.9;
-            temperature 0 is greedy).
+            Sampling filters, applied identically to both personas (temperature 0 is greedy).
         max_tokens: int | None
-            The most tokens to generate (default 128).
+            The most tokens to generate.
+        Every generation field left at None takes the user's saved default, else the
+        engine's (``pj_core.settings.DEFAULTS``).
         stop: list[str] | None
             Strings that end the answer.
 
@@ -317,28 +318,28 @@ class ChatPersonaJudge(BaseChatModel):
     or ``None`` for the default store (``pj_core.store.default_store_path``)."""
 
     lookahead: int | None = None
-    """λ: tokens the draft persona proposes per round. None: the user's saved default, else 4."""
+    """λ: tokens the draft persona proposes per round. None: the user's saved default, else
+    ``pj_core.settings.DEFAULTS`` (as for every generation field below)."""
 
     alternate: bool | None = None
-    """Swap draft and judge every round (Persona-judge; default True). False keeps the roles
-    fixed (Persona-judge-Base)."""
+    """Swap draft and judge every round (Persona-judge). False keeps the roles fixed
+    (Persona-judge-Base)."""
 
     strategy: Literal["speculative", "lockstep", "auto"] | None = None
-    """Decoding strategy: "speculative" (default), "lockstep" (same output, one batched
-    forward per token) or "auto" (the faster one, measured)."""
+    """Decoding strategy: "speculative" (a KV cache per persona), "lockstep" (same output, one
+    batched forward per token) or "auto" (the faster one, measured)."""
 
     temperature: float | None = None
-    """Sampling temperature for both personas; 0 is greedy. None: the user's saved default,
-    else 0.7."""
+    """Sampling temperature for both personas; 0 is greedy."""
 
     top_k: int | None = None
-    """Keep the k most likely tokens (0 switches it off). None: saved default, else 20."""
+    """Keep the k most likely tokens (0 switches it off)."""
 
     top_p: float | None = None
-    """Nucleus filtering mass in (0, 1] (1.0 switches it off). None: saved default, else 0.9."""
+    """Nucleus filtering mass in (0, 1] (1.0 switches it off)."""
 
     max_tokens: int | None = None
-    """The most tokens to generate. None: the user's saved default, else 128."""
+    """The most tokens to generate."""
 
     stop: list[str] | None = None
     """Default stop strings; a per-call ``stop`` replaces them."""

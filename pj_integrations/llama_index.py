@@ -48,6 +48,7 @@ from pj_core.models import DEFAULT_MODEL
 from pj_core.personas import Persona, PersonaProfile, PreferenceSpec
 from pj_core.prompts import stop_strings
 from pj_core.results import GenerationResult, StreamEvent
+from pj_core.settings import DEFAULTS
 from pj_integrations._common import (
     GENERATION_OPTIONS,
     PersonaSources,
@@ -163,15 +164,19 @@ class PersonaJudgeLLM(CustomLLM):
         exclude=True,
         description="ProfileStore object or SQLite path for profile_id (None: default store).",
     )
-    lookahead: int = Field(default=4, description="Draft tokens per round (λ).")
-    alternate: bool = Field(default=True, description="Swap draft and judge every round.")
-    strategy: Literal["speculative", "lockstep", "auto"] = Field(
-        default="speculative", description="Decoding strategy of the engine."
+    # Generation settings: None leaves the user's saved default, else the engine's
+    # (pj_core.settings.DEFAULTS), so the defaults live in one place.
+    lookahead: int | None = Field(default=None, description="Draft tokens per round (λ).")
+    alternate: bool | None = Field(default=None, description="Swap draft and judge every round.")
+    strategy: Literal["speculative", "lockstep", "auto"] | None = Field(
+        default=None, description="Decoding strategy of the engine."
     )
-    temperature: float = Field(default=0.7, description="Sampling temperature; 0 is greedy.")
-    top_k: int = Field(default=20, description="Top-k filter; 0 switches it off.")
-    top_p: float = Field(default=0.9, description="Nucleus filter in (0, 1].")
-    max_tokens: int = Field(default=128, description="Most new tokens per answer.")
+    temperature: float | None = Field(
+        default=None, description="Sampling temperature; 0 is greedy."
+    )
+    top_k: int | None = Field(default=None, description="Top-k filter; 0 switches it off.")
+    top_p: float | None = Field(default=None, description="Nucleus filter in (0, 1].")
+    max_tokens: int | None = Field(default=None, description="Most new tokens per answer.")
     stop: list[str] | None = Field(default=None, description="Strings that end the answer.")
     seed: int | None = Field(default=None, description="Seed for reproducible sampling.")
     engine: PersonaJudge | None = Field(
@@ -200,11 +205,12 @@ class PersonaJudgeLLM(CustomLLM):
 
     @property
     def metadata(self) -> LLMMetadata:
-        """Context window and name from the loaded model; ``num_output`` is ``max_tokens``."""
+        """Context window and name from the loaded model; ``num_output`` is ``max_tokens``
+        (the engine's default when unset)."""
         engine = self.get_engine()
         return LLMMetadata(
             context_window=engine.context_window,
-            num_output=self.max_tokens,
+            num_output=self.max_tokens or DEFAULTS.max_new_tokens,
             is_chat_model=True,
             is_function_calling_model=False,
             model_name=engine.name,
@@ -219,9 +225,10 @@ class PersonaJudgeLLM(CustomLLM):
             PersonaSources(self.preferences, self.persona, self.profile_id),
             self.profile_store,
         )
+        fields = {name: getattr(self, name) for name in GENERATION_OPTIONS}
         engine_kwargs = generation_kwargs(
-            defaults={name: getattr(self, name) for name in GENERATION_OPTIONS},
-            explicit=set(self.model_fields_set),
+            defaults=fields,
+            explicit={name for name, value in fields.items() if value is not None},
             profile_defaults=choice.generation_defaults,
             overrides={name: options[name] for name in GENERATION_OPTIONS if name in options},
         )

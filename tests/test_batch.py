@@ -98,7 +98,7 @@ def test_batch_accepts_dataclass_requests_and_keeps_order(tiny_engine: PersonaJu
         BatchRequest("why cat", ["be brief", "be funny"], seed=8, max_new_tokens=2),
     ]
     results = generate_batch(tiny_engine, requests)
-    assert [len(r.token_ids) <= q.max_new_tokens for r, q in zip(results, requests, strict=True)]
+    assert all(len(r.token_ids) <= n for r, n in zip(results, [9, 2], strict=True))
     single = tiny_engine.generate("why cat", ["be brief", "be funny"], seed=8, max_new_tokens=2)
     assert results[1].token_ids == single.token_ids
     assert results[1].stats.forward_passes == len(single.token_ids) + 1  # prefill + one per token

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from pj_core.eval.config import JUDGE_NAMES, EvalConfig
+from pj_core.settings import STRATEGIES
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -66,14 +67,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--one-per-preference", action="store_true", help="one prefix per preference (compose)"
     )
-    parser.add_argument("--lookahead", type=int, default=defaults.lookahead)
     parser.add_argument(
-        "--strategy", default=defaults.strategy, choices=("speculative", "lockstep", "auto")
+        "--lookahead", type=int, default=defaults.lookahead, help="(default %(default)s)"
     )
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
-    parser.add_argument("--temperature", type=float, default=defaults.temperature)
-    parser.add_argument("--top-k", type=int, default=defaults.top_k)
-    parser.add_argument("--top-p", type=float, default=defaults.top_p)
+    parser.add_argument(
+        "--strategy", default=defaults.strategy, choices=STRATEGIES, help="(default %(default)s)"
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=defaults.max_new_tokens,
+        help="answer budget (default %(default)s, shorter than generate's to keep runs cheap)",
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=defaults.temperature, help="(default %(default)s)"
+    )
+    parser.add_argument("--top-k", type=int, default=defaults.top_k, help="(default %(default)s)")
+    parser.add_argument("--top-p", type=float, default=defaults.top_p, help="(default %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument(
         "--judges",

@@ -21,6 +21,7 @@ from typing import Any, TextIO
 
 from pj_core.errors import InvalidPersonaError
 from pj_core.results import GenerationResult, TokenTrace
+from pj_core.settings import DEFAULTS, STRATEGIES
 
 # ANSI colours per outcome, used only when the stream is a terminal and NO_COLOR is unset.
 OUTCOME_COLOURS = {"accepted": "\033[32m", "resampled": "\033[33m", "bonus": "\033[36m"}
@@ -47,19 +48,38 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add_persona_source_arguments(parser)
     parser.add_argument("--model", default=None, help="model spec (default smollm2-135m-instruct)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: auto)")
-    parser.add_argument("--lookahead", type=int, default=None, help="λ, draft tokens per round (4)")
+    parser.add_argument(
+        "--lookahead",
+        type=int,
+        default=None,
+        help=f"λ, draft tokens per round ({DEFAULTS.lookahead})",
+    )
     parser.add_argument(
         "--fixed-roles",
         action="store_true",
         help="persona 1 always drafts, persona 2 always judges (Persona-judge-Base)",
     )
     parser.add_argument(
-        "--strategy", choices=("speculative", "lockstep", "auto"), default="speculative"
+        "--strategy",
+        choices=STRATEGIES,
+        default=None,
+        help=f"how rounds run ({DEFAULTS.strategy})",
     )
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="token budget (128)")
-    parser.add_argument("--temperature", type=float, default=None, help="0 is greedy (0.7)")
-    parser.add_argument("--top-k", type=int, default=None, help="0 switches it off (20)")
-    parser.add_argument("--top-p", type=float, default=None, help="1.0 switches it off (0.9)")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help=f"token budget ({DEFAULTS.max_new_tokens})",
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=None, help=f"0 is greedy ({DEFAULTS.temperature})"
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=None, help=f"0 switches it off ({DEFAULTS.top_k})"
+    )
+    parser.add_argument(
+        "--top-p", type=float, default=None, help=f"1.0 switches it off ({DEFAULTS.top_p})"
+    )
     parser.add_argument("--seed", type=int, default=None, help="make the answer reproducible")
     parser.add_argument(
         "--stop", action="append", default=None, metavar="TEXT", help="stop string; repeatable"
@@ -74,10 +94,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def generation_settings(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, Any]:
     """The keyword arguments of ``PersonaJudge.stream``: options given on the command line
-    win over a profile's defaults, which win over the engine's own defaults."""
+    win over a profile's defaults, which win over the engine's own defaults
+    (:data:`pj_core.settings.DEFAULTS`, applied by the engine to what is left unset)."""
     settings: dict[str, Any] = dict(defaults)
     given = {
         "lookahead": args.lookahead,
+        "strategy": args.strategy,
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "top_k": args.top_k,
@@ -86,7 +108,7 @@ def generation_settings(args: argparse.Namespace, defaults: dict[str, Any]) -> d
     settings.update({name: value for name, value in given.items() if value is not None})
     if args.fixed_roles:
         settings["alternate"] = False
-    settings.update(strategy=args.strategy, seed=args.seed, stop=args.stop)
+    settings.update(seed=args.seed, stop=args.stop)
     return settings
 
 

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from pj_core.errors import EvaluationError
+from pj_core.settings import DEFAULTS, EVAL_MAX_NEW_TOKENS
 
 JUDGE_NAMES: tuple[str, ...] = ("pairwise", "reward", "embedding")
 
@@ -56,12 +57,12 @@ class EvalConfig:
     generator: str = "smollm2-135m-instruct"
     k: int = 2
     one_per_preference: bool = False
-    lookahead: int = 4
-    strategy: str = "speculative"
-    max_new_tokens: int = 64
-    temperature: float = 0.7
-    top_k: int = 20
-    top_p: float = 0.9
+    lookahead: int = DEFAULTS.lookahead
+    strategy: str = DEFAULTS.strategy
+    max_new_tokens: int = EVAL_MAX_NEW_TOKENS
+    temperature: float = DEFAULTS.temperature
+    top_k: int = DEFAULTS.top_k
+    top_p: float = DEFAULTS.top_p
     seed: int = 0
     judges: tuple[str, ...] = JUDGE_NAMES
     judge_model: str = "smollm2-135m-instruct"
