@@ -15,10 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
 from pj_core.errors import InvalidGenerationConfigError
-from pj_core.sampling import filtered_probs
 from pj_core.settings import DEFAULTS, StrategyChoice, check_settings
 
 
@@ -78,12 +75,6 @@ class GenerationConfig:
             top_p=float(values["top_p"]),
             seed=seed,
             stop=_check_stop(stop),
-        )
-
-    def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """The filtered distribution(s) for these settings (identical for draft and judge)."""
-        return filtered_probs(
-            logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p
         )
 
 

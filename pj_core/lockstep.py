@@ -24,6 +24,7 @@ from transformers import PreTrainedModel
 
 from pj_core.generation_config import GenerationConfig
 from pj_core.kv import BatchedContexts
+from pj_core.logits import LogitPipeline, Position
 from pj_core.rounds import (
     Counters,
     Emission,
@@ -54,6 +55,7 @@ def lockstep_emissions(
     generator: torch.Generator,
     counters: Counters,
     contexts: StepContexts | None = None,
+    pipeline: LogitPipeline | None = None,
 ) -> Generator[Emission, None, None]:
     """Yield the emitted tokens one by one until EOS or ``config.max_new_tokens``.
 
@@ -63,12 +65,15 @@ def lockstep_emissions(
     ``contexts`` holds the persona rows, already prefilled with every prompt but its last
     token; by default a :class:`BatchedContexts` of this call alone is built here.
     :mod:`pj_core.batch` passes rows of one batch shared by many requests instead.
+    ``pipeline`` turns logits into p and q (default: ``config``'s filters, no transforms).
     """
+    pipeline = pipeline or LogitPipeline(config)
     started = time.perf_counter()
     if contexts is None:
         contexts = BatchedContexts(model, [prompt[:-1] for prompt in prompts])
     counters.prefill_seconds += time.perf_counter() - started
     next_inputs = [prompt[-1] for prompt in prompts]
+    answer: list[int] = []
     emitted = 0
     round_index = 0
     lookahead = config.lookahead
@@ -79,11 +84,19 @@ def lockstep_emissions(
             counters.rounds += 1
             # The speculative draft drafts at most what the budget has left.
             draft_length = min(lookahead, config.max_new_tokens - emitted)
+            before = tuple(answer)
+            round_tokens: tuple[int, ...] = ()  # the round's tokens so far (accepted drafts)
             position = 0
             while True:
-                logits = contexts.step(next_inputs)
-                q = config.probs(logits[roles.draft])
-                p = config.probs(logits[roles.judge])
+                logits = contexts.step(next_inputs)  # [personas, vocab]
+                q = pipeline.probs(
+                    logits[roles.draft],
+                    [Position(roles.draft, "draft", round_index, before, round_tokens)],
+                )
+                p = pipeline.probs(
+                    logits[roles.judge],
+                    [Position(roles.judge, "judge", round_index, before, round_tokens)],
+                )
                 if position < draft_length:
                     drafted = sample_index(q, draws.draft[position])
                     token, outcome = judge_draft_token(p, q, drafted, draws, position)
@@ -91,6 +104,8 @@ def lockstep_emissions(
                     token, outcome = bonus_token(p, draws), "bonus"
                 counters.record(outcome)
                 emitted += 1
+                answer.append(token)
+                round_tokens += (token,)
                 yield Emission(token, round_index, roles, outcome)
                 if token in eos_ids or emitted >= config.max_new_tokens:
                     return

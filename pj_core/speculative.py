@@ -11,6 +11,9 @@ the draft by one or two tokens, and personas outside the round (k > 2) by the wh
 Round with draft D and judge J, lookahead λ, drafted tokens d_0..d_{n-1} (n <= λ; fewer when
 the budget is nearly spent or the draft proposes EOS):
 
+Every q and p comes from the call's :class:`pj_core.logits.LogitPipeline` (transforms, then
+temperature, top-k, top-p), identical for both roles.
+
 * D forwards pending_D, samples d_0 from q_0; forwards d_0, samples d_1 from q_1; ... (n forwards).
 * J forwards pending_J + d_0..d_{n-1} in one pass: p_0..p_{n-1} for the drafted positions and
   p_n, the bonus distribution.
@@ -29,6 +32,7 @@ from transformers import PreTrainedModel
 
 from pj_core.generation_config import GenerationConfig
 from pj_core.kv import forward_logits, model_device, prefill_split
+from pj_core.logits import LogitPipeline, Position
 from pj_core.rounds import (
     Counters,
     Emission,
@@ -48,12 +52,15 @@ def speculative_emissions(
     eos_ids: frozenset[int],
     generator: torch.Generator,
     counters: Counters,
+    pipeline: LogitPipeline | None = None,
 ) -> Generator[Emission, None, None]:
     """Yield the emitted tokens one by one until EOS or ``config.max_new_tokens``.
 
     ``prompts`` holds one token-id list per persona (each at least one token long). The caller
-    may stop iterating at any time (a stop string); nothing is left to clean up.
+    may stop iterating at any time (a stop string); nothing is left to clean up. ``pipeline``
+    turns logits into p and q (default: ``config``'s filters and no transforms).
     """
+    pipeline = pipeline or LogitPipeline(config)
     device = model_device(model)
     started = time.perf_counter()
     caches, prefill_forwards = prefill_split(model, [prompt[:-1] for prompt in prompts])
@@ -88,13 +95,16 @@ def speculative_emissions(
         counters.rounds += 1
         before_round = len(emitted)
         draft, judge = roles.draft, roles.judge
+        emitted_before = tuple(emitted)
 
         # Draft: never more tokens than the budget has left; stop at a drafted EOS.
         drafted: list[int] = []
         draft_probs: list[torch.Tensor] = []
         feed = pending(draft)
         for position in range(min(lookahead, config.max_new_tokens - len(emitted))):
-            q = config.probs(forward(draft, feed, keep=1)[-1])
+            # q_i: [vocab], the draft's distribution after d_0..d_{i-1}
+            at = Position(draft, "draft", round_index, emitted_before, tuple(drafted))
+            q = pipeline.probs(forward(draft, feed, keep=1)[-1], [at])
             token = sample_index(q, draws.draft[position])
             drafted.append(token)
             draft_probs.append(q)
@@ -104,7 +114,12 @@ def speculative_emissions(
 
         # Judge: the pending tokens and the whole draft in one forward.
         judge_logits = forward(judge, pending(judge) + drafted, keep=len(drafted) + 1)
-        judge_probs = config.probs(judge_logits)
+        # p_0..p_n: [n + 1, vocab]; row i after d_0..d_{i-1}, row n the bonus distribution
+        verified = [
+            Position(judge, "judge", round_index, emitted_before, tuple(drafted[:i]))
+            for i in range(len(drafted) + 1)
+        ]
+        judge_probs = pipeline.probs(judge_logits, verified)
 
         accepted = 0
         for position, token in enumerate(drafted):
