@@ -49,6 +49,7 @@ from pj_core.errors import InvalidGenerationConfigError, PersonaJudgeError
 from pj_core.generation_config import GenerationConfig
 from pj_core.kv import BatchedContexts
 from pj_core.lockstep import lockstep_emissions
+from pj_core.logits import TransformFactory
 from pj_core.results import GenerationResult, StreamEvent
 
 if TYPE_CHECKING:
@@ -63,6 +64,7 @@ class BatchRequest:
     unchanged, but a batch always decodes in lockstep (which emits the same tokens as the
     other strategies); the result's ``stats.strategy`` says ``"lockstep"``. A setting left at
     ``None`` takes its value from :data:`pj_core.settings.DEFAULTS`, as in ``generate``.
+    ``logit_transforms`` are as in :meth:`PersonaJudge.generate_from_ids`.
 
     Example:
         >>> BatchRequest("Hi!", ["Be funny.", "Be brief."], seed=3, top_k=5).top_k
@@ -80,6 +82,9 @@ class BatchRequest:
     top_p: float | None = None
     seed: int | None = None
     stop: Sequence[str] | None = None
+    logit_transforms: Sequence[TransformFactory] = ()
+    """Factories of this request's logit transforms (see :mod:`pj_core.logits`); each is
+    called once for the request."""
 
     @classmethod
     def coerce(cls, request: BatchRequest | Mapping[str, Any], index: int) -> BatchRequest:
@@ -270,10 +275,17 @@ def generate_batch(
     for index, raw in enumerate(requests):
         view = _RequestRows()
         try:
-            prompts, names, config = _prepare(engine, BatchRequest.coerce(raw, index))
+            request = BatchRequest.coerce(raw, index)
+            prompts, names, config = _prepare(engine, request)
             # The engine's own checks and event stream; only the rows come from the batch.
             source = functools.partial(lockstep_emissions, contexts=view)
-            events = engine._stream_checked(prompts, names, config, emission_source=source)
+            events = engine._stream_checked(
+                prompts,
+                names,
+                config,
+                emission_source=source,
+                logit_transforms=request.logit_transforms,
+            )
         except PersonaJudgeError as exc:
             _name_request(exc, index)
             raise

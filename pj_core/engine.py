@@ -33,6 +33,7 @@ from pj_core.errors import (
 )
 from pj_core.generation_config import GenerationConfig
 from pj_core.lockstep import lockstep_emissions
+from pj_core.logits import LogitPipeline, LogitTransform, TransformFactory, build_transforms
 from pj_core.models import DEFAULT_MODEL
 from pj_core.results import (
     FinishReason,
@@ -59,7 +60,7 @@ if TYPE_CHECKING:
 # Weight of the newest call in the running acceptance-rate estimate used by strategy="auto".
 ACCEPTANCE_SMOOTHING = 0.3
 # A strategy's emission generator, called like
-# ``run(model, prompts, config, *, eos_ids, generator, counters)``.
+# ``run(model, prompts, config, *, eos_ids, generator, counters, pipeline)``.
 EmissionSource = Callable[..., Generator[Emission, None, None]]
 
 
@@ -151,6 +152,7 @@ class PersonaJudge:
         top_p: float | None = None,
         seed: int | None = None,
         stop: Sequence[str] | None = None,
+        logit_transforms: Sequence[TransformFactory] = (),
     ) -> GenerationResult:
         """Generate one answer in which every token follows a persona's judgement.
 
@@ -176,6 +178,9 @@ class PersonaJudge:
             top_p: keep the smallest set of tokens with this much mass (1.0: off).
             seed: makes the call reproducible; None draws fresh randomness.
             stop: strings that end the answer; the answer excludes them.
+            logit_transforms: factories of :class:`pj_core.logits.LogitTransform`, each
+                called once for this call; the transforms change p and q alike, before
+                temperature, top-k and top-p (see :mod:`pj_core.logits`).
 
         Returns:
             A :class:`GenerationResult` with text, token ids, stats and trace.
@@ -202,6 +207,7 @@ class PersonaJudge:
                 top_p=top_p,
                 seed=seed,
                 stop=stop,
+                logit_transforms=logit_transforms,
             )
         )
 
@@ -219,6 +225,7 @@ class PersonaJudge:
         top_p: float | None = None,
         seed: int | None = None,
         stop: Sequence[str] | None = None,
+        logit_transforms: Sequence[TransformFactory] = (),
     ) -> Iterator[StreamEvent]:
         """Like :meth:`generate`, but yield one :class:`StreamEvent` per emitted token, then a
         final event (``done=True``) carrying the :class:`GenerationResult`.
@@ -247,25 +254,33 @@ class PersonaJudge:
         with self._tokenizer_lock:
             prompts = [render_ids(self.tokenizer, conversation, p.text) for p in resolved]
         names = [p.display_name for p in resolved]
-        return self._stream_checked(prompts, names, config)
+        return self._stream_checked(prompts, names, config, logit_transforms=logit_transforms)
 
     def generate_from_ids(
         self,
         prompt_ids: Sequence[Sequence[int]],
         *,
         persona_names: Sequence[str] | None = None,
+        logit_transforms: Sequence[TransformFactory] = (),
         **settings: Any,
     ) -> GenerationResult:
         """Persona-judge decoding from already rendered prompts, one token-id list per persona.
 
         ``settings`` are those of :meth:`generate` (lookahead, alternate, strategy, ...). Use
-        this for prompt formats the prompt builder does not know.
+        this for prompt formats the prompt builder does not know. ``logit_transforms`` are
+        factories of :class:`pj_core.logits.LogitTransform`, each called once for this call;
+        the transforms change p and q alike before temperature, top-k and top-p.
 
         Example:
             >>> pj.generate_from_ids([[1, 5, 9], [1, 6, 9]], max_new_tokens=8)  # doctest: +SKIP
         """
         return _final_result(
-            self.stream_from_ids(prompt_ids, persona_names=persona_names, **settings)
+            self.stream_from_ids(
+                prompt_ids,
+                persona_names=persona_names,
+                logit_transforms=logit_transforms,
+                **settings,
+            )
         )
 
     def stream_from_ids(
@@ -273,6 +288,7 @@ class PersonaJudge:
         prompt_ids: Sequence[Sequence[int]],
         *,
         persona_names: Sequence[str] | None = None,
+        logit_transforms: Sequence[TransformFactory] = (),
         **settings: Any,
     ) -> Iterator[StreamEvent]:
         """The streaming form of :meth:`generate_from_ids`."""
@@ -287,7 +303,7 @@ class PersonaJudge:
             raise InvalidPromptError(
                 f"persona_names has {len(names)} names for {len(prompts)} prompts; give one each"
             )
-        return self._stream_checked(prompts, names, config)
+        return self._stream_checked(prompts, names, config, logit_transforms=logit_transforms)
 
     def generate_batch(
         self, requests: Sequence[BatchRequest | Mapping[str, Any]]
@@ -355,13 +371,16 @@ class PersonaJudge:
         names: list[str],
         config: GenerationConfig,
         emission_source: EmissionSource | None = None,
+        logit_transforms: Sequence[TransformFactory] = (),
     ) -> Iterator[StreamEvent]:
         """Check what depends on the model, then return the (lazy) event stream.
 
         ``emission_source`` replaces the strategy's emission generator (same signature as
         :func:`pj_core.lockstep.lockstep_emissions`); :mod:`pj_core.batch` uses it to run
-        many requests' lockstep rows in one shared batch.
+        many requests' lockstep rows in one shared batch. ``logit_transforms`` are called
+        here, once each, to build this call's transforms (see :mod:`pj_core.logits`).
         """
+        transforms = build_transforms(logit_transforms)
         if not config.alternate and len(prompts) != 2:
             raise InvalidGenerationConfigError(
                 f"alternate=False (fixed roles: persona 0 drafts, persona 1 judges) needs exactly "
@@ -386,7 +405,7 @@ class PersonaJudge:
             if config.strategy == "auto"
             else config.strategy
         )
-        return self._events(prompts, names, config, strategy, emission_source)
+        return self._events(prompts, names, config, strategy, emission_source, transforms)
 
     def _events(
         self,
@@ -395,6 +414,7 @@ class PersonaJudge:
         config: GenerationConfig,
         strategy: StrategyName,
         emission_source: EmissionSource | None = None,
+        transforms: Sequence[LogitTransform] = (),
     ) -> Iterator[StreamEvent]:
         generator = torch.Generator(device="cpu")
         if config.seed is None:
@@ -412,6 +432,7 @@ class PersonaJudge:
             eos_ids=self.eos_token_ids,
             generator=generator,
             counters=counters,
+            pipeline=LogitPipeline(config, transforms),
         )
         decoder = IncrementalDecoder(self._decode)
         matcher = StopStringMatcher(config.stop)
