@@ -6,7 +6,7 @@ Both are written from the method's description, with full forwards over the whol
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -14,6 +14,9 @@ from transformers import PreTrainedModel
 
 from pj_core.sampling import accepts, filtered_probs, residual, sample_index
 from tests._tiny import make_tiny_tokenizer
+
+# A logit transform as the references apply it: (raw logits [vocab], answer prefix) -> logits.
+PrefixTransform = Callable[[torch.Tensor, tuple[int, ...]], torch.Tensor]
 
 TOKENIZER = make_tiny_tokenizer()
 # Two (three) persona prompts in the tiny ChatML-like format that differ in their system text.
@@ -29,11 +32,21 @@ def tiny_prompt(system: str, user: str = "hello world") -> list[int]:
 
 
 def next_token_probs(
-    model: PreTrainedModel, ids: Sequence[int], *, temperature: float, top_k: int, top_p: float
+    model: PreTrainedModel,
+    ids: Sequence[int],
+    *,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    transform: PrefixTransform | None = None,
+    prefix: tuple[int, ...] = (),
 ) -> torch.Tensor:
-    """The filtered next-token distribution after ``ids`` from one full forward (no cache)."""
+    """The filtered next-token distribution after ``ids`` from one full forward (no cache);
+    ``transform`` (given the answer ``prefix``) changes the logits before the filters."""
     with torch.inference_mode():
         logits = model(input_ids=torch.tensor([list(ids)]), use_cache=False).logits[0, -1]
+    if transform is not None:
+        logits = transform(logits.float(), prefix)
     return filtered_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
 
 
@@ -105,6 +118,7 @@ def exact_sequence_distribution(
     top_k: int,
     top_p: float,
     eos_ids: frozenset[int],
+    transform: PrefixTransform | None = None,
 ) -> dict[tuple[int, ...], float]:
     """P(output sequence) of Persona-judge with ``max_new_tokens=length``, by enumerating the
     round process: at position i < draft length of a round, token t is emitted and *accepted*
@@ -117,7 +131,8 @@ def exact_sequence_distribution(
         key = (persona, prefix)
         if key not in cache:
             ids = list(prompts[persona]) + list(prefix)
-            cache[key] = next_token_probs(model, ids, **settings).double()
+            probs = next_token_probs(model, ids, **settings, transform=transform, prefix=prefix)
+            cache[key] = probs.double()
         return cache[key]
 
     result: dict[tuple[int, ...], float] = {}
@@ -165,6 +180,7 @@ def autoregressive_distribution(
     top_k: int,
     top_p: float,
     eos_ids: frozenset[int],
+    transform: PrefixTransform | None = None,
 ) -> dict[tuple[int, ...], float]:
     """P(output sequence) of plain sampling from one persona (its own distribution)."""
     settings: dict[str, Any] = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
@@ -174,7 +190,8 @@ def autoregressive_distribution(
         if len(prefix) == length or (prefix and prefix[-1] in eos_ids):
             result[prefix] = result.get(prefix, 0.0) + mass
             return
-        p = next_token_probs(model, list(prompt) + list(prefix), **settings).double()
+        ids = list(prompt) + list(prefix)
+        p = next_token_probs(model, ids, **settings, transform=transform, prefix=prefix).double()
         for token in torch.nonzero(p).flatten().tolist():
             walk((*prefix, token), mass * float(p[token]))
 
