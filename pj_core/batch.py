@@ -220,9 +220,6 @@ def _prepare(
     engine: PersonaJudge, request: BatchRequest
 ) -> tuple[list[list[int]], list[str], GenerationConfig]:
     """Validate a request and render its persona prompts, as ``PersonaJudge.stream`` does."""
-    from pj_core.personas import resolve_personas
-    from pj_core.prompts import render_ids
-
     config = GenerationConfig.create(
         lookahead=request.lookahead,
         alternate=request.alternate,
@@ -235,10 +232,8 @@ def _prepare(
         stop=request.stop,
     )
     config = dataclasses.replace(config, strategy="lockstep")
-    resolved = resolve_personas(request.personas)
-    with engine._tokenizer_lock:
-        prompts = [render_ids(engine.tokenizer, request.conversation, p.text) for p in resolved]
-    return prompts, [p.display_name for p in resolved], config
+    prompts, names = engine.render_prompts(request.conversation, request.personas)
+    return prompts, names, config
 
 
 def generate_batch(
@@ -279,7 +274,7 @@ def generate_batch(
             prompts, names, config = _prepare(engine, request)
             # The engine's own checks and event stream; only the rows come from the batch.
             source = functools.partial(lockstep_emissions, contexts=view)
-            events = engine._stream_checked(
+            events = engine.stream_prepared(
                 prompts,
                 names,
                 config,

@@ -247,14 +247,32 @@ class PersonaJudge:
             seed=seed,
             stop=stop,
         )
+        prompts, names = self.render_prompts(conversation, personas)
+        return self.stream_prepared(prompts, names, config, logit_transforms=logit_transforms)
+
+    def render_prompts(
+        self, conversation: str | Sequence[dict[str, str]], personas: PersonasInput
+    ) -> tuple[list[list[int]], list[str]]:
+        """Resolve ``personas`` and render one prompt per persona, as :meth:`generate` does.
+
+        Safe from any thread (the tokenizer is used under the engine's lock).
+
+        Returns:
+            The token ids of each persona's prompt, and each persona's display name.
+
+        Raises:
+            InvalidPersonaError, InvalidPromptError: as :meth:`generate`.
+
+        Example:
+            >>> ids, names = pj.render_prompts("Hi!", ["Be funny.", "Be brief."])  # doctest: +SKIP
+        """
         from pj_core.personas import resolve_personas
         from pj_core.prompts import render_ids
 
         resolved = resolve_personas(personas)
         with self._tokenizer_lock:
             prompts = [render_ids(self.tokenizer, conversation, p.text) for p in resolved]
-        names = [p.display_name for p in resolved]
-        return self._stream_checked(prompts, names, config, logit_transforms=logit_transforms)
+        return prompts, [p.display_name for p in resolved]
 
     def generate_from_ids(
         self,
@@ -303,7 +321,7 @@ class PersonaJudge:
             raise InvalidPromptError(
                 f"persona_names has {len(names)} names for {len(prompts)} prompts; give one each"
             )
-        return self._stream_checked(prompts, names, config, logit_transforms=logit_transforms)
+        return self.stream_prepared(prompts, names, config, logit_transforms=logit_transforms)
 
     def generate_batch(
         self, requests: Sequence[BatchRequest | Mapping[str, Any]]
@@ -365,15 +383,20 @@ class PersonaJudge:
             prompts.append(row)
         return prompts
 
-    def _stream_checked(
+    def stream_prepared(
         self,
         prompts: list[list[int]],
         names: list[str],
         config: GenerationConfig,
+        *,
         emission_source: EmissionSource | None = None,
         logit_transforms: Sequence[TransformFactory] = (),
     ) -> Iterator[StreamEvent]:
-        """Check what depends on the model, then return the (lazy) event stream.
+        """The low-level entry every stream goes through: rendered ``prompts`` (from
+        :meth:`render_prompts`), persona ``names`` and a validated :class:`GenerationConfig`.
+
+        Checks what depends on the model (context window, roles), then returns the lazy event
+        stream, as :meth:`stream` does.
 
         ``emission_source`` replaces the strategy's emission generator (same signature as
         :func:`pj_core.lockstep.lockstep_emissions`); :mod:`pj_core.batch` uses it to run

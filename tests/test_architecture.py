@@ -1,0 +1,267 @@
+"""The layering rules of the code base, checked on its source.
+
+- ``pj_core`` has no import cycle: every module's imports of other ``pj_core`` modules
+  (imports inside functions included, ``if TYPE_CHECKING:`` blocks excluded) form a graph
+  without a strongly connected component of more than one module, except the ones listed in
+  :data:`KNOWN_CYCLES` (each with the issue that removes it).
+- ``pj_core.batch`` drives the engine through its public methods only.
+"""
+
+from __future__ import annotations
+
+import ast
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CORE = ROOT / "pj_core"
+
+KNOWN_CYCLES: list[list[str]] = [
+    # personas.load/save helpers import the store, and the store imports PersonaProfile; the
+    # thin-adapters-and-layout issue moves profile loading out of personas.
+    ["pj_core.personas", "pj_core.store"],
+]
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _module_files(package: Path) -> dict[str, Path]:
+    return {_module_name(path): path for path in sorted(package.rglob("*.py"))}
+
+
+@dataclass(frozen=True)
+class Import:
+    """One import statement (or literal ``importlib.import_module`` call) of a module."""
+
+    target: str  # the imported module path as written, e.g. "pj_core.rounds"
+    names: tuple[str, ...]  # for ``from target import a, b``: ("a", "b"); else ()
+    line: int
+    type_checking: bool  # under ``if TYPE_CHECKING:``
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _imports(path: Path, module: str) -> Iterator[Import]:
+    """Every import in the file, at any depth (functions, classes, try blocks...)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+
+    def absolute(node: ast.ImportFrom) -> str:
+        if not node.level:
+            return node.module or ""
+        base = package.split(".")
+        if node.level > 1:
+            base = base[: -(node.level - 1)]
+        return ".".join([*base, node.module] if node.module else base)
+
+    def visit(node: ast.AST, type_checking: bool) -> Iterator[Import]:
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            for child in node.body:
+                yield from visit(child, True)
+            for child in node.orelse:  # the runtime branch
+                yield from visit(child, type_checking)
+            return
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield Import(alias.name, (), node.lineno, type_checking)
+        elif isinstance(node, ast.ImportFrom):
+            names = tuple(alias.name for alias in node.names)
+            yield Import(absolute(node), names, node.lineno, type_checking)
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute | ast.Name)
+            and (node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id)
+            == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            yield Import(node.args[0].value, (), node.lineno, type_checking)
+        for nested in ast.iter_child_nodes(node):
+            yield from visit(nested, type_checking)
+
+    yield from visit(tree, False)
+
+
+def _resolve(statement: Import, modules: dict[str, Path]) -> list[str]:
+    """The pj_core modules a runtime import depends on.
+
+    ``import a.b.c`` depends on ``a.b.c`` only (not on the ``__init__`` of ``a`` or ``a.b``:
+    package inits that only re-export would make spurious cycles); ``from a.b import c``
+    depends on module ``a.b.c`` where that is a module, else on ``a.b`` (a name of it).
+    """
+    out = []
+    targets = (
+        [f"{statement.target}.{name}" for name in statement.names]
+        if statement.names
+        else [statement.target]
+    )
+    for target in targets:
+        candidate = target
+        while candidate and candidate not in modules:
+            candidate = candidate.rpartition(".")[0]
+        if candidate:
+            out.append(candidate)
+    return out
+
+
+def _import_graph() -> tuple[dict[str, dict[str, int]], dict[str, Path]]:
+    """module -> {imported pj_core module: line of the first such import}."""
+    modules = _module_files(CORE)
+    graph: dict[str, dict[str, int]] = {name: {} for name in modules}
+    for name, path in modules.items():
+        for statement in _imports(path, name):
+            if statement.type_checking:
+                continue
+            for target in _resolve(statement, modules):
+                if target != name:
+                    graph[name].setdefault(target, statement.line)
+    return graph, modules
+
+
+def _strongly_connected(graph: dict[str, dict[str, int]]) -> list[list[str]]:
+    """Tarjan's algorithm (iterative): the strongly connected components of ``graph``."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[list[str]] = []
+    counter = 0
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work: list[tuple[str, Iterator[str]]] = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = counter
+        counter += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, successors = work[-1]
+            advanced = False
+            for successor in successors:
+                if successor not in index:
+                    index[successor] = low[successor] = counter
+                    counter += 1
+                    stack.append(successor)
+                    on_stack.add(successor)
+                    work.append((successor, iter(sorted(graph[successor]))))
+                    advanced = True
+                    break
+                if successor in on_stack:
+                    low[node] = min(low[node], index[successor])
+            if advanced:
+                continue
+            work.pop()
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                components.append(sorted(component))
+    return components
+
+
+def _a_cycle(graph: dict[str, dict[str, int]], component: list[str]) -> list[str]:
+    """One concrete cycle through the component's first module (breadth-first, shortest)."""
+    members = set(component)
+    start = component[0]
+    previous: dict[str, str] = {}
+    frontier = [start]
+    while frontier:
+        following = []
+        for node in frontier:
+            for successor in sorted(graph[node]):
+                if successor not in members:
+                    continue
+                if successor == start:
+                    path = [node]
+                    while path[-1] != start:
+                        path.append(previous[path[-1]])
+                    return [start, *reversed(path[:-1]), start]
+                if successor not in previous:
+                    previous[successor] = node
+                    following.append(successor)
+        frontier = following
+    return component  # unreachable for a real component
+
+
+def test_the_import_graph_sees_the_imports_it_should() -> None:
+    """The graph builder itself: direct, from-, function-level and TYPE_CHECKING imports."""
+    graph, modules = _import_graph()
+    assert "pj_core.rounds" in graph["pj_core.speculative"]  # from pj_core.rounds import ...
+    # engine.generate_batch imports pj_core.batch inside the function: an edge.
+    assert "pj_core.batch" in graph["pj_core.engine"]
+    # engine imports personas inside render_prompts only (and under TYPE_CHECKING): an edge.
+    assert "pj_core.personas" in graph["pj_core.engine"]
+    # batch names PersonaJudge under TYPE_CHECKING only: no edge back to the engine.
+    statements = list(_imports(modules["pj_core.batch"], "pj_core.batch"))
+    assert any(s.type_checking and s.target == "pj_core.engine" for s in statements)
+    assert "pj_core.engine" not in graph["pj_core.batch"]
+    # The cycle finder finds a planted cycle.
+    planted = {"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1, "d": 1}, "d": {}}
+    components = [c for c in _strongly_connected(planted) if len(c) > 1]
+    assert components == [["a", "b", "c"]]
+    assert _a_cycle(planted, components[0]) == ["a", "b", "c", "a"]
+
+
+def test_pj_core_has_no_import_cycle() -> None:
+    graph, modules = _import_graph()
+    cycles = [c for c in _strongly_connected(graph) if len(c) > 1 and c not in KNOWN_CYCLES]
+    lines = []
+    for component in cycles:
+        path = _a_cycle(graph, component)
+        steps = [
+            f"    {a} ({modules[a].relative_to(ROOT)}:{graph[a][b]}) imports {b}"
+            for a, b in itertools.pairwise(path)
+        ]
+        lines.append(
+            f"  cycle {' -> '.join(path)} (component of {len(component)}: "
+            f"{', '.join(component)}):\n" + "\n".join(steps)
+        )
+    assert not cycles, "import cycles in pj_core:\n" + "\n".join(lines)
+
+
+def test_known_cycles_are_still_cycles() -> None:
+    """A listed exception that no longer exists must leave the list (so it cannot hide a
+    new cycle among the same modules later)."""
+    graph, _ = _import_graph()
+    components = [c for c in _strongly_connected(graph) if len(c) > 1]
+    for known in KNOWN_CYCLES:
+        assert known in components, f"{known} is no longer a cycle: remove it from KNOWN_CYCLES"
+
+
+def _private_engine_uses(path: Path) -> list[str]:
+    """``engine._name`` attribute uses in ``path`` (the engine is named ``engine`` there)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    return [
+        f"{path.name}:{node.lineno} uses engine.{node.attr}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "engine"
+        and node.attr.startswith("_")
+    ]
+
+
+def test_batch_uses_public_engine_methods_only(tmp_path: Path) -> None:
+    assert _private_engine_uses(CORE / "batch.py") == []
+    planted = tmp_path / "planted.py"
+    planted.write_text("def f(engine):\n    return engine._tokenizer_lock\n")
+    assert _private_engine_uses(planted) == ["planted.py:2 uses engine._tokenizer_lock"]
