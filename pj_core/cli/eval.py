@@ -89,7 +89,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--judges",
         type=_csv,
         default=defaults.judges,
-        help=f"comma-separated, from {','.join(JUDGE_NAMES)} (default: all)",
+        help=f"comma-separated, from {','.join(JUDGE_NAMES)} "
+        f"(default: {','.join(defaults.judges)})",
     )
     parser.add_argument(
         "--judge-model", default=defaults.judge_model, help="model spec of the pairwise judge"

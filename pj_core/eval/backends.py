@@ -1,4 +1,4 @@
-"""The real models behind an evaluation: the generator engine and the three judges.
+"""The real models behind an evaluation: the generator engine and the judges.
 
 Each is created on first use, so resuming a finished run loads nothing, and a run that only
 lacks judgments never loads the generator. Models come from :func:`pj_core.models.load_model`
@@ -20,6 +20,7 @@ from pj_core.eval.config import EvalConfig
 from pj_core.eval.embedding import EmbeddingJudge
 from pj_core.eval.judges import PairwiseJudge, PointwiseJudge
 from pj_core.eval.methods import Method
+from pj_core.eval.objective import FluencyScorer, ObjectiveJudge
 from pj_core.eval.reward import ImplicitRewardJudge
 from pj_core.eval.runner import Backends, GeneratedAnswer, GenerateFn
 
@@ -88,6 +89,13 @@ def default_backends(config: EvalConfig) -> Backends:
     def embedding() -> PointwiseJudge:
         return EmbeddingJudge.from_minilm()
 
+    def fluency() -> FluencyScorer:
+        # The generator's own model, with no persona: shares the engine's weights.
+        return FluencyScorer(engine().model, engine().tokenizer)
+
     return Backends(
-        generate=generate, pairwise=pairwise, pointwise={"reward": reward, "embedding": embedding}
+        generate=generate,
+        pairwise=pairwise,
+        pointwise={"reward": reward, "embedding": embedding, "objective": ObjectiveJudge},
+        fluency=fluency,
     )

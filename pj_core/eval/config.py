@@ -17,7 +17,12 @@ from typing import Any
 from pj_core.errors import EvaluationError
 from pj_core.settings import DEFAULTS, EVAL_MAX_NEW_TOKENS
 
-JUDGE_NAMES: tuple[str, ...] = ("pairwise", "reward", "embedding")
+JUDGE_NAMES: tuple[str, ...] = ("pairwise", "reward", "embedding", "objective", "fluency")
+"""Every judge ``pj eval`` knows (see :mod:`pj_core.eval.objective` for the last two)."""
+DEFAULT_JUDGES: tuple[str, ...] = ("pairwise", "reward", "embedding")
+"""The judges of a run that names none: the model judges of the default dimensions (humour,
+harmlessness, vividness have no objective proxy). Add ``objective,fluency`` for the concise,
+elementary, expert, friendly, ... axes."""
 
 # Settings that do not change what any record means: a rerun may change them freely (more
 # prompts, other judges or methods added, another number of bootstrap resamples).
@@ -41,7 +46,7 @@ class EvalConfig:
             the same for every method.
         seed: base seed; each prompt's seed derives from it and the prompt id, and every
             method uses that prompt's seed.
-        judges: which judges run, from ``pairwise``, ``reward`` and ``embedding``.
+        judges: which judges run, from :data:`JUDGE_NAMES` (default :data:`DEFAULT_JUDGES`).
         judge_model: model spec of the pairwise judge.
         reward_model: model spec of the implicit-reward scorer.
         tie_margin: the pairwise judge's tie band (see :mod:`pj_core.eval.judges`).
@@ -64,7 +69,7 @@ class EvalConfig:
     top_k: int = DEFAULTS.top_k
     top_p: float = DEFAULTS.top_p
     seed: int = 0
-    judges: tuple[str, ...] = JUDGE_NAMES
+    judges: tuple[str, ...] = DEFAULT_JUDGES
     judge_model: str = "smollm2-135m-instruct"
     reward_model: str = "gemma3-270m"
     tie_margin: float = 0.05

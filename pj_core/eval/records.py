@@ -8,7 +8,9 @@ the result of, so a rerun skips every key already in the file (resume):
 - ``generation``: ``prompt_id, method, seed, text, finish_reason, stats``;
 - ``pairwise``: ``judge, dimension, prompt_id, method_a, method_b, order, p_a, p_b,
   prob_first, verdict``; order ``"ab"`` shows method_a in slot A, ``"ba"`` shows it in slot B;
-- ``score``: ``judge, dimension, prompt_id, method, score`` (pointwise judges).
+- ``score``: ``judge, dimension, prompt_id, method, score`` (pointwise judges);
+- ``fluency``: ``prompt_id, method, seed, repeated_trigrams, perplexity, tokens`` (the fluency
+  guard of one answer, :mod:`pj_core.eval.objective`).
 
 Each record is written as one line, then flushed and fsynced, so an interruption loses at
 most the line being written. A truncated last line (no newline, not valid JSON) is cut off
@@ -50,6 +52,11 @@ def pairwise_key(
 def score_key(judge: str, dimension: str, prompt_id: str, method: str) -> str:
     """Key of one pointwise score."""
     return f"score|{judge}|{dimension}|{prompt_id}|{method}"
+
+
+def fluency_key(prompt_id: str, method: str, seed: int) -> str:
+    """Key of one answer's fluency guard."""
+    return f"fluency|{prompt_id}|{method}|{seed}"
 
 
 class ResultsLog:

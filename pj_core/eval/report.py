@@ -133,6 +133,22 @@ def generation_summary(log: ResultsLog) -> dict[str, dict[str, Any]]:
     return summary
 
 
+def fluency_summary(log: ResultsLog) -> dict[str, dict[str, Any]]:
+    """Per method: the fluency guard's means (repeated word 3-gram share, perplexity under
+    the generator with no persona) over its answers."""
+    by_method: dict[str, list[Record]] = defaultdict(list)
+    for r in log.of_kind("fluency"):
+        by_method[r["method"]].append(r)
+    return {
+        method: {
+            "answers": len(records),
+            "mean_repeated_trigrams": _mean(r.get("repeated_trigrams") for r in records),
+            "mean_perplexity": _mean(r.get("perplexity") for r in records),
+        }
+        for method, records in sorted(by_method.items())
+    }
+
+
 def pairwise_position_bias(log: ResultsLog) -> float | None:
     """Share of pairwise verdicts that chose slot A (0.5 is unbiased; None: no verdicts)."""
     verdicts = [r["verdict"] for r in log.of_kind("pairwise") if r["verdict"] != "tie"]
@@ -150,6 +166,7 @@ def build_summary(log: ResultsLog, *, n_resamples: int = 2000, seed: int = 0) ->
             kind: sum(1 for _ in log.of_kind(kind)) for kind in ("generation", "pairwise", "score")
         },
         "generation": generation_summary(log),
+        "fluency": fluency_summary(log),
         "pairwise_share_slot_a": pairwise_position_bias(log),
         "pairwise_tie_share": (
             sum(r["verdict"] == "tie" for r in pairwise) / len(pairwise) if pairwise else None
@@ -197,6 +214,24 @@ def markdown_table(summary: dict[str, Any]) -> str:
                 cell += f" ({row['wins']}/{row['ties']}/{row['losses']})"
             cells.append(cell)
         lines.append(f"| {dimension} | {judge} | {n} | " + " | ".join(cells) + " |")
+    fluency = summary.get("fluency") or {}
+    if fluency:
+        lines += [
+            "",
+            "Fluency guard (means over answers; higher is worse):",
+            "",
+            "| method | answers | repeated word 3-grams | perplexity, no persona |",
+            "| --- | --- | --- | --- |",
+        ]
+        for method, row in fluency.items():
+            share, ppl = row["mean_repeated_trigrams"], row["mean_perplexity"]
+            lines.append(
+                f"| {method} | {row['answers']} | "
+                + ("-" if share is None else f"{share:.3f}")
+                + " | "
+                + ("-" if ppl is None else f"{ppl:.1f}")
+                + " |"
+            )
     return "\n".join(lines) + "\n"
 
 

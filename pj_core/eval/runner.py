@@ -44,10 +44,12 @@ from pj_core.eval.methods import (
     plan_methods,
     resolve_dimensions,
 )
+from pj_core.eval.objective import FluencyScorer, has_proxy
 from pj_core.eval.records import (
     CONFIG_KEY,
     Record,
     ResultsLog,
+    fluency_key,
     generation_key,
     pairwise_key,
     score_key,
@@ -79,6 +81,7 @@ class Backends:
     generate: GenerateFn | None = None
     pairwise: Callable[[], PairwiseJudge] | None = None
     pointwise: dict[str, Callable[[], PointwiseJudge]] = field(default_factory=dict)
+    fluency: Callable[[], FluencyScorer] | None = None
 
 
 def compared_methods(dimension: str, methods: list[Method]) -> list[str]:
@@ -184,6 +187,7 @@ class _Tasks:
         self.methods, self.aspects, self.backends = methods, aspects, backends
         self.on_record = on_record
         self._pairwise: PairwiseJudge | None = None
+        self._fluency: FluencyScorer | None = None
         self._pointwise: dict[str, PointwiseJudge] = {}
 
     # ------------------------------------------------------------------ task enumeration
@@ -205,14 +209,24 @@ class _Tasks:
 
     def _score_keys(self, judge: str, prompt: EvalPrompt) -> Iterator[tuple[str, Aspect, str]]:
         for aspect in self.aspects:
+            if judge == "objective" and not has_proxy(aspect.dimension):
+                continue  # no objective measure of this dimension (humour, ...)
             for method in [DIRECT, *compared_methods(aspect.dimension, self.methods)]:
                 yield score_key(judge, aspect.dimension, prompt.id, method), aspect, method
 
+    def _fluency_keys(self, prompt: EvalPrompt) -> Iterator[tuple[str, str]]:
+        if "fluency" not in self.config.judges:
+            return
+        seed = self.config.prompt_seed(prompt.id)
+        for method in self.methods:
+            yield fluency_key(prompt.id, method.name, seed), method.name
+
     def _pointwise_judges(self) -> list[str]:
-        return [j for j in self.config.judges if j != "pairwise"]
+        return [j for j in self.config.judges if j not in ("pairwise", "fluency")]
 
     def _keys(self, prompt: EvalPrompt) -> list[str]:
         keys = [k for k, _ in self._generation_keys(prompt)]
+        keys += [k for k, _ in self._fluency_keys(prompt)]
         keys += [k for k, *_ in self._pairwise_keys(prompt)]
         for judge in self._pointwise_judges():
             keys += [k for k, *_ in self._score_keys(judge, prompt)]
@@ -242,6 +256,7 @@ class _Tasks:
         # holds complete comparisons for the prompts it finished, and its report is usable.
         for prompt in self.prompts:
             self._run_generations(prompt, bar)
+            self._run_fluency(prompt, bar)
             self._run_pairwise(prompt, bar)
             for judge in self._pointwise_judges():
                 self._run_pointwise(judge, prompt, bar)
@@ -267,6 +282,28 @@ class _Tasks:
                     "stats": answer.stats,
                     "personas": [p.text for p in method.personas],
                     "alternate": method.alternate,
+                },
+                bar,
+            )
+
+    def _run_fluency(self, prompt: EvalPrompt, bar: tqdm) -> None:
+        for key, method in self._fluency_keys(prompt):
+            if key in self.log:
+                continue
+            if self._fluency is None:
+                if self.backends.fluency is None:
+                    raise EvaluationError("no fluency scorer: give Backends(fluency=...)")
+                self._fluency = self.backends.fluency()
+            bar.set_postfix_str(f"{prompt.id} fluency {method}")
+            guard = self._fluency.score(prompt.prompt, self._answer(prompt.id, method))
+            self._write(
+                {
+                    "kind": "fluency",
+                    "key": key,
+                    "prompt_id": prompt.id,
+                    "method": method,
+                    "seed": self.config.prompt_seed(prompt.id),
+                    **asdict(guard),
                 },
                 bar,
             )
