@@ -125,6 +125,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=run)
+    # pj eval separation ...: the objective separation report (its own options).
+    from pj_core.cli import separation
+
+    separation.register(parser.add_subparsers(dest="eval_report", required=False))
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:

@@ -96,15 +96,7 @@ def win_rate_ci(
         )
     if np.any((values < 0.0) | (values > 1.0)):
         raise EvaluationError("outcomes must lie in [0, 1] (win 1, tie 0.5, loss 0)")
-    if n_resamples < 1:
-        raise EvaluationError(f"n_resamples must be at least 1, got {n_resamples}")
-    if not 0.0 < confidence < 1.0:
-        raise EvaluationError(f"confidence must be in (0, 1), got {confidence}")
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, values.size, size=(n_resamples, values.size))
-    resampled = values[picks].mean(axis=1)
-    tail = (1.0 - confidence) / 2.0 * 100.0
-    low, high = np.percentile(resampled, [tail, 100.0 - tail])
+    low, high = _bootstrap_interval(values, n_resamples, confidence, seed)
     return WinRate(
         rate=float(values.mean()),
         # Clip rounding noise so an all-win column prints exactly [1, 1].
@@ -115,3 +107,68 @@ def win_rate_ci(
         ties=int(np.sum(values == TIE)),
         losses=int(np.sum(values == LOSS)),
     )
+
+
+@dataclass(frozen=True)
+class MeanCI:
+    """A mean over prompts with its percentile-bootstrap confidence interval.
+
+    Example:
+        >>> MeanCI(mean=2.0, low=1.0, high=3.0, n=4).as_tuple()
+        (2.0, 1.0, 3.0)
+    """
+
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    def as_tuple(self) -> tuple[float, float, float]:
+        """``(mean, low, high)``."""
+        return (self.mean, self.low, self.high)
+
+
+def mean_ci(
+    values: Sequence[float],
+    *,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    confidence: float = DEFAULT_CONFIDENCE,
+    seed: int = 0,
+) -> MeanCI:
+    """Mean of per-prompt values and its percentile-bootstrap interval over prompts (the
+    resampling of :func:`win_rate_ci`, for any real values).
+
+    Raises:
+        EvaluationError: no values, a non-finite value, or a bad ``n_resamples`` /
+            ``confidence``.
+
+    Example:
+        >>> mean_ci([1.0, 1.0]).as_tuple()
+        (1.0, 1.0, 1.0)
+        >>> r = mean_ci([0.0, 10.0], n_resamples=1000, seed=0)
+        >>> r.mean, r.low, r.high
+        (5.0, 0.0, 10.0)
+    """
+    data = np.asarray(values, dtype=np.float64)
+    if data.size == 0:
+        raise EvaluationError("no values to average: run on at least one prompt")
+    if not np.all(np.isfinite(data)):
+        raise EvaluationError("every value must be a finite number")
+    low, high = _bootstrap_interval(data, n_resamples, confidence, seed)
+    return MeanCI(mean=float(data.mean()), low=float(low), high=float(high), n=int(data.size))
+
+
+def _bootstrap_interval(
+    values: np.ndarray, n_resamples: int, confidence: float, seed: int
+) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the mean of ``values`` (resampled with replacement)."""
+    if n_resamples < 1:
+        raise EvaluationError(f"n_resamples must be at least 1, got {n_resamples}")
+    if not 0.0 < confidence < 1.0:
+        raise EvaluationError(f"confidence must be in (0, 1), got {confidence}")
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, values.size, size=(n_resamples, values.size))
+    resampled = values[picks].mean(axis=1)
+    tail = (1.0 - confidence) / 2.0 * 100.0
+    low, high = np.percentile(resampled, [tail, 100.0 - tail])
+    return float(low), float(high)

@@ -1,0 +1,368 @@
+"""Separation report: does a method make answers follow the user's preferences, and how far?
+
+Two *opposite* preference sets (by default the P-Soups sets, A = concise + elementary +
+friendly and B = informative + expert + unfriendly) answer the same prompts with the same seed.
+On every axis where the two sets hold opposite poles with an objective proxy
+(:mod:`pj_core.eval.objective`), the report gives the mean over prompts of
+
+    separation = proxy of B's pole (answer for B) - proxy of B's pole (answer for A)
+
+so a positive number means the answers moved the way the preferences ask (words B - A for
+concise vs informative, grade B - A for elementary vs expert, sentiment A - B for friendly vs
+unfriendly), in the proxy's own unit, with a 95% percentile-bootstrap interval over prompts.
+Beside it, per method, the fluency guard (repeated word 3-grams, perplexity with no persona):
+a method that separates by breaking the text shows there.
+
+Methods (all on the same engine, model, seeds and sampling settings):
+
+- ``direct``: all of a set's preferences in one system prompt, ordinary sampling;
+- ``pj:round-robin``: Persona-judge over ``compose(set, k=2)`` (preferences dealt over two
+  prefixes);
+- ``pj:one-per-preference``: Persona-judge with one prefix per preference;
+- ``default``: exactly what a user writes, ``generate(prompt, personas=[catalog names])``.
+
+Example (a fake generator whose B answers are longer):
+    >>> def generate(prompt, method, personas, seed):
+    ...     return "one two three four" if "informative" in str(personas) else "one"
+    >>> config = SeparationConfig(limit=2, methods=("default",), bootstrap=50)
+    >>> summary = run_separation(config, generate=generate, progress=False)
+    >>> summary["separation"]["default"]["words"]["mean"]
+    3.0
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from pj_core.errors import EvaluationError
+from pj_core.eval.data import load_prompts
+from pj_core.eval.methods import direct_prompt, resolve_dimensions
+from pj_core.eval.objective import PROXIES, Fluency, repeated_trigram_share
+from pj_core.eval.stats import mean_ci
+from pj_core.personas import Persona, compose, get_preference
+from pj_core.settings import DEFAULTS
+
+P_SOUPS_A: tuple[str, ...] = ("concise", "elementary", "friendly")
+P_SOUPS_B: tuple[str, ...] = ("informative", "expert", "unfriendly")
+SEPARATION_METHODS: tuple[str, ...] = (
+    "direct",
+    "pj:round-robin",
+    "pj:one-per-preference",
+    "default",
+)
+SEPARATION_MAX_NEW_TOKENS = 96
+"""Answers need room to differ in length; 96 tokens keeps 12 prompts x 4 methods x 2 sets
+under 40 minutes on a 2-core CPU with SmolLM2."""
+
+PersonasArg = Any
+"""What the generator is given as ``personas``: a list of Persona, or of catalog names."""
+GenerateFn = Callable[[str, str, PersonasArg, int], str]
+"""``(prompt, method, personas, seed) -> answer text``."""
+FluencyFn = Callable[[str, str], Fluency]
+"""``(prompt, answer) -> Fluency`` (e.g. :meth:`FluencyScorer.score`)."""
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One axis the two sets disagree on, with its objective proxy.
+
+    ``separation = sign * (measure(answer for B) - measure(answer for A))``: positive when the
+    answers moved towards each set's own pole.
+    """
+
+    name: str  # the proxy's unit: "words", "grade", "sentiment"
+    pole_a: str
+    pole_b: str
+    sign: float
+
+    @property
+    def label(self) -> str:
+        """E.g. ``"words B - A (concise vs informative)"``."""
+        order = "B - A" if self.sign > 0 else "A - B"
+        return f"{self.name} {order} ({self.pole_a} vs {self.pole_b})"
+
+    def measure(self, text: str) -> float:
+        """The unsigned proxy of ``text``."""
+        return PROXIES[self.pole_b].measure(text)
+
+
+def axes_for(set_a: Sequence[str], set_b: Sequence[str]) -> list[Axis]:
+    """The axes on which ``set_a`` and ``set_b`` hold opposite poles that have a proxy.
+
+    Raises:
+        EvaluationError: no such axis (the report would have nothing to measure).
+
+    Example:
+        >>> [a.label for a in axes_for(["concise", "friendly"], ["informative", "unfriendly"])]
+        ['words B - A (concise vs informative)', 'sentiment A - B (friendly vs unfriendly)']
+    """
+    names_a = [p.name for p in resolve_dimensions(set_a)]
+    axes = []
+    for b in (p.name for p in resolve_dimensions(set_b)):
+        opposite = get_preference(b).opposite
+        if opposite in names_a and b in PROXIES:
+            axes.append(Axis(PROXIES[b].unit, opposite, b, PROXIES[b].sign))
+    if not axes:
+        raise EvaluationError(
+            f"the sets {list(set_a)} and {list(set_b)} share no axis with an objective proxy; "
+            "put opposite poles in them, e.g. concise vs informative, elementary vs expert, "
+            "friendly vs unfriendly"
+        )
+    return axes
+
+
+def method_personas(method: str, preferences: Sequence[str]) -> tuple[PersonasArg, bool]:
+    """What ``method`` hands the engine for one preference set, and whether roles alternate.
+
+    Example:
+        >>> personas, _ = method_personas("pj:round-robin", ["concise", "expert", "friendly"])
+        >>> [p.name for p in personas]
+        ['concise+friendly', 'expert']
+        >>> method_personas("default", ["concise", "expert"])[0]
+        ['concise', 'expert']
+    """
+    if method == "direct":
+        text = direct_prompt(resolve_dimensions(preferences))
+        persona = Persona(text=text, name="direct")
+        return [persona, persona], True
+    if method == "pj:round-robin":
+        return compose(list(preferences), k=2), True
+    if method == "pj:one-per-preference":
+        return compose(list(preferences), one_per_preference=True), True
+    if method == "default":
+        return list(preferences), True
+    raise EvaluationError(f"unknown method {method!r}: choose from {', '.join(SEPARATION_METHODS)}")
+
+
+@dataclass(frozen=True)
+class SeparationConfig:
+    """Everything that decides a separation report (same config, same table).
+
+    Attributes:
+        set_a, set_b: the two opposite preference sets (catalog names).
+        methods: from :data:`SEPARATION_METHODS`.
+        prompts, limit, max_prompt_chars: which prompts (as ``pj eval``).
+        generator: model spec of the generator (and of the fluency guard's perplexity).
+        max_new_tokens: answer budget.
+        lookahead, temperature, top_k, top_p: sampling, shared by every method.
+        seed: base seed; each prompt's seed derives from it and the prompt id, and both sets
+            and every method use that seed.
+        bootstrap: bootstrap resamples for the intervals.
+    """
+
+    set_a: tuple[str, ...] = P_SOUPS_A
+    set_b: tuple[str, ...] = P_SOUPS_B
+    methods: tuple[str, ...] = SEPARATION_METHODS
+    prompts: str = "sample"
+    limit: int | None = 12
+    max_prompt_chars: int | None = None
+    generator: str = "smollm2-135m-instruct"
+    max_new_tokens: int = SEPARATION_MAX_NEW_TOKENS
+    lookahead: int = DEFAULTS.lookahead
+    temperature: float = DEFAULTS.temperature
+    top_k: int = DEFAULTS.top_k
+    top_p: float = DEFAULTS.top_p
+    seed: int = 0
+    bootstrap: int = 2000
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in SEPARATION_METHODS]
+        if unknown or not self.methods:
+            raise EvaluationError(
+                f"methods must be some of {', '.join(SEPARATION_METHODS)}; got {list(self.methods)}"
+            )
+        axes_for(self.set_a, self.set_b)  # fails early, with advice, when there is no axis
+
+    def prompt_seed(self, prompt_id: str) -> int:
+        """The seed of every answer to one prompt (as ``pj eval``'s)."""
+        return (self.seed * 1_000_003 + zlib.crc32(prompt_id.encode("utf-8"))) % (2**31)
+
+
+def run_separation(
+    config: SeparationConfig,
+    *,
+    generate: GenerateFn,
+    fluency: FluencyFn | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Generate both sets' answers for every method and prompt, and summarise them.
+
+    Args:
+        config: the run's settings.
+        generate: the generator (see :func:`engine_generate_fn`).
+        fluency: the fluency guard; ``None`` records only the repeated 3-gram share.
+        progress: show a tqdm bar.
+
+    Returns:
+        The summary: settings, axes, per method and axis the separation with its interval,
+        per method the fluency guard, and every answer.
+    """
+    prompts = load_prompts(config.prompts, limit=config.limit, max_chars=config.max_prompt_chars)
+    axes = axes_for(config.set_a, config.set_b)
+    answers: list[dict[str, Any]] = []
+    total = len(prompts) * len(config.methods) * 2
+    with tqdm(total=total, disable=not progress, desc="separation", unit="answer") as bar:
+        for prompt in prompts:
+            seed = config.prompt_seed(prompt.id)
+            for method in config.methods:
+                for set_name, preferences in (("A", config.set_a), ("B", config.set_b)):
+                    personas, _ = method_personas(method, preferences)
+                    bar.set_postfix_str(f"{prompt.id} {method} {set_name}")
+                    text = generate(prompt.prompt, method, personas, seed)
+                    guard = (
+                        fluency(prompt.prompt, text)
+                        if fluency is not None
+                        else Fluency(repeated_trigram_share(text), None, 0)
+                    )
+                    answers.append(
+                        {
+                            "prompt_id": prompt.id,
+                            "method": method,
+                            "set": set_name,
+                            "seed": seed,
+                            "text": text,
+                            "measures": {axis.name: axis.measure(text) for axis in axes},
+                            "fluency": asdict(guard),
+                        }
+                    )
+                    bar.update(1)
+    return summarise(config, axes, answers)
+
+
+def summarise(
+    config: SeparationConfig, axes: Sequence[Axis], answers: Sequence[dict[str, Any]]
+) -> dict[str, Any]:
+    """The report's numbers from the answers (see :func:`run_separation`)."""
+    by_key = {(a["prompt_id"], a["method"], a["set"]): a for a in answers}
+    prompt_ids = list(dict.fromkeys(a["prompt_id"] for a in answers))
+    separation: dict[str, dict[str, Any]] = {}
+    fluency: dict[str, dict[str, Any]] = {}
+    for method in config.methods:
+        separation[method] = {}
+        for axis in axes:
+            diffs = [
+                axis.sign
+                * (
+                    by_key[(p, method, "B")]["measures"][axis.name]
+                    - by_key[(p, method, "A")]["measures"][axis.name]
+                )
+                for p in prompt_ids
+            ]
+            ci = mean_ci(diffs, n_resamples=config.bootstrap, seed=config.seed)
+            separation[method][axis.name] = {**asdict(ci), "label": axis.label}
+        guards = [a["fluency"] for a in answers if a["method"] == method]
+        perplexities = [g["perplexity"] for g in guards if g["perplexity"] is not None]
+        fluency[method] = {
+            "answers": len(guards),
+            "mean_repeated_trigrams": sum(g["repeated_trigrams"] for g in guards) / len(guards),
+            "mean_perplexity": sum(perplexities) / len(perplexities) if perplexities else None,
+        }
+    return {
+        "settings": asdict(config),
+        "prompts": len(prompt_ids),
+        "axes": [{"name": a.name, "label": a.label} for a in axes],
+        "separation": separation,
+        "fluency": fluency,
+        "definition": "per prompt, proxy of B's pole for B's answer minus for A's answer (same "
+        "seed); mean over prompts, 95% percentile bootstrap over prompts, "
+        f"B={config.bootstrap}, seed={config.seed}",
+        "answers": list(answers),
+    }
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    """One row per method: each axis's separation [95% CI], then the fluency guard."""
+    axes = summary["axes"]
+    header = (
+        "| method | " + " | ".join(a["label"] for a in axes) + " | repeated 3-grams | perplexity |"
+    )
+    lines = [header, "|" + " --- |" * (len(axes) + 3)]
+    for method, by_axis in summary["separation"].items():
+        cells = [
+            f"{by_axis[a['name']]['mean']:+.2f} [{by_axis[a['name']]['low']:+.2f}, "
+            f"{by_axis[a['name']]['high']:+.2f}]"
+            for a in axes
+        ]
+        guard = summary["fluency"][method]
+        ppl = guard["mean_perplexity"]
+        cells.append(f"{guard['mean_repeated_trigrams']:.3f}")
+        cells.append("-" if ppl is None else f"{ppl:.1f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def draw_chart(summary: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """One panel per axis: a bar per method with its 95% interval; 0 is no separation."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise EvaluationError(
+            "drawing the chart needs matplotlib: pip install 'persona-judge[plots]'"
+        ) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    axes = summary["axes"]
+    methods = list(summary["separation"])
+    fig, panels = plt.subplots(1, len(axes), figsize=(4.2 * len(axes), 3.6), squeeze=False)
+    for panel, axis in zip(panels[0], axes, strict=True):
+        rows = [summary["separation"][m][axis["name"]] for m in methods]
+        heights = [r["mean"] for r in rows]
+        errors = [[r["mean"] - r["low"] for r in rows], [r["high"] - r["mean"] for r in rows]]
+        panel.bar(range(len(methods)), heights, yerr=errors, capsize=4, color="tab:blue")
+        panel.axhline(0.0, color="grey", linewidth=1)
+        panel.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=8)
+        panel.set_title(axis["label"], fontsize=9)
+    settings = summary["settings"]
+    fig.suptitle(
+        f"{settings.get('generator', '?')}, {summary['prompts']} prompts, "
+        f"{settings.get('max_new_tokens', '?')} tokens; bars: 95% bootstrap CI",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write_report(summary: dict[str, Any], out_dir: str | os.PathLike[str]) -> Path:
+    """Write ``summary.json``, ``answers.json``, ``separation.md`` and ``separation.png``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    numbers = {k: v for k, v in summary.items() if k != "answers"}
+    (out / "summary.json").write_text(json.dumps(numbers, indent=2) + "\n", encoding="utf-8")
+    (out / "answers.json").write_text(
+        json.dumps(summary["answers"], indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    (out / "separation.md").write_text(markdown_table(summary), encoding="utf-8")
+    draw_chart(summary, out / "separation.png")
+    return out
+
+
+def engine_generate_fn(engine: Any, config: SeparationConfig) -> GenerateFn:
+    """Answer with a :class:`pj_core.engine.PersonaJudge` and the config's sampling."""
+
+    def generate(prompt: str, method: str, personas: PersonasArg, seed: int) -> str:
+        result = engine.generate(
+            prompt,
+            personas,
+            lookahead=config.lookahead,
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            top_k=config.top_k,
+            top_p=config.top_p,
+            seed=seed,
+        )
+        return str(result.text)
+
+    return generate
