@@ -509,12 +509,17 @@ def _check_opposites(aspects: Sequence[_Aspect]) -> None:
             )
 
 
+COMPOSITION_MODES: tuple[str, ...] = ("round-robin", "one-per-preference", "full")
+"""How :func:`compose` places several preferences on the persona prefixes."""
+
+
 def compose(
     spec: PreferenceSpec | PersonaProfile,
     k: int = 2,
     *,
     one_per_preference: bool = False,
     allow_opposites: bool = False,
+    mode: str | None = None,
 ) -> list[Persona]:
     """The persona prefixes the engine uses for some preferences or a profile.
 
@@ -531,6 +536,12 @@ def compose(
       ``[A, C]`` and ``[B]``).
     - ``one_per_preference=True`` raises ``k`` to ``n``, so each preference gets its own
       prefix (the engine then rotates roles over all of them).
+    - ``mode`` names the placement, from :data:`COMPOSITION_MODES`: ``"round-robin"`` (the
+      dealing above, the default), ``"one-per-preference"`` (as ``one_per_preference=True``)
+      or ``"full"``: every one of the ``k`` prefixes carries *every* preference, prefix ``i``
+      in its own order (rotated by ``i``) and phrasing (``i``-th, cycling), so the judge of
+      every round holds the whole set (the paper's "different combinations of preferences
+      used alternately"), where round-robin gives each preference only part of the rounds.
     - Free text has one phrasing, so a single free-text preference gives identical prefixes:
       decoding then equals ordinary sampling with that system message.
     - A profile's description is about the user, so every prefix carries it, first.
@@ -546,7 +557,19 @@ def compose(
         ['humor', 'concise', 'helpful']
         >>> a, b = compose("humor"); a.text != b.text
         True
+        >>> [p.name for p in compose(["humor", "concise", "helpful"], mode="full")]
+        ['humor+concise+helpful', 'concise+helpful+humor']
     """
+    if mode is None:
+        mode = "one-per-preference" if one_per_preference else "round-robin"
+    elif mode not in COMPOSITION_MODES:
+        raise InvalidPersonaError(
+            f"unknown composition mode {mode!r}: choose from {', '.join(COMPOSITION_MODES)}"
+        )
+    elif one_per_preference and mode != "one-per-preference":
+        raise InvalidPersonaError(
+            f"one_per_preference=True contradicts mode={mode!r}; give only mode"
+        )
     description: str | None = None
     if isinstance(spec, PersonaProfile):
         items: Sequence[PreferenceItem] = spec.preferences
@@ -583,7 +606,7 @@ def compose(
         _check_opposites(aspects)
 
     n = len(aspects)
-    if one_per_preference:
+    if mode == "one-per-preference":
         k = max(k, n)
         if k > MAX_PERSONAS:
             raise InvalidPersonaError(
@@ -592,12 +615,20 @@ def compose(
             )
     texts: list[list[str]] = [[] for _ in range(k)]
     labels: list[list[str]] = [[] for _ in range(k)]
-    for slot in range(max(n, k)):
-        aspect = aspects[slot % n]
-        texts[slot % k].append(aspect.phrasings[(slot // n) % len(aspect.phrasings)])
+
+    def place(prefix: int, aspect: _Aspect, phrasing: int) -> None:
+        texts[prefix].append(aspect.phrasings[phrasing % len(aspect.phrasings)])
         # Free text has no label; a prefix of free text only keeps name=None.
-        if aspect.label and aspect.label not in labels[slot % k]:
-            labels[slot % k].append(aspect.label)
+        if aspect.label and aspect.label not in labels[prefix]:
+            labels[prefix].append(aspect.label)
+
+    if mode == "full":
+        for prefix in range(k):
+            for j in range(n):
+                place(prefix, aspects[(prefix + j) % n], prefix)
+    else:
+        for slot in range(max(n, k)):
+            place(slot % k, aspects[slot % n], slot // n)
 
     personas = []
     for prefix_texts, prefix_labels in zip(texts, labels, strict=True):
@@ -606,8 +637,8 @@ def compose(
         if len(text) > MAX_PERSONA_CHARS:
             raise InvalidPersonaError(
                 f"a composed persona has {len(text)} characters; the limit is "
-                f"{MAX_PERSONA_CHARS}: shorten the description or free-text preferences, or "
-                "raise k to spread them over more prefixes"
+                f"{MAX_PERSONA_CHARS}: shorten the description or free-text preferences"
+                + ("" if mode == "full" else ", or raise k to spread them over more prefixes")
             )
         personas.append(Persona(text=text, name="+".join(prefix_labels) or None))
     return personas
@@ -625,6 +656,7 @@ def resolve_personas(
     *,
     store: AbstractProfileStore | str | os.PathLike[str] | None = None,
     k: int | None = None,
+    mode: str | None = None,
 ) -> list[Persona]:
     """Turn the engine's ``personas=`` argument into validated :class:`Persona` prefixes.
 
@@ -639,7 +671,9 @@ def resolve_personas(
       database path; default :func:`pj_core.store.default_store_path`): :func:`compose` of
       the profile.
 
-    Passing ``k`` composes with exactly ``k`` prefixes whatever the input.
+    Passing ``k`` composes with exactly ``k`` prefixes whatever the input. Passing ``mode``
+    (from :data:`COMPOSITION_MODES`) composes any input with that placement (``k`` prefixes,
+    default 2).
 
     Raises:
         InvalidPersonaError: invalid or missing text, or an unknown preference name.
@@ -648,10 +682,14 @@ def resolve_personas(
     Example:
         >>> [p.text for p in resolve_personas(["Be funny.", "Be brief."])]
         ['Be funny.', 'Be brief.']
+        >>> [p.name for p in resolve_personas(["humor", "concise"], mode="full")]
+        ['humor+concise', 'concise+humor']
     """
     if isinstance(personas, str) and personas.strip().startswith(USER_PREFIX):
         user_id = personas.strip()[len(USER_PREFIX) :]
         personas = _load_profile(check_user_id(user_id), store)
+    if mode is not None:
+        return compose(personas, k or 2, mode=mode)
     if isinstance(personas, PersonaProfile | str | Preference | Persona):
         return compose(personas, k or 2)
     if k is not None:

@@ -22,6 +22,7 @@ from pj_core.eval.separation import (
     write_report,
 )
 from pj_core.models import LoadedModel
+from pj_core.personas import compose
 
 # Hand-written answers per set: B's are longer, harder and ruder.
 ANSWER_A = "Sure! Plants use sun to make food. It is fun."
@@ -58,6 +59,8 @@ def test_methods_hand_the_engine_what_they_say() -> None:
     assert direct[0].text == direct_prompt(resolve_dimensions(preferences))
     assert len(method_personas("pj:round-robin", preferences)[0]) == 2
     assert len(method_personas("pj:one-per-preference", preferences)[0]) == 3
+    full, _ = method_personas("pj:full", preferences)
+    assert full == compose(preferences, mode="full") and len(full) == 2
     assert method_personas("default", preferences)[0] == preferences
     with pytest.raises(EvaluationError, match="unknown method"):
         method_personas("nope", preferences)

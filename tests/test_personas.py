@@ -262,6 +262,35 @@ def test_one_per_preference_gives_each_its_own_prefix() -> None:
     assert len(compose(["humor"], one_per_preference=True)) == 2
 
 
+def test_full_mode_puts_every_preference_in_every_prefix() -> None:
+    names = ["concise", "elementary", "friendly"]
+    personas = compose(names, mode="full")
+    assert len(personas) == 2
+    for index, persona in enumerate(personas):
+        # Prefix i: every preference, its i-th phrasing, starting from the i-th preference.
+        order = names[index:] + names[:index]
+        assert persona.text == " ".join(CATALOG[n].phrasings[index] for n in order)
+        assert persona.name == "+".join(order)
+    assert personas[0].text != personas[1].text
+    three = compose(names, k=3, mode="full")
+    assert three[2].text.startswith(CATALOG["friendly"].phrasings[0])  # phrasings cycle
+    # One preference: its two phrasings, as in the other modes.
+    assert [p.text for p in compose("humor", mode="full")] == list(CATALOG["humor"].phrasings)
+    # Selectable by name through resolve_personas.
+    assert resolve_personas(names, mode="full") == personas
+    assert resolve_personas(names, mode="round-robin") == compose(names)
+    assert resolve_personas(names, mode="one-per-preference") == resolve_personas(names)
+
+
+def test_composition_mode_errors() -> None:
+    with pytest.raises(InvalidPersonaError, match="unknown composition mode 'mixed'"):
+        compose(["humor", "concise"], mode="mixed")
+    with pytest.raises(InvalidPersonaError, match="contradicts"):
+        compose(["humor", "concise"], mode="full", one_per_preference=True)
+    with pytest.raises(InvalidPersonaError, match="opposite poles"):
+        compose(["concise", "informative"], mode="full")
+
+
 def test_profile_description_goes_first_in_every_prefix() -> None:
     profile = PersonaProfile(
         user_id="kid", preferences=["elementary", "humor"], description="I love dinosaurs."

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pj_core.personas import CATALOG, compose, get_preference
+from pj_core.personas import CATALOG, COMPOSITION_MODES, compose, get_preference
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -42,6 +42,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     preview.add_argument("--k", type=int, default=2, help="number of prefixes (default 2)")
     preview.add_argument(
         "--one-per-preference", action="store_true", help="give each preference its own prefix"
+    )
+    preview.add_argument(
+        "--mode",
+        choices=COMPOSITION_MODES,
+        default=None,
+        help="placement: round-robin (default), one-per-preference, or full (every prefix "
+        "carries every preference, in its own order and phrasing)",
     )
     preview.add_argument(
         "--allow-opposites",
@@ -94,6 +101,7 @@ def _compose(args: argparse.Namespace) -> int:
         args.k,
         one_per_preference=args.one_per_preference,
         allow_opposites=args.allow_opposites,
+        mode=args.mode,
     )
     for index, persona in enumerate(personas):
         print(f"prefix {index} ({persona.name or 'free text'}):")

@@ -19,6 +19,8 @@ Methods (all on the same engine, model, seeds and sampling settings):
 - ``pj:round-robin``: Persona-judge over ``compose(set, k=2)`` (preferences dealt over two
   prefixes);
 - ``pj:one-per-preference``: Persona-judge with one prefix per preference;
+- ``pj:full``: Persona-judge over two prefixes that each carry the whole set, in different
+  orders and phrasings (``compose(set, mode="full")``);
 - ``default``: exactly what a user writes, ``generate(prompt, personas=[catalog names])``.
 
 Example (a fake generator whose B answers are longer):
@@ -47,7 +49,7 @@ from pj_core.eval.data import load_prompts
 from pj_core.eval.methods import direct_prompt, resolve_dimensions
 from pj_core.eval.objective import PROXIES, Fluency, repeated_trigram_share
 from pj_core.eval.stats import mean_ci
-from pj_core.personas import Persona, compose, get_preference
+from pj_core.personas import COMPOSITION_MODES, Persona, compose, get_preference
 from pj_core.settings import DEFAULTS
 
 P_SOUPS_A: tuple[str, ...] = ("concise", "elementary", "friendly")
@@ -59,7 +61,7 @@ SEPARATION_METHODS: tuple[str, ...] = (
     "default",
 )
 SEPARATION_MAX_NEW_TOKENS = 96
-"""Answers need room to differ in length; 96 tokens keeps 12 prompts x 4 methods x 2 sets
+"""Answers need room to differ in length; 96 tokens keeps 12 prompts x 5 methods x 2 sets
 under 40 minutes on a 2-core CPU with SmolLM2."""
 
 PersonasArg = Any
@@ -133,10 +135,8 @@ def method_personas(method: str, preferences: Sequence[str]) -> tuple[PersonasAr
         text = direct_prompt(resolve_dimensions(preferences))
         persona = Persona(text=text, name="direct")
         return [persona, persona], True
-    if method == "pj:round-robin":
-        return compose(list(preferences), k=2), True
-    if method == "pj:one-per-preference":
-        return compose(list(preferences), one_per_preference=True), True
+    if method.startswith("pj:") and method[3:] in COMPOSITION_MODES:
+        return compose(list(preferences), k=2, mode=method[3:]), True
     if method == "default":
         return list(preferences), True
     raise EvaluationError(f"unknown method {method!r}: choose from {', '.join(SEPARATION_METHODS)}")
