@@ -68,7 +68,7 @@ def test_one_prompt_run_with_every_judge(
     assert -1.0 <= scores[("embedding", "direct")] <= 1.0
     summary = build_summary(log, n_resamples=100)
     judges = {r["judge"] for r in summary["win_rates"]}
-    assert judges == {"pairwise", "pairwise-soft", "reward", "embedding"}
+    assert judges == {"pairwise", "pairwise-soft", "pairwise-calibrated", "reward", "embedding"}
 
 
 def test_gemma_log_probs_batched_with_padding_equal_one_at_a_time(gemma: LoadedModel) -> None:

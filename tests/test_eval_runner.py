@@ -12,7 +12,7 @@ import pytest
 
 from pj_core.errors import EvaluationError
 from pj_core.eval.config import EvalConfig
-from pj_core.eval.judges import PairwiseJudge, ScoreItem
+from pj_core.eval.judges import CONTENT_FREE_ANSWER, PairwiseJudge, ScoreItem
 from pj_core.eval.methods import Method
 from pj_core.eval.records import ResultsLog
 from pj_core.eval.report import build_summary, markdown_table, write_report
@@ -47,6 +47,9 @@ class FakeModels:
         return GeneratedAnswer(text, "length", {"tokens": words, "acceptance_rate": 0.5})
 
     def letters(self, system: str, user: str) -> tuple[float, float]:
+        if f"[Question]\n{CONTENT_FREE_ANSWER}\n" in user:  # the judge's calibration pair
+            self.calls["calibration"] += 1
+            return 0.5, 0.5
         self.calls["pairwise"] += 1
         self.asked.append(user)
         a = user.split("[Answer A]\n")[1].split("\n\n")[0]
@@ -135,17 +138,18 @@ def test_interrupted_run_resumes_with_only_the_remainder(tmp_path: Path) -> None
         run_evaluation(
             CONFIG, path, backends=first.backends(), on_record=stop_after_20, progress=False
         )
-    # Prompt by prompt: the first prompt's 5 answers, its 12 pairwise judgments and 3 of its
-    # 8 reward scores (scored in one call) made it to disk, after the config record.
-    assert dict(first.calls) == {"generate": 5, "pairwise": 12, "score": 8}
+    # Prompt by prompt: the first prompt's 5 answers, the pairwise judge's content-free
+    # calibration of both dimensions, its 12 pairwise judgments and 1 of its 8 reward scores
+    # (scored in one call) made it to disk, after the config record.
+    assert dict(first.calls) == {"generate": 5, "calibration": 2, "pairwise": 12, "score": 8}
     assert len(ResultsLog(path).records) == 21
 
     second = FakeModels()
     run_evaluation(CONFIG, path, backends=second.backends(), progress=False)
-    # Only the remainder: the other two prompts, and the 5 missing scores of the first.
+    # Only the remainder: the other two prompts, and the 7 missing scores of the first.
     assert second.calls["generate"] == 10
-    assert second.calls["pairwise"] == 24
-    assert second.calls["score"] == 5 + 8 + 2 * 16
+    assert second.calls["pairwise"] == 24 and second.calls["calibration"] == 0
+    assert second.calls["score"] == 7 + 8 + 2 * 16
     assert _content(path) == _content(reference)
 
     third = FakeModels()
@@ -162,8 +166,9 @@ def test_a_cut_off_last_line_is_repaired_and_redone(tmp_path: Path) -> None:
     path.write_text("".join(lines[:10]) + lines[10][: len(lines[10]) // 2])
     fake = FakeModels()
     run_evaluation(CONFIG, path, backends=fake.backends(), progress=False)
-    # The config line, prompt 1's 5 answers and 4 judgments survived; the cut line is redone.
-    assert fake.calls["generate"] == 10 and fake.calls["pairwise"] == 3 * 12 - 4
+    # The config line, prompt 1's 5 answers, the humour calibration and 3 judgments survived;
+    # the cut line (the 4th judgment) is redone.
+    assert fake.calls["generate"] == 10 and fake.calls["pairwise"] == 3 * 12 - 3
     assert _content(path) == _content(reference)
     for line in path.read_text().splitlines():
         json.loads(line)  # every line is whole again

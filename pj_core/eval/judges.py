@@ -112,6 +112,42 @@ def combine_orders(verdict_first: Verdict, verdict_swapped: Verdict) -> float:
     return TIE
 
 
+CONTENT_FREE_ANSWER = "N/A"
+"""The content-free answer of the calibration pair (both slots, question too)."""
+
+
+def band(prob_first: float, tie_margin: float) -> Verdict:
+    """The verdict for a normalised probability of ``A``: ``"tie"`` within ``tie_margin``
+    of 0.5.
+
+    Example:
+        >>> band(0.6, 0.05), band(0.52, 0.05), band(0.3, 0.05)
+        ('A', 'tie', 'B')
+    """
+    if prob_first > 0.5 + tie_margin:
+        return "A"
+    if prob_first < 0.5 - tie_margin:
+        return "B"
+    return "tie"
+
+
+def calibrated_prob_first(p_a: float, p_b: float, free_a: float, free_b: float) -> float:
+    """``p(A) / (p(A) + p(B))`` after dividing out the judge's letter bias, measured on a
+    content-free pair (``free_a``, ``free_b``: its letter probabilities there): contextual
+    calibration (Zhao et al. 2021). A judge that only ever says "A" gives 0.5.
+
+    Example:
+        >>> calibrated_prob_first(0.9, 0.1, 0.9, 0.1)   # exactly its bias: no preference
+        0.5
+        >>> round(calibrated_prob_first(0.6, 0.4, 0.5, 0.5), 2)
+        0.6
+    """
+    if min(p_a, p_b, free_a, free_b) <= 0.0:
+        return 0.5 if p_a + p_b <= 0.0 else p_a / (p_a + p_b)
+    a, b = p_a / free_a, p_b / free_b
+    return a / (a + b)
+
+
 class PairwiseJudge:
     """LLM-as-judge on pairs, from the next-token probabilities of ``A`` and ``B``.
 
@@ -158,13 +194,14 @@ class PairwiseJudge:
         total = p_a + p_b
         # Neither letter likely at all: the judge gave no usable preference.
         prob_first = p_a / total if total > 0.0 else 0.5
-        if prob_first > 0.5 + self.tie_margin:
-            verdict: Verdict = "A"
-        elif prob_first < 0.5 - self.tie_margin:
-            verdict = "B"
-        else:
-            verdict = "tie"
-        return OrderVerdict(p_a=p_a, p_b=p_b, prob_first=prob_first, verdict=verdict)
+        return OrderVerdict(
+            p_a=p_a, p_b=p_b, prob_first=prob_first, verdict=band(prob_first, self.tie_margin)
+        )
+
+    def content_free(self, aspect: Aspect) -> OrderVerdict:
+        """The judge's reading of a content-free pair (question and both answers
+        :data:`CONTENT_FREE_ANSWER`): its letter bias for this aspect's prompt."""
+        return self.verdict(CONTENT_FREE_ANSWER, aspect, CONTENT_FREE_ANSWER, CONTENT_FREE_ANSWER)
 
 
 def _letter_ids(tokenizer: PreTrainedTokenizerBase, letter: str) -> list[int]:

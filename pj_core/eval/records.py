@@ -9,6 +9,8 @@ the result of, so a rerun skips every key already in the file (resume):
 - ``pairwise``: ``judge, dimension, prompt_id, method_a, method_b, order, p_a, p_b,
   prob_first, verdict``; order ``"ab"`` shows method_a in slot A, ``"ba"`` shows it in slot B;
 - ``score``: ``judge, dimension, prompt_id, method, score`` (pointwise judges);
+- ``calibration``: ``judge, dimension, p_a, p_b, prob_first, verdict``: the pairwise judge on
+  a content-free pair, once per dimension (its letter bias);
 - ``fluency``: ``prompt_id, method, seed, repeated_trigrams, perplexity, tokens`` (the fluency
   guard of one answer, :mod:`pj_core.eval.objective`).
 
@@ -52,6 +54,11 @@ def pairwise_key(
 def score_key(judge: str, dimension: str, prompt_id: str, method: str) -> str:
     """Key of one pointwise score."""
     return f"score|{judge}|{dimension}|{prompt_id}|{method}"
+
+
+def calibration_key(judge: str, dimension: str) -> str:
+    """Key of a pairwise judge's content-free calibration for one dimension."""
+    return f"calibration|{judge}|{dimension}"
 
 
 def fluency_key(prompt_id: str, method: str, seed: int) -> str:

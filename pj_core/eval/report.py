@@ -29,27 +29,42 @@ from statistics import mean
 from typing import Any
 
 from pj_core.errors import EvaluationError
-from pj_core.eval.judges import combine_orders
+from pj_core.eval.judges import (
+    DEFAULT_TIE_MARGIN,
+    band,
+    calibrated_prob_first,
+    combine_orders,
+)
 from pj_core.eval.methods import DIRECT, PERSONA_JUDGE, PERSONA_JUDGE_BASE, SINGLE_PREFIX
 from pj_core.eval.records import Record, ResultsLog
-from pj_core.eval.stats import outcome_from_scores, win_rate_ci
+from pj_core.eval.stats import TIE, outcome_from_scores, win_rate_ci
 
 OutcomeKey = tuple[str, str, str]  # (judge, dimension, method)
 SCORE_TIE_EPS = 1e-6
 
 
-def outcomes_pairwise(records: Iterable[Record]) -> dict[OutcomeKey, dict[str, float]]:
+def outcomes_pairwise(
+    records: Iterable[Record],
+    calibrations: Iterable[Record] = (),
+    *,
+    tie_margin: float = DEFAULT_TIE_MARGIN,
+) -> dict[OutcomeKey, dict[str, float]]:
     """Per-prompt outcomes of the pairwise judge; prompts missing an order are left out.
 
-    Two readings of the same records:
+    Readings of the same records:
 
     - ``<judge>``: the verdicts combined by :func:`combine_orders` (win only if both orders
       agree): the strict reading;
     - ``<judge>-soft``: the judge's probability of preferring the method, averaged over both
       orders, ``(P_ab + 1 - P_ba) / 2`` with ``P = p(A) / (p(A) + p(B))``. A constant position
       bias cancels in the average, so a weak but consistent preference still shows, where
-      the strict reading calls it a tie.
+      the strict reading calls it a tie;
+    - ``<judge>-calibrated`` (where ``calibrations`` hold the judge's content-free reading of
+      that dimension): each order's probabilities with the letter bias divided out
+      (:func:`pj_core.eval.judges.calibrated_prob_first`), the ``tie_margin`` band applied,
+      then both orders combined as in the strict reading.
     """
+    free = {(c["judge"], c["dimension"]): c for c in calibrations}
     orders: dict[tuple[str, str, str, str], dict[str, Record]] = defaultdict(dict)
     for r in records:
         orders[(r["judge"], r["dimension"], r["method_a"], r["prompt_id"])][r["order"]] = r
@@ -63,7 +78,44 @@ def outcomes_pairwise(records: Iterable[Record]) -> dict[OutcomeKey, dict[str, f
             if "prob_first" in first and "prob_first" in swapped:
                 soft = (float(first["prob_first"]) + 1.0 - float(swapped["prob_first"])) / 2.0
                 out[(f"{judge}-soft", dimension, method)][prompt_id] = soft
+            bias = free.get((judge, dimension))
+            if bias is not None and all("p_a" in r for r in (first, swapped)):
+                verdicts = [
+                    band(
+                        calibrated_prob_first(r["p_a"], r["p_b"], bias["p_a"], bias["p_b"]),
+                        tie_margin,
+                    )
+                    for r in (first, swapped)
+                ]
+                out[(f"{judge}-calibrated", dimension, method)][prompt_id] = combine_orders(
+                    verdicts[0], verdicts[1]
+                )
     return dict(out)
+
+
+UNINFORMATIVE_BELOW = 0.2
+"""A pairwise reading decisive (both orders agree on a winner) on fewer pairs than this
+share is reported as uninformative."""
+
+
+def pairwise_decisiveness(log: ResultsLog, *, tie_margin: float) -> dict[str, dict[str, Any]]:
+    """Per strict reading (``pairwise``, ``pairwise-calibrated``): on how many judged pairs
+    both orders agreed on a winner, and whether that makes the judge informative."""
+    outcomes = outcomes_pairwise(
+        log.of_kind("pairwise"), log.of_kind("calibration"), tie_margin=tie_margin
+    )
+    out: dict[str, dict[str, Any]] = {}
+    for reading in sorted({judge for judge, _, _ in outcomes}):
+        if reading.endswith("-soft"):
+            continue
+        values = [v for (j, _, _), by in outcomes.items() if j == reading for v in by.values()]
+        decisive = sum(v != TIE for v in values) / len(values) if values else 0.0
+        out[reading] = {
+            "pairs": len(values),
+            "decisive_share": decisive,
+            "informative": decisive >= UNINFORMATIVE_BELOW,
+        }
+    return out
 
 
 def outcomes_scores(records: Iterable[Record]) -> dict[OutcomeKey, dict[str, float]]:
@@ -94,7 +146,9 @@ def win_rate_rows(
     log: ResultsLog, *, n_resamples: int = 2000, seed: int = 0
 ) -> list[dict[str, Any]]:
     """One row per (judge, dimension, method): win rate against direct with its 95% CI."""
-    outcomes = outcomes_pairwise(log.of_kind("pairwise"))
+    outcomes = outcomes_pairwise(
+        log.of_kind("pairwise"), log.of_kind("calibration"), tie_margin=_tie_margin(log)
+    )
     outcomes.update(outcomes_scores(log.of_kind("score")))
     rows = []
     for (judge, dimension, method), by_prompt in sorted(outcomes.items()):
@@ -110,6 +164,11 @@ def win_rate_rows(
             }
         )
     return rows
+
+
+def _tie_margin(log: ResultsLog) -> float:
+    settings = log.records.get("config", {}).get("settings", {})
+    return float(settings.get("tie_margin", DEFAULT_TIE_MARGIN))
 
 
 def generation_summary(log: ResultsLog) -> dict[str, dict[str, Any]]:
@@ -167,6 +226,10 @@ def build_summary(log: ResultsLog, *, n_resamples: int = 2000, seed: int = 0) ->
         },
         "generation": generation_summary(log),
         "fluency": fluency_summary(log),
+        "pairwise_decisiveness": pairwise_decisiveness(log, tie_margin=_tie_margin(log)),
+        "pairwise_content_free_prob_a": _mean(
+            r.get("prob_first") for r in log.of_kind("calibration")
+        ),
         "pairwise_share_slot_a": pairwise_position_bias(log),
         "pairwise_tie_share": (
             sum(r["verdict"] == "tie" for r in pairwise) / len(pairwise) if pairwise else None
@@ -214,6 +277,15 @@ def markdown_table(summary: dict[str, Any]) -> str:
                 cell += f" ({row['wins']}/{row['ties']}/{row['losses']})"
             cells.append(cell)
         lines.append(f"| {dimension} | {judge} | {n} | " + " | ".join(cells) + " |")
+    for reading, row in (summary.get("pairwise_decisiveness") or {}).items():
+        share = f"{row['decisive_share']:.0%}"
+        if row["informative"]:
+            lines.append(f"\n{reading}: decisive (both orders agree) on {share} of pairs.")
+        else:
+            lines.append(
+                f"\n{reading}: decisive on only {share} of {row['pairs']} pairs: this judge is "
+                "uninformative here; read the objective axes (pj eval separation) instead."
+            )
     fluency = summary.get("fluency") or {}
     if fluency:
         lines += [

@@ -49,6 +49,7 @@ from pj_core.eval.records import (
     CONFIG_KEY,
     Record,
     ResultsLog,
+    calibration_key,
     fluency_key,
     generation_key,
     pairwise_key,
@@ -228,6 +229,11 @@ class _Tasks:
         keys = [k for k, _ in self._generation_keys(prompt)]
         keys += [k for k, _ in self._fluency_keys(prompt)]
         keys += [k for k, *_ in self._pairwise_keys(prompt)]
+        if prompt is self.prompts[0]:  # one content-free calibration per judged dimension
+            judged = dict.fromkeys(
+                aspect.dimension for _, aspect, *_ in self._pairwise_keys(prompt)
+            )
+            keys += [calibration_key("pairwise", dimension) for dimension in judged]
         for judge in self._pointwise_judges():
             keys += [k for k, *_ in self._score_keys(judge, prompt)]
         return keys
@@ -315,10 +321,28 @@ class _Tasks:
             self._pairwise = self.backends.pairwise()
         return self._pairwise
 
+    def _calibrate(self, aspect: Aspect, bar: tqdm) -> None:
+        key = calibration_key("pairwise", aspect.dimension)
+        if key in self.log:
+            return
+        bar.set_postfix_str(f"calibrate pairwise {aspect.dimension}")
+        verdict = self._pairwise_judge().content_free(aspect)
+        self._write(
+            {
+                "kind": "calibration",
+                "key": key,
+                "judge": "pairwise",
+                "dimension": aspect.dimension,
+                **asdict(verdict),
+            },
+            bar,
+        )
+
     def _run_pairwise(self, prompt: EvalPrompt, bar: tqdm) -> None:
         for key, aspect, method, order in self._pairwise_keys(prompt):
             if key in self.log:
                 continue
+            self._calibrate(aspect, bar)
             ours, baseline = self._answer(prompt.id, method), self._answer(prompt.id, DIRECT)
             first, second = (ours, baseline) if order == "ab" else (baseline, ours)
             bar.set_postfix_str(f"{prompt.id} pairwise {aspect.dimension}")
