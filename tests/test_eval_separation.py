@@ -52,6 +52,17 @@ def test_axes_pair_opposite_poles_with_a_proxy() -> None:
         axes_for(["humor"], ["vivid"])
 
 
+def test_every_composition_mode_is_a_method() -> None:
+    assert SEPARATION_METHODS == (
+        "direct",
+        "pj:round-robin",
+        "pj:one-per-preference",
+        "pj:full",
+        "default",
+    )
+    assert SeparationConfig().methods == SEPARATION_METHODS
+
+
 def test_methods_hand_the_engine_what_they_say() -> None:
     preferences = ["concise", "elementary", "friendly"]
     direct, _ = method_personas("direct", preferences)

@@ -58,6 +58,7 @@ SEPARATION_METHODS: tuple[str, ...] = (
     "direct",
     "pj:round-robin",
     "pj:one-per-preference",
+    "pj:full",
     "default",
 )
 SEPARATION_MAX_NEW_TOKENS = 96
