@@ -166,9 +166,9 @@ def test_a_cut_off_last_line_is_repaired_and_redone(tmp_path: Path) -> None:
     path.write_text("".join(lines[:10]) + lines[10][: len(lines[10]) // 2])
     fake = FakeModels()
     run_evaluation(CONFIG, path, backends=fake.backends(), progress=False)
-    # The config line, prompt 1's 5 answers, the humour calibration and 3 judgments survived;
-    # the cut line (the 4th judgment) is redone.
-    assert fake.calls["generate"] == 10 and fake.calls["pairwise"] == 3 * 12 - 3
+    # The config line, prompt 1's 5 answers, both calibrations and 2 judgments survived; the
+    # cut line (the 3rd judgment) is redone.
+    assert fake.calls["generate"] == 10 and fake.calls["pairwise"] == 3 * 12 - 2
     assert _content(path) == _content(reference)
     for line in path.read_text().splitlines():
         json.loads(line)  # every line is whole again

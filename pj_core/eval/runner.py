@@ -339,10 +339,13 @@ class _Tasks:
         )
 
     def _run_pairwise(self, prompt: EvalPrompt, bar: tqdm) -> None:
+        # Every judged dimension is calibrated once, also in a run resumed from a file that
+        # holds all its judgments but no calibration (written by an older version).
+        for aspect in {a.dimension: a for _, a, *_ in self._pairwise_keys(prompt)}.values():
+            self._calibrate(aspect, bar)
         for key, aspect, method, order in self._pairwise_keys(prompt):
             if key in self.log:
                 continue
-            self._calibrate(aspect, bar)
             ours, baseline = self._answer(prompt.id, method), self._answer(prompt.id, DIRECT)
             first, second = (ours, baseline) if order == "ab" else (baseline, ours)
             bar.set_postfix_str(f"{prompt.id} pairwise {aspect.dimension}")
