@@ -202,3 +202,20 @@ def autoregressive_distribution(
 def total_variation(a: dict[tuple[int, ...], float], b: dict[tuple[int, ...], float]) -> float:
     keys = set(a) | set(b)
     return 0.5 * sum(abs(a.get(key, 0.0) - b.get(key, 0.0)) for key in keys)
+
+
+def tv_tolerance(exact: dict[tuple[int, ...], float], samples: int) -> float:
+    """99.9th percentile of TV(exact, empirical distribution of ``samples`` multinomial draws
+    from it), simulated 4000 times with a fixed seed: the tolerance of the exactness tests (a
+    correct sampler exceeds it with probability about 1e-3)."""
+    keys = list(exact)
+    probs = torch.tensor([exact[k] for k in keys], dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.multinomial(
+        probs.expand(4000, -1), samples, replacement=True, generator=generator
+    )
+    counts = torch.zeros(4000, len(keys), dtype=torch.float64).scatter_add_(
+        1, draws, torch.ones_like(draws, dtype=torch.float64)
+    )
+    tv = 0.5 * (counts / samples - probs).abs().sum(dim=1)
+    return float(torch.quantile(tv, 0.999))

@@ -8,8 +8,10 @@ cache itself point ``PJ_CACHE_DIR`` at a temporary directory of their own.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
 
 import pytest
+import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from pj_core.models import BUILTIN_MODELS, LoadedModel, load_model
@@ -29,6 +31,17 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def tiny_model(tiny_tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
     """A random 2-layer Llama sized to ``tiny_tokenizer`` (seed 0)."""
     return make_tiny_model(len(tiny_tokenizer))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread for a module: tiny matrices gain nothing from threads, and on a
+    shared 2-core machine OpenMP spinning makes them ~10x slower. Use it with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------------------------

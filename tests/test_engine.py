@@ -28,19 +28,11 @@ from tests._engine_reference import (
 )
 from tests._tiny import make_tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 EOS = frozenset({1})
 SAMPLED: dict[str, Any] = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
 FILTERED: dict[str, Any] = {"temperature": 0.8, "top_k": 6, "top_p": 0.9}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny matrices gain nothing from threads, and on a shared 2-core machine OpenMP spinning
-    # makes them ~10x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -35,8 +35,11 @@ from tests._engine_reference import (
     autoregressive_distribution,
     exact_sequence_distribution,
     total_variation,
+    tv_tolerance,
 )
 from tests._tiny import make_tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 EOS = frozenset({1})
 SETTINGS: dict[str, Any] = {"temperature": 1.0, "top_k": 2, "top_p": 1.0}
@@ -99,14 +102,6 @@ TRANSFORMS: dict[str, tuple[Callable[[], LogitTransform], PrefixTransform]] = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def pj() -> PersonaJudge:
     # Model seed 7 with these personas: their top-2 answers often repeat a token, so banning
@@ -145,17 +140,7 @@ def _exact(
 
 def _tolerance(exact: dict[tuple[int, ...], float]) -> float:
     """99.9th percentile of TV(exact, empirical of SAMPLES multinomial draws)."""
-    keys = list(exact)
-    probs = torch.tensor([exact[k] for k in keys], dtype=torch.float64)
-    generator = torch.Generator().manual_seed(0)
-    draws = torch.multinomial(
-        probs.expand(4000, -1), SAMPLES, replacement=True, generator=generator
-    )
-    counts = torch.zeros(4000, len(keys), dtype=torch.float64).scatter_add_(
-        1, draws, torch.ones_like(draws, dtype=torch.float64)
-    )
-    tv = 0.5 * (counts / SAMPLES - probs).abs().sum(dim=1)
-    return float(torch.quantile(tv, 0.999))
+    return tv_tolerance(exact, SAMPLES)
 
 
 def _answers(

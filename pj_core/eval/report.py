@@ -307,17 +307,23 @@ def markdown_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def draw_chart(summary: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Grouped bars of win rate vs direct with 95% CIs: one panel per judge."""
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend, or a typed error naming the extra."""
     try:
         import matplotlib
     except ImportError:
         raise EvaluationError(
             "drawing the chart needs matplotlib: pip install 'persona-judge[plots]'"
         ) from None
-
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def draw_chart(summary: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Grouped bars of win rate vs direct with 95% CIs: one panel per judge."""
+    plt = pyplot()
 
     rows = summary["win_rates"]
     judges = sorted({r["judge"] for r in rows})

@@ -302,14 +302,9 @@ def markdown_table(summary: dict[str, Any]) -> str:
 
 def draw_chart(summary: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """One panel per axis: a bar per method with its 95% interval; 0 is no separation."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise EvaluationError(
-            "drawing the chart needs matplotlib: pip install 'persona-judge[plots]'"
-        ) from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from pj_core.eval.report import pyplot
+
+    plt = pyplot()
 
     axes = summary["axes"]
     methods = list(summary["separation"])
