@@ -73,17 +73,16 @@ def lockstep_emissions(
         contexts = BatchedContexts(model, [prompt[:-1] for prompt in prompts])
     counters.prefill_seconds += time.perf_counter() - started
     next_inputs = [prompt[-1] for prompt in prompts]
-    answer: list[int] = []
-    emitted = 0
+    answer: list[int] = []  # the tokens emitted so far
     round_index = 0
     lookahead = config.lookahead
     try:
-        while emitted < config.max_new_tokens:
+        while len(answer) < config.max_new_tokens:
             roles = round_roles(round_index, n_personas=len(prompts), alternate=config.alternate)
             draws = draw_round(generator, lookahead)
             counters.rounds += 1
             # The speculative draft drafts at most what the budget has left.
-            draft_length = min(lookahead, config.max_new_tokens - emitted)
+            draft_length = min(lookahead, config.max_new_tokens - len(answer))
             before = tuple(answer)
             round_tokens: tuple[int, ...] = ()  # the round's tokens so far (accepted drafts)
             position = 0
@@ -103,11 +102,10 @@ def lockstep_emissions(
                 else:  # the whole lookahead passed
                     token, outcome = bonus_token(p, draws), "bonus"
                 counters.record(outcome)
-                emitted += 1
                 answer.append(token)
                 round_tokens += (token,)
                 yield Emission(token, round_index, roles, outcome)
-                if token in eos_ids or emitted >= config.max_new_tokens:
+                if token in eos_ids or len(answer) >= config.max_new_tokens:
                     return
                 next_inputs = [token] * len(prompts)
                 if outcome != "accepted":

@@ -17,6 +17,11 @@ from pj_core.errors import PersonaJudgeError
 SUBCOMMAND_MODULES: tuple[str, ...] = ("info", "generate", "eval", "personas", "profiles", "bench")
 
 
+def csv_tuple(value: str) -> tuple[str, ...]:
+    """An argparse ``type`` for comma-separated lists: ``"a, b,"`` -> ``("a", "b")``."""
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every sub-command registered."""
     parser = argparse.ArgumentParser(

@@ -16,12 +16,9 @@ import argparse
 import os
 from pathlib import Path
 
+from pj_core.cli import csv_tuple
 from pj_core.eval.config import JUDGE_NAMES, EvalConfig
 from pj_core.settings import STRATEGIES
-
-
-def _csv(value: str) -> tuple[str, ...]:
-    return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -51,13 +48,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--dimensions",
-        type=_csv,
+        type=csv_tuple,
         default=defaults.dimensions,
         help="comma-separated catalog preferences (default humor,harmless,vivid)",
     )
     parser.add_argument(
         "--methods",
-        type=_csv,
+        type=csv_tuple,
         default=None,
         help="comma-separated: persona-judge, persona-judge-base, single, "
         "single:<dim> (direct always runs; default: all)",
@@ -87,7 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument(
         "--judges",
-        type=_csv,
+        type=csv_tuple,
         default=defaults.judges,
         help=f"comma-separated, from {','.join(JUDGE_NAMES)} "
         f"(default: {','.join(defaults.judges)})",

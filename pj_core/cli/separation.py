@@ -16,11 +16,8 @@ import argparse
 import os
 from pathlib import Path
 
+from pj_core.cli import csv_tuple
 from pj_core.eval.separation import SEPARATION_METHODS, SeparationConfig
-
-
-def _csv(value: str) -> tuple[str, ...]:
-    return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,14 +33,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument(
-        "--set-a", type=_csv, default=defaults.set_a, help="default %(default)s (comma-separated)"
+        "--set-a",
+        type=csv_tuple,
+        default=defaults.set_a,
+        help="default %(default)s (comma-separated)",
     )
     parser.add_argument(
-        "--set-b", type=_csv, default=defaults.set_b, help="default %(default)s (comma-separated)"
+        "--set-b",
+        type=csv_tuple,
+        default=defaults.set_b,
+        help="default %(default)s (comma-separated)",
     )
     parser.add_argument(
         "--methods",
-        type=_csv,
+        type=csv_tuple,
         default=defaults.methods,
         help=f"comma-separated, from {','.join(SEPARATION_METHODS)} (default: all)",
     )

@@ -107,7 +107,18 @@ class EvalConfig:
             >>> config.prompt_seed("koala_0") == config.prompt_seed("koala_0")
             True
         """
-        return (self.seed * 1_000_003 + zlib.crc32(prompt_id.encode("utf-8"))) % (2**31)
+        return prompt_seed(self.seed, prompt_id)
+
+
+def prompt_seed(base_seed: int, prompt_id: str) -> int:
+    """The seed of every answer to one prompt, from a run's base seed and the prompt id:
+    stable across runs and prompt limits, shared by ``pj eval`` and ``pj eval separation``.
+
+    Example:
+        >>> prompt_seed(0, "koala_0") == prompt_seed(0, "koala_0") != prompt_seed(1, "koala_0")
+        True
+    """
+    return (base_seed * 1_000_003 + zlib.crc32(prompt_id.encode("utf-8"))) % (2**31)
 
 
 def _jsonable(value: Any) -> Any:

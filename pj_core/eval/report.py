@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from statistics import mean
@@ -198,13 +198,23 @@ def fluency_summary(log: ResultsLog) -> dict[str, dict[str, Any]]:
     by_method: dict[str, list[Record]] = defaultdict(list)
     for r in log.of_kind("fluency"):
         by_method[r["method"]].append(r)
+    return {method: fluency_means(records) for method, records in sorted(by_method.items())}
+
+
+def fluency_means(guards: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """``answers`` and the means of ``repeated_trigrams`` and ``perplexity`` over fluency
+    guards (records or :class:`pj_core.eval.objective.Fluency` as dicts); a mean with nothing
+    to average (no perplexity for empty answers) is None.
+
+    Example:
+        >>> fluency_means([{"repeated_trigrams": 0.0, "perplexity": 4.0},
+        ...                {"repeated_trigrams": 0.5, "perplexity": None}])
+        {'answers': 2, 'mean_repeated_trigrams': 0.25, 'mean_perplexity': 4.0}
+    """
     return {
-        method: {
-            "answers": len(records),
-            "mean_repeated_trigrams": _mean(r.get("repeated_trigrams") for r in records),
-            "mean_perplexity": _mean(r.get("perplexity") for r in records),
-        }
-        for method, records in sorted(by_method.items())
+        "answers": len(guards),
+        "mean_repeated_trigrams": _mean(g.get("repeated_trigrams") for g in guards),
+        "mean_perplexity": _mean(g.get("perplexity") for g in guards),
     }
 
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,9 +44,11 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from pj_core.errors import EvaluationError
+from pj_core.eval.config import prompt_seed
 from pj_core.eval.data import load_prompts
 from pj_core.eval.methods import direct_prompt, resolve_dimensions
 from pj_core.eval.objective import PROXIES, Fluency, repeated_trigram_share
+from pj_core.eval.report import fluency_means, pyplot
 from pj_core.eval.stats import mean_ci
 from pj_core.personas import COMPOSITION_MODES, Persona, compose, get_preference
 from pj_core.settings import DEFAULTS
@@ -184,7 +185,7 @@ class SeparationConfig:
 
     def prompt_seed(self, prompt_id: str) -> int:
         """The seed of every answer to one prompt (as ``pj eval``'s)."""
-        return (self.seed * 1_000_003 + zlib.crc32(prompt_id.encode("utf-8"))) % (2**31)
+        return prompt_seed(self.seed, prompt_id)
 
 
 def run_separation(
@@ -259,13 +260,7 @@ def summarise(
             ]
             ci = mean_ci(diffs, n_resamples=config.bootstrap, seed=config.seed)
             separation[method][axis.name] = {**asdict(ci), "label": axis.label}
-        guards = [a["fluency"] for a in answers if a["method"] == method]
-        perplexities = [g["perplexity"] for g in guards if g["perplexity"] is not None]
-        fluency[method] = {
-            "answers": len(guards),
-            "mean_repeated_trigrams": sum(g["repeated_trigrams"] for g in guards) / len(guards),
-            "mean_perplexity": sum(perplexities) / len(perplexities) if perplexities else None,
-        }
+        fluency[method] = fluency_means([a["fluency"] for a in answers if a["method"] == method])
     return {
         "settings": asdict(config),
         "prompts": len(prompt_ids),
@@ -302,8 +297,6 @@ def markdown_table(summary: dict[str, Any]) -> str:
 
 def draw_chart(summary: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """One panel per axis: a bar per method with its 95% interval; 0 is no separation."""
-    from pj_core.eval.report import pyplot
-
     plt = pyplot()
 
     axes = summary["axes"]
