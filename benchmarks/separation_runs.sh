@@ -25,3 +25,5 @@ run() {
 
 run smollm2-koala-dev --prompts "$DEV" --limit 12 --max-new-tokens 96
 run gemma3-koala-dev --prompts "$DEV" --limit 12 --max-new-tokens 96 --generator gemma3-270m
+run smollm2-koala-sample --prompts sample --limit 12 --max-new-tokens 96
+run gemma3-koala-sample --prompts sample --limit 12 --max-new-tokens 96 --generator gemma3-270m

@@ -14,8 +14,10 @@ from pj_core.eval.methods import direct_prompt, resolve_dimensions
 from pj_core.eval.objective import Fluency, readability_grade, sentiment, word_count
 from pj_core.eval.separation import (
     SEPARATION_METHODS,
+    Generated,
     SeparationConfig,
     axes_for,
+    cost_table,
     markdown_table,
     method_personas,
     run_separation,
@@ -95,6 +97,32 @@ def test_separation_values_are_the_proxies_differences() -> None:
     still = summary["separation"]["direct"]
     assert all(still[a]["mean"] == still[a]["low"] == still[a]["high"] == 0.0 for a in still)
     assert summary["fluency"]["default"]["mean_perplexity"] is None  # no scorer given
+
+
+def test_cost_per_method_counts_tokens_and_compares_with_direct(tmp_path: Path) -> None:
+    """A clock the generator advances: 2 s per token for direct, 6 s for default, 8 tokens."""
+    now = [0.0]
+
+    def slow_generate(prompt: str, method: str, personas: Any, seed: int) -> Generated:
+        now[0] += 8 * (2.0 if method == "direct" else 6.0)
+        return Generated(fake_generate(prompt, method, personas, seed), 8)
+
+    config = SeparationConfig(limit=2, methods=("direct", "default"), bootstrap=50)
+    summary = run_separation(config, generate=slow_generate, progress=False, clock=lambda: now[0])
+    cost = summary["cost"]
+    assert cost["direct"]["mean_tokens"] == cost["default"]["mean_tokens"] == 8.0
+    assert cost["direct"]["mean_seconds"] == 16.0 and cost["default"]["mean_seconds"] == 48.0
+    assert cost["direct"]["tokens_per_second"] == 0.5
+    assert cost["direct"]["time_per_token_vs_direct"] == 1.0
+    assert cost["default"]["time_per_token_vs_direct"] == pytest.approx(3.0)
+    assert all(a["cost"]["tokens"] == 8 for a in summary["answers"])
+    write_report(summary, tmp_path)
+    table = (tmp_path / "cost.md").read_text()
+    assert table == cost_table(summary) and "| default | 48.00 | 8.0 | 0.2 | 3.00x |" in table
+    # Plain-text generators give no token counts: the cost table says so instead of guessing.
+    plain = run_separation(config, generate=fake_generate, progress=False)["cost"]["default"]
+    assert plain["mean_tokens"] is None and plain["tokens_per_second"] is None
+    assert plain["mean_seconds"] is not None
 
 
 def test_report_files_and_fluency_guard(tmp_path: Path) -> None:

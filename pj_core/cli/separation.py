@@ -2,7 +2,8 @@
 preference sets, on objective axes, with the fluency guard beside it.
 
 Writes ``<out>/separation.md`` (the table, also printed), ``<out>/separation.png``,
-``<out>/summary.json`` and ``<out>/answers.json`` (every answer with its measures).
+``<out>/summary.json``, ``<out>/answers.json`` (every answer with its measures) and
+``<out>/cost.md`` (wall time and tokens/s per method, also printed).
 
 Example:
     pj eval separation --limit 12 --max-new-tokens 96 --out eval-runs/separation-smollm2
@@ -105,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
     from pj_core.engine import PersonaJudge
     from pj_core.eval.objective import FluencyScorer
     from pj_core.eval.separation import (
+        cost_table,
         engine_generate_fn,
         markdown_table,
         run_separation,
@@ -112,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
     )
 
     engine = PersonaJudge.from_pretrained(config.generator)
+    # One short answer first, so the first method timed does not pay the warm-up.
+    engine.generate("Hello.", ["concise"], max_new_tokens=4, seed=0)
     fluency = None if args.no_perplexity else FluencyScorer(engine.model, engine.tokenizer).score
     summary = run_separation(
         config,
@@ -121,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
     )
     out = write_report(summary, args.out)
     print(markdown_table(summary), end="")
-    print(f"\n{summary['definition']}")
-    print(f"files: {out / 'separation.md'}, {out / 'separation.png'}, {out / 'answers.json'}")
+    print(f"\n{summary['definition']}\n")
+    print(cost_table(summary), end="")
+    files = ("separation.md", "separation.png", "answers.json", "cost.md")
+    print("files: " + ", ".join(str(out / name) for name in files))
     return 0

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -68,8 +69,21 @@ under 40 minutes on a 2-core CPU with SmolLM2."""
 
 PersonasArg = Any
 """What the generator is given as ``personas``: a list of Persona, or of catalog names."""
-GenerateFn = Callable[[str, str, PersonasArg, int], str]
-"""``(prompt, method, personas, seed) -> answer text``."""
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One answer and the tokens it took (what :func:`engine_generate_fn` returns).
+
+    A generator may return plain text instead; the cost table then has no token counts.
+    """
+
+    text: str
+    tokens: int
+
+
+GenerateFn = Callable[[str, str, PersonasArg, int], "str | Generated"]
+"""``(prompt, method, personas, seed) -> answer`` (text, or :class:`Generated`)."""
 FluencyFn = Callable[[str, str], Fluency]
 """``(prompt, answer) -> Fluency`` (e.g. :meth:`FluencyScorer.score`)."""
 
@@ -194,6 +208,7 @@ def run_separation(
     generate: GenerateFn,
     fluency: FluencyFn | None = None,
     progress: bool = True,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Any]:
     """Generate both sets' answers for every method and prompt, and summarise them.
 
@@ -202,6 +217,7 @@ def run_separation(
         generate: the generator (see :func:`engine_generate_fn`).
         fluency: the fluency guard; ``None`` records only the repeated 3-gram share.
         progress: show a tqdm bar.
+        clock: seconds, read before and after each answer for the cost table.
 
     Returns:
         The summary: settings, axes, per method and axis the separation with its interval,
@@ -218,7 +234,11 @@ def run_separation(
                 for set_name, preferences in (("A", config.set_a), ("B", config.set_b)):
                     personas, _ = method_personas(method, preferences)
                     bar.set_postfix_str(f"{prompt.id} {method} {set_name}")
-                    text = generate(prompt.prompt, method, personas, seed)
+                    started = clock()
+                    out = generate(prompt.prompt, method, personas, seed)
+                    seconds = clock() - started
+                    text = out.text if isinstance(out, Generated) else out
+                    tokens = out.tokens if isinstance(out, Generated) else None
                     guard = (
                         fluency(prompt.prompt, text)
                         if fluency is not None
@@ -233,6 +253,7 @@ def run_separation(
                             "text": text,
                             "measures": {axis.name: axis.measure(text) for axis in axes},
                             "fluency": asdict(guard),
+                            "cost": {"seconds": seconds, "tokens": tokens},
                         }
                     )
                     bar.update(1)
@@ -270,8 +291,65 @@ def summarise(
         "definition": "per prompt, proxy of B's pole for B's answer minus for A's answer (same "
         "seed); mean over prompts, 95% percentile bootstrap over prompts, "
         f"B={config.bootstrap}, seed={config.seed}",
+        "cost": cost_per_method(config.methods, answers),
         "answers": list(answers),
     }
+
+
+def cost_per_method(
+    methods: Sequence[str], answers: Sequence[dict[str, Any]]
+) -> dict[str, dict[str, float | None]]:
+    """Per method: mean wall seconds and tokens per answer, tokens/s, and time per token
+    relative to ``direct`` (1.0 = as fast as one system prompt; None without ``direct`` or
+    without token counts). Wall time varies between runs; the separation table does not.
+
+    Example:
+        >>> answers = [
+        ...     {"method": "direct", "cost": {"seconds": 1.0, "tokens": 10}},
+        ...     {"method": "default", "cost": {"seconds": 3.0, "tokens": 20}},
+        ... ]
+        >>> cost_per_method(["direct", "default"], answers)["default"]["time_per_token_vs_direct"]
+        1.5
+    """
+    cost: dict[str, dict[str, float | None]] = {}
+    for method in methods:
+        rows = [a["cost"] for a in answers if a["method"] == method and "cost" in a]
+        if not rows:
+            continue
+        seconds = sum(r["seconds"] for r in rows)
+        counted = all(r["tokens"] is not None for r in rows)
+        tokens = sum(r["tokens"] for r in rows) if counted else None
+        cost[method] = {
+            "mean_seconds": seconds / len(rows),
+            "mean_tokens": None if tokens is None else tokens / len(rows),
+            "tokens_per_second": None if not tokens or seconds <= 0 else tokens / seconds,
+        }
+    base = cost.get("direct", {}).get("tokens_per_second")
+    for row in cost.values():
+        rate = row["tokens_per_second"]
+        row["time_per_token_vs_direct"] = None if not base or not rate else base / rate
+    return cost
+
+
+def cost_table(summary: dict[str, Any]) -> str:
+    """One row per method: seconds and tokens per answer, tokens/s, time per token vs direct."""
+
+    def cell(value: float | None, spec: str, unit: str = "") -> str:
+        return "-" if value is None else format(value, spec) + unit
+
+    lines = [
+        "| method | seconds per answer | tokens per answer | tokens/s | time per token vs direct |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for method, row in summary.get("cost", {}).items():
+        cells = [
+            cell(row["mean_seconds"], ".2f"),
+            cell(row["mean_tokens"], ".1f"),
+            cell(row["tokens_per_second"], ".1f"),
+            cell(row["time_per_token_vs_direct"], ".2f", "x"),
+        ]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown_table(summary: dict[str, Any]) -> str:
@@ -325,7 +403,8 @@ def draw_chart(summary: dict[str, Any], path: str | os.PathLike[str]) -> Path:
 
 
 def write_report(summary: dict[str, Any], out_dir: str | os.PathLike[str]) -> Path:
-    """Write ``summary.json``, ``answers.json``, ``separation.md`` and ``separation.png``."""
+    """Write ``summary.json``, ``answers.json``, ``separation.md``, ``separation.png`` and
+    ``cost.md`` (wall time: the one file that differs between reruns)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     numbers = {k: v for k, v in summary.items() if k != "answers"}
@@ -335,13 +414,14 @@ def write_report(summary: dict[str, Any], out_dir: str | os.PathLike[str]) -> Pa
     )
     (out / "separation.md").write_text(markdown_table(summary), encoding="utf-8")
     draw_chart(summary, out / "separation.png")
+    (out / "cost.md").write_text(cost_table(summary), encoding="utf-8")
     return out
 
 
 def engine_generate_fn(engine: Any, config: SeparationConfig) -> GenerateFn:
     """Answer with a :class:`pj_core.engine.PersonaJudge` and the config's sampling."""
 
-    def generate(prompt: str, method: str, personas: PersonasArg, seed: int) -> str:
+    def generate(prompt: str, method: str, personas: PersonasArg, seed: int) -> Generated:
         result = engine.generate(
             prompt,
             personas,
@@ -352,6 +432,6 @@ def engine_generate_fn(engine: Any, config: SeparationConfig) -> GenerateFn:
             top_p=config.top_p,
             seed=seed,
         )
-        return str(result.text)
+        return Generated(str(result.text), len(result.token_ids))
 
     return generate
