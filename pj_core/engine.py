@@ -32,6 +32,7 @@ from pj_core.errors import (
     InvalidPromptError,
 )
 from pj_core.generation_config import GenerationConfig
+from pj_core.guidance import Strength
 from pj_core.lockstep import lockstep_emissions
 from pj_core.logits import LogitPipeline, LogitTransform, TransformFactory, build_transforms
 from pj_core.models import DEFAULT_MODEL
@@ -150,6 +151,8 @@ class PersonaJudge:
         temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
+        strength: float | None = None,
+        neutral_system: str | None = None,
         seed: int | None = None,
         stop: Sequence[str] | None = None,
         logit_transforms: Sequence[TransformFactory] = (),
@@ -176,6 +179,12 @@ class PersonaJudge:
             temperature: 0 is greedy; temperature, top_k and top_p filter both personas alike.
             top_k: keep the k most likely tokens (0: off).
             top_p: keep the smallest set of tokens with this much mass (1.0: off).
+            strength: γ >= 0, how strongly the personas' preferences act: each persona row's
+                logits l become l + γ (l - l_neutral), with l_neutral from the same
+                conversation with no persona text (:mod:`pj_core.guidance`); 0 is the paper
+                exactly. Costs one more row per forward.
+            neutral_system: the system text of the neutral row (when ``strength > 0``); None
+                renders the conversation with no persona text at all.
             seed: makes the call reproducible; None draws fresh randomness.
             stop: strings that end the answer; the answer excludes them.
             logit_transforms: factories of :class:`pj_core.logits.LogitTransform`, each
@@ -205,6 +214,8 @@ class PersonaJudge:
                 temperature=temperature,
                 top_k=top_k,
                 top_p=top_p,
+                strength=strength,
+                neutral_system=neutral_system,
                 seed=seed,
                 stop=stop,
                 logit_transforms=logit_transforms,
@@ -223,6 +234,8 @@ class PersonaJudge:
         temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
+        strength: float | None = None,
+        neutral_system: str | None = None,
         seed: int | None = None,
         stop: Sequence[str] | None = None,
         logit_transforms: Sequence[TransformFactory] = (),
@@ -244,11 +257,19 @@ class PersonaJudge:
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
+            strength=strength,
             seed=seed,
             stop=stop,
         )
         prompts, names = self.render_prompts(conversation, personas)
-        return self.stream_prepared(prompts, names, config, logit_transforms=logit_transforms)
+        neutral = (
+            self.render_neutral_prompt(conversation, neutral_system)
+            if config.strength > 0
+            else None
+        )
+        return self.stream_prepared(
+            prompts, names, config, logit_transforms=logit_transforms, neutral_prompt=neutral
+        )
 
     def render_prompts(
         self, conversation: str | Sequence[dict[str, str]], personas: PersonasInput
@@ -274,12 +295,32 @@ class PersonaJudge:
             prompts = [render_ids(self.tokenizer, conversation, p.text) for p in resolved]
         return prompts, [p.display_name for p in resolved]
 
+    def render_neutral_prompt(
+        self, conversation: str | Sequence[dict[str, str]], neutral_system: str | None = None
+    ) -> list[int]:
+        """The neutral row's prompt: the conversation with no persona text (or with
+        ``neutral_system`` as its system text), rendered as :meth:`render_prompts` renders a
+        persona's. Used when ``strength > 0`` (:mod:`pj_core.guidance`).
+
+        Example:
+            >>> ids = pj.render_neutral_prompt("Hi!")  # doctest: +SKIP
+        """
+        from pj_core.prompts import render_ids
+
+        if neutral_system is not None and not isinstance(neutral_system, str):
+            raise InvalidPromptError(
+                f"neutral_system must be a string or None, got {type(neutral_system).__name__}"
+            )
+        with self._tokenizer_lock:
+            return render_ids(self.tokenizer, conversation, neutral_system or None)
+
     def generate_from_ids(
         self,
         prompt_ids: Sequence[Sequence[int]],
         *,
         persona_names: Sequence[str] | None = None,
         logit_transforms: Sequence[TransformFactory] = (),
+        neutral_prompt_ids: Sequence[int] | None = None,
         **settings: Any,
     ) -> GenerationResult:
         """Persona-judge decoding from already rendered prompts, one token-id list per persona.
@@ -287,7 +328,9 @@ class PersonaJudge:
         ``settings`` are those of :meth:`generate` (lookahead, alternate, strategy, ...). Use
         this for prompt formats the prompt builder does not know. ``logit_transforms`` are
         factories of :class:`pj_core.logits.LogitTransform`, each called once for this call;
-        the transforms change p and q alike before temperature, top-k and top-p.
+        the transforms change p and q alike before temperature, top-k and top-p. With
+        ``strength > 0`` give ``neutral_prompt_ids``, the conversation rendered with no persona
+        text (:mod:`pj_core.guidance`).
 
         Example:
             >>> pj.generate_from_ids([[1, 5, 9], [1, 6, 9]], max_new_tokens=8)  # doctest: +SKIP
@@ -297,6 +340,7 @@ class PersonaJudge:
                 prompt_ids,
                 persona_names=persona_names,
                 logit_transforms=logit_transforms,
+                neutral_prompt_ids=neutral_prompt_ids,
                 **settings,
             )
         )
@@ -307,6 +351,7 @@ class PersonaJudge:
         *,
         persona_names: Sequence[str] | None = None,
         logit_transforms: Sequence[TransformFactory] = (),
+        neutral_prompt_ids: Sequence[int] | None = None,
         **settings: Any,
     ) -> Iterator[StreamEvent]:
         """The streaming form of :meth:`generate_from_ids`."""
@@ -321,7 +366,15 @@ class PersonaJudge:
             raise InvalidPromptError(
                 f"persona_names has {len(names)} names for {len(prompts)} prompts; give one each"
             )
-        return self.stream_prepared(prompts, names, config, logit_transforms=logit_transforms)
+        neutral = None
+        if neutral_prompt_ids is not None:
+            try:
+                neutral = self._checked_prompt_ids([neutral_prompt_ids, neutral_prompt_ids])[0]
+            except InvalidPromptError as exc:
+                raise InvalidPromptError(f"neutral_prompt_ids: {exc}") from None
+        return self.stream_prepared(
+            prompts, names, config, logit_transforms=logit_transforms, neutral_prompt=neutral
+        )
 
     def generate_batch(
         self, requests: Sequence[BatchRequest | Mapping[str, Any]]
@@ -391,6 +444,7 @@ class PersonaJudge:
         *,
         emission_source: EmissionSource | None = None,
         logit_transforms: Sequence[TransformFactory] = (),
+        neutral_prompt: list[int] | None = None,
     ) -> Iterator[StreamEvent]:
         """The low-level entry every stream goes through: rendered ``prompts`` (from
         :meth:`render_prompts`), persona ``names`` and a validated :class:`GenerationConfig`.
@@ -402,8 +456,29 @@ class PersonaJudge:
         :func:`pj_core.lockstep.lockstep_emissions`); :mod:`pj_core.batch` uses it to run
         many requests' lockstep rows in one shared batch. ``logit_transforms`` are called
         here, once each, to build this call's transforms (see :mod:`pj_core.logits`).
+        ``neutral_prompt`` (from :meth:`render_neutral_prompt`) is required when
+        ``config.strength > 0`` and ignored otherwise.
         """
         transforms = build_transforms(logit_transforms)
+        if config.strength > 0:
+            if neutral_prompt is None:
+                raise InvalidGenerationConfigError(
+                    f"strength={config.strength} guides each persona against a neutral row, "
+                    "so the call needs the neutral prompt: render it with "
+                    "render_neutral_prompt(conversation), or pass neutral_prompt_ids to "
+                    "generate_from_ids"
+                )
+            if emission_source is not None:
+                raise InvalidGenerationConfigError(
+                    "strength > 0 is not available in batched decoding yet; call generate() "
+                    "per request, or leave strength at 0"
+                )
+            if not neutral_prompt:
+                raise InvalidPromptError("the neutral prompt rendered to no tokens")
+            # Guidance first: it acts on raw logits, before any other transform.
+            transforms = (Strength(config.strength), *transforms)
+        else:
+            neutral_prompt = None
         if not config.alternate and len(prompts) != 2:
             raise InvalidGenerationConfigError(
                 f"alternate=False (fixed roles: persona 0 drafts, persona 1 judges) needs exactly "
@@ -411,7 +486,7 @@ class PersonaJudge:
             )
         if any(not p for p in prompts):
             raise InvalidPromptError("a persona prompt rendered to no tokens")
-        prompt_tokens = max(len(p) for p in prompts)
+        prompt_tokens = max(len(p) for p in [*prompts, neutral_prompt or []])
         if prompt_tokens + config.max_new_tokens > self.context_window:
             raise ContextOverflowError(
                 f"the prompt takes {prompt_tokens} tokens and max_new_tokens is "
@@ -428,7 +503,9 @@ class PersonaJudge:
             if config.strategy == "auto"
             else config.strategy
         )
-        return self._events(prompts, names, config, strategy, emission_source, transforms)
+        return self._events(
+            prompts, names, config, strategy, emission_source, transforms, neutral_prompt
+        )
 
     def _events(
         self,
@@ -438,6 +515,7 @@ class PersonaJudge:
         strategy: StrategyName,
         emission_source: EmissionSource | None = None,
         transforms: Sequence[LogitTransform] = (),
+        neutral_prompt: list[int] | None = None,
     ) -> Iterator[StreamEvent]:
         generator = torch.Generator(device="cpu")
         if config.seed is None:
@@ -448,6 +526,8 @@ class PersonaJudge:
         run = emission_source or (
             speculative_emissions if strategy == "speculative" else lockstep_emissions
         )
+        # The neutral row only reaches strategies that guide (batched rows do not yet).
+        guided = {} if neutral_prompt is None else {"neutral": neutral_prompt}
         emissions = run(
             self.model,
             prompts,
@@ -456,6 +536,7 @@ class PersonaJudge:
             generator=generator,
             counters=counters,
             pipeline=LogitPipeline(config, transforms),
+            **guided,
         )
         decoder = IncrementalDecoder(self._decode)
         matcher = StopStringMatcher(config.stop)

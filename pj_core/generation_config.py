@@ -30,6 +30,7 @@ class GenerationConfig:
     temperature: float
     top_k: int
     top_p: float
+    strength: float
     seed: int | None
     stop: tuple[str, ...]
 
@@ -44,6 +45,7 @@ class GenerationConfig:
         temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
+        strength: float | None = None,
         seed: int | None = None,
         stop: Sequence[str] | None = None,
     ) -> GenerationConfig:
@@ -61,6 +63,7 @@ class GenerationConfig:
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
+            strength=strength,
         )
         check_settings(values)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -73,6 +76,7 @@ class GenerationConfig:
             temperature=float(values["temperature"]),
             top_k=values["top_k"],
             top_p=float(values["top_p"]),
+            strength=float(values["strength"]),
             seed=seed,
             stop=_check_stop(stop),
         )

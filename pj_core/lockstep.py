@@ -56,6 +56,7 @@ def lockstep_emissions(
     counters: Counters,
     contexts: StepContexts | None = None,
     pipeline: LogitPipeline | None = None,
+    neutral: Sequence[int] | None = None,
 ) -> Generator[Emission, None, None]:
     """Yield the emitted tokens one by one until EOS or ``config.max_new_tokens``.
 
@@ -66,13 +67,21 @@ def lockstep_emissions(
     token; by default a :class:`BatchedContexts` of this call alone is built here.
     :mod:`pj_core.batch` passes rows of one batch shared by many requests instead.
     ``pipeline`` turns logits into p and q (default: ``config``'s filters, no transforms).
+    ``neutral`` is the neutral row's prompt (the conversation with no persona text), when the
+    call guides its personas (``config.strength > 0``): it becomes one more row of the batch,
+    stepped with the persona rows, and every position carries its logits
+    (:attr:`pj_core.logits.Position.neutral`).
     """
     pipeline = pipeline or LogitPipeline(config)
+    rows = [*prompts, neutral] if neutral is not None else list(prompts)
+    k = len(prompts)  # persona rows 0..k-1; the neutral row, if any, is row k
     started = time.perf_counter()
     if contexts is None:
-        contexts = BatchedContexts(model, [prompt[:-1] for prompt in prompts])
+        contexts = BatchedContexts(model, [row[:-1] for row in rows])
+    elif neutral is not None:
+        raise ValueError("pass the neutral row inside the given contexts, not beside them")
     counters.prefill_seconds += time.perf_counter() - started
-    next_inputs = [prompt[-1] for prompt in prompts]
+    next_inputs = [row[-1] for row in rows]
     answer: list[int] = []  # the tokens emitted so far
     round_index = 0
     lookahead = config.lookahead
@@ -87,14 +96,23 @@ def lockstep_emissions(
             round_tokens: tuple[int, ...] = ()  # the round's tokens so far (accepted drafts)
             position = 0
             while True:
-                logits = contexts.step(next_inputs)  # [personas, vocab]
+                logits = contexts.step(next_inputs)  # [rows, vocab]
+                neutral_logits = logits[k] if neutral is not None else None  # [vocab]
                 q = pipeline.probs(
                     logits[roles.draft],
-                    [Position(roles.draft, "draft", round_index, before, round_tokens)],
+                    [
+                        Position(
+                            roles.draft, "draft", round_index, before, round_tokens, neutral_logits
+                        )
+                    ],
                 )
                 p = pipeline.probs(
                     logits[roles.judge],
-                    [Position(roles.judge, "judge", round_index, before, round_tokens)],
+                    [
+                        Position(
+                            roles.judge, "judge", round_index, before, round_tokens, neutral_logits
+                        )
+                    ],
                 )
                 if position < draft_length:
                     drafted = sample_index(q, draws.draft[position])
@@ -107,7 +125,7 @@ def lockstep_emissions(
                 yield Emission(token, round_index, roles, outcome)
                 if token in eos_ids or len(answer) >= config.max_new_tokens:
                     return
-                next_inputs = [token] * len(prompts)
+                next_inputs = [token] * len(rows)
                 if outcome != "accepted":
                     break
                 position += 1

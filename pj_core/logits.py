@@ -35,7 +35,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -60,6 +60,9 @@ class Position:
         round: the round's index in this call (0 first).
         emitted: the answer's tokens emitted before this round.
         drafted: this round's drafted tokens before this position (empty at the first one).
+        neutral: ``[vocab]`` raw logits of the call's *neutral row* at the same answer prefix
+            (the conversation with no persona text), when the call has one (``strength > 0``,
+            see :mod:`pj_core.guidance`); else None.
     """
 
     persona: int
@@ -67,6 +70,7 @@ class Position:
     round: int
     emitted: tuple[int, ...]
     drafted: tuple[int, ...]
+    neutral: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @property
     def tokens(self) -> tuple[int, ...]:

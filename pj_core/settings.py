@@ -56,6 +56,10 @@ class Settings:
         temperature: sampling temperature (finite, >= 0; 0 is greedy).
         top_k: keep the k most likely tokens (>= 0; 0 switches it off).
         top_p: nucleus filtering mass in (0, 1] (1.0 switches it off).
+        strength: γ, how strongly the personas' preferences act (finite, >= 0; 0 is the paper
+            exactly): each persona row's logits l become l + γ (l - l_neutral), where
+            l_neutral comes from the same conversation with no persona text
+            (:mod:`pj_core.guidance`).
     """
 
     lookahead: int = 4
@@ -65,6 +69,7 @@ class Settings:
     temperature: float = 0.7
     top_k: int = 20
     top_p: float = 0.9
+    strength: float = 0.0
 
     def merged(self, **given: Any) -> dict[str, Any]:
         """These defaults with every ``given`` value that is not ``None`` laid over them.
@@ -136,6 +141,14 @@ def _check_top_p(value: object) -> None:
         )
 
 
+def _check_strength(value: object) -> None:
+    if not _is_real(value) or not math.isfinite(value) or value < 0:
+        raise InvalidGenerationConfigError(
+            f"strength must be a finite number >= 0, got {value!r}; 0 is plain Persona-judge, "
+            "1 to 2 follows the preferences more strongly (higher values can break the text)"
+        )
+
+
 _CHECKS = {
     "lookahead": _check_lookahead,
     "alternate": _check_alternate,
@@ -144,6 +157,7 @@ _CHECKS = {
     "temperature": _check_temperature,
     "top_k": _check_top_k,
     "top_p": _check_top_p,
+    "strength": _check_strength,
 }
 
 

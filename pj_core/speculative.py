@@ -20,6 +20,14 @@ temperature, top-k, top-p), identical for both roles.
 * d_i is accepted while u_i * q_i(d_i) < p_i(d_i); the first rejected one is replaced by a draw
   from norm(max(0, p_i - q_i)) and the round ends; if all λ pass, a bonus token comes from p_λ.
 * Both caches are cropped back to the tokens that are still valid (the accepted prefix).
+
+With a neutral row (``strength > 0``, :mod:`pj_core.guidance`) the neutral prompt gets a cache
+of its own, prefilled with the personas', and it walks beside the draft: each draft step also
+forwards the neutral row's pending tokens, giving the neutral logits at d_i's position; the
+judge's positions 0..n-1 are the same prefixes, so they reuse them. Only the bonus position
+(after d_{n-1}) needs one more neutral forward, of d_{n-1}, and only when a bonus is drawn. The
+neutral cache is cropped like the draft's. (A later step runs the draft and neutral rows in one
+2-row forward.)
 """
 
 from __future__ import annotations
@@ -53,15 +61,21 @@ def speculative_emissions(
     generator: torch.Generator,
     counters: Counters,
     pipeline: LogitPipeline | None = None,
+    neutral: Sequence[int] | None = None,
 ) -> Generator[Emission, None, None]:
     """Yield the emitted tokens one by one until EOS or ``config.max_new_tokens``.
 
     ``prompts`` holds one token-id list per persona (each at least one token long). The caller
     may stop iterating at any time (a stop string); nothing is left to clean up. ``pipeline``
-    turns logits into p and q (default: ``config``'s filters and no transforms).
+    turns logits into p and q (default: ``config``'s filters and no transforms). ``neutral``
+    is the neutral row's prompt when the call guides its personas (``config.strength > 0``):
+    every position then carries the neutral logits (:attr:`pj_core.logits.Position.neutral`).
     """
     pipeline = pipeline or LogitPipeline(config)
     device = model_device(model)
+    # Cache rows: the personas 0..k-1, then the neutral row (index k) if there is one.
+    k = len(prompts)
+    prompts = [*prompts, neutral] if neutral is not None else list(prompts)
     started = time.perf_counter()
     caches, prefill_forwards = prefill_split(model, [prompt[:-1] for prompt in prompts])
     counters.forward_passes += prefill_forwards
@@ -90,7 +104,7 @@ def speculative_emissions(
     round_index = 0
     lookahead = config.lookahead
     while len(emitted) < config.max_new_tokens:
-        roles = round_roles(round_index, n_personas=len(prompts), alternate=config.alternate)
+        roles = round_roles(round_index, n_personas=k, alternate=config.alternate)
         draws = draw_round(generator, lookahead)
         counters.rounds += 1
         before_round = len(emitted)
@@ -100,10 +114,19 @@ def speculative_emissions(
         # Draft: never more tokens than the budget has left; stop at a drafted EOS.
         drafted: list[int] = []
         draft_probs: list[torch.Tensor] = []
+        # neutral_logits[i]: [vocab], the neutral row after d_0..d_{i-1} (with a neutral row)
+        neutral_logits: list[torch.Tensor | None] = []
         feed = pending(draft)
         for position in range(min(lookahead, config.max_new_tokens - len(emitted))):
+            if neutral is not None:
+                neutral_feed = pending(k) if position == 0 else feed
+                neutral_logits.append(forward(k, neutral_feed, keep=1)[-1])
+            else:
+                neutral_logits.append(None)
             # q_i: [vocab], the draft's distribution after d_0..d_{i-1}
-            at = Position(draft, "draft", round_index, emitted_before, tuple(drafted))
+            at = Position(
+                draft, "draft", round_index, emitted_before, tuple(drafted), neutral_logits[-1]
+            )
             q = pipeline.probs(forward(draft, feed, keep=1)[-1], [at])
             token = sample_index(q, draws.draft[position])
             drafted.append(token)
@@ -112,14 +135,20 @@ def speculative_emissions(
                 break
             feed = [token]
 
+        # The neutral cache holds d_0..d_{n-2} of this round (like the draft's).
+        neutral_round_tokens = len(drafted) - 1
+
         # Judge: the pending tokens and the whole draft in one forward.
         judge_logits = forward(judge, pending(judge) + drafted, keep=len(drafted) + 1)
-        # p_0..p_n: [n + 1, vocab]; row i after d_0..d_{i-1}, row n the bonus distribution
+        # p_0..p_{n-1}: [n, vocab]; row i after d_0..d_{i-1}. The bonus distribution p_n (from
+        # judge_logits[n]) is only computed when a bonus is drawn.
         verified = [
-            Position(judge, "judge", round_index, emitted_before, tuple(drafted[:i]))
-            for i in range(len(drafted) + 1)
+            Position(
+                judge, "judge", round_index, emitted_before, tuple(drafted[:i]), neutral_logits[i]
+            )
+            for i in range(len(drafted))
         ]
-        judge_probs = pipeline.probs(judge_logits, verified)
+        judge_probs = pipeline.probs(judge_logits[: len(drafted)], verified)
 
         accepted = 0
         for position, token in enumerate(drafted):
@@ -136,7 +165,15 @@ def speculative_emissions(
                 break
         else:
             if len(drafted) == lookahead and len(emitted) < config.max_new_tokens:
-                chosen = bonus_token(judge_probs[len(drafted)], draws)
+                # The neutral row has seen d_0..d_{n-2}: feed it d_{n-1} for the bonus position.
+                bonus_neutral = None
+                if neutral is not None:
+                    bonus_neutral = forward(k, [drafted[-1]], keep=1)[-1]
+                    neutral_round_tokens += 1
+                at = Position(
+                    judge, "judge", round_index, emitted_before, tuple(drafted), bonus_neutral
+                )
+                chosen = bonus_token(pipeline.probs(judge_logits[len(drafted)], [at]), draws)
                 emitted.append(chosen)
                 counters.record("bonus")
                 yield Emission(chosen, round_index, roles, "bonus")
@@ -147,4 +184,6 @@ def speculative_emissions(
         # only the accepted d_0..d_{accepted-1} are still part of the text.
         crop(draft, before_round + len(prompts[draft]) + min(len(drafted) - 1, accepted))
         crop(judge, before_round + len(prompts[judge]) + min(len(drafted), accepted))
+        if neutral is not None:
+            crop(k, before_round + len(prompts[k]) + min(neutral_round_tokens, accepted))
         round_index += 1
