@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Generator
 from typing import Any
 
 import pytest
@@ -26,6 +27,7 @@ from pj_core.guidance import Strength
 from pj_core.logits import Position
 from pj_core.personas import resolve_personas
 from pj_core.prompts import render_ids
+from pj_core.rounds import Emission
 from tests._engine_reference import (
     TOKENIZER,
     PrefixTransform,
@@ -134,13 +136,17 @@ def test_strength_without_a_neutral_row_is_a_typed_error(
         pj.generate_from_ids(prompts, strength=1.0, max_new_tokens=2)
     with pytest.raises(InvalidPromptError, match="neutral_prompt_ids"):
         pj.generate_from_ids(prompts, strength=1.0, neutral_prompt_ids=[], max_new_tokens=2)
+
+    def no_emissions(*args: Any, **kwargs: Any) -> Generator[Emission, None, None]:
+        yield from ()
+
     with pytest.raises(InvalidGenerationConfigError, match="batched decoding"):
         pj.stream_prepared(
             prompts,
             ["a", "b"],
             _config(strength=1.0),
             neutral_prompt=prompts[0],
-            emission_source=lambda *a, **k: iter(()),
+            emission_source=no_emissions,
         )
 
 
