@@ -64,7 +64,9 @@ class BatchRequest:
     unchanged, but a batch always decodes in lockstep (which emits the same tokens as the
     other strategies); the result's ``stats.strategy`` says ``"lockstep"``. A setting left at
     ``None`` takes its value from :data:`pj_core.settings.DEFAULTS`, as in ``generate``.
-    ``logit_transforms`` are as in :meth:`PersonaJudge.generate_from_ids`.
+    ``logit_transforms`` are as in :meth:`PersonaJudge.generate_from_ids`. With
+    ``strength > 0`` the request's neutral row joins the batch beside its persona rows and is
+    stepped with them (no extra forward).
 
     Example:
         >>> BatchRequest("Hi!", ["Be funny.", "Be brief."], seed=3, top_k=5).top_k
@@ -80,6 +82,8 @@ class BatchRequest:
     temperature: float | None = None
     top_k: int | None = None
     top_p: float | None = None
+    strength: float | None = None
+    neutral_system: str | None = None
     seed: int | None = None
     stop: Sequence[str] | None = None
     logit_transforms: Sequence[TransformFactory] = ()
@@ -218,8 +222,9 @@ class _Running:
 
 def _prepare(
     engine: PersonaJudge, request: BatchRequest
-) -> tuple[list[list[int]], list[str], GenerationConfig]:
-    """Validate a request and render its persona prompts, as ``PersonaJudge.stream`` does."""
+) -> tuple[list[list[int]], list[str], GenerationConfig, list[int] | None]:
+    """Validate a request and render its persona prompts (and its neutral prompt when it is
+    guided), as ``PersonaJudge.stream`` does."""
     config = GenerationConfig.create(
         lookahead=request.lookahead,
         alternate=request.alternate,
@@ -228,12 +233,18 @@ def _prepare(
         temperature=request.temperature,
         top_k=request.top_k,
         top_p=request.top_p,
+        strength=request.strength,
         seed=request.seed,
         stop=request.stop,
     )
     config = dataclasses.replace(config, strategy="lockstep")
     prompts, names = engine.render_prompts(request.conversation, request.personas)
-    return prompts, names, config
+    neutral = (
+        engine.render_neutral_prompt(request.conversation, request.neutral_system)
+        if config.strength > 0
+        else None
+    )
+    return prompts, names, config, neutral
 
 
 def generate_batch(
@@ -271,7 +282,7 @@ def generate_batch(
         view = _RequestRows()
         try:
             request = BatchRequest.coerce(raw, index)
-            prompts, names, config = _prepare(engine, request)
+            prompts, names, config, neutral = _prepare(engine, request)
             # The engine's own checks and event stream; only the rows come from the batch.
             source = functools.partial(lockstep_emissions, contexts=view)
             events = engine.stream_prepared(
@@ -280,21 +291,24 @@ def generate_batch(
                 config,
                 emission_source=source,
                 logit_transforms=request.logit_transforms,
+                neutral_prompt=neutral,
             )
         except PersonaJudgeError as exc:
             _name_request(exc, index)
             raise
-        prepared.append(prompts)
+        # The request's rows: its personas, then its neutral row when it is guided.
+        rows = [*prompts, neutral] if neutral is not None else prompts
+        prepared.append(rows)
         running[index] = _Running(
             events=events,
             rows=view,
             config=config,
             eos_ids=engine.eos_token_ids,
-            next_inputs=[prompt[-1] for prompt in prompts],
+            next_inputs=[row[-1] for row in rows],
         )
     started = time.perf_counter()
     with torch.inference_mode():
-        shared = SharedRows(engine.model, [[p[:-1] for p in prompts] for prompts in prepared])
+        shared = SharedRows(engine.model, [[p[:-1] for p in rows] for rows in prepared])
     prefill_seconds = time.perf_counter() - started
     results: dict[int, GenerationResult] = {}
 

@@ -457,7 +457,8 @@ class PersonaJudge:
         many requests' lockstep rows in one shared batch. ``logit_transforms`` are called
         here, once each, to build this call's transforms (see :mod:`pj_core.logits`).
         ``neutral_prompt`` (from :meth:`render_neutral_prompt`) is required when
-        ``config.strength > 0`` and ignored otherwise.
+        ``config.strength > 0`` and ignored otherwise; the emission source then gets it as
+        ``neutral=`` (an ``emission_source`` must accept that keyword to serve guided calls).
         """
         transforms = build_transforms(logit_transforms)
         if config.strength > 0:
@@ -467,11 +468,6 @@ class PersonaJudge:
                     "so the call needs the neutral prompt: render it with "
                     "render_neutral_prompt(conversation), or pass neutral_prompt_ids to "
                     "generate_from_ids"
-                )
-            if emission_source is not None:
-                raise InvalidGenerationConfigError(
-                    "strength > 0 is not available in batched decoding yet; call generate() "
-                    "per request, or leave strength at 0"
                 )
             if not neutral_prompt:
                 raise InvalidPromptError("the neutral prompt rendered to no tokens")

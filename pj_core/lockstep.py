@@ -63,8 +63,9 @@ def lockstep_emissions(
     Same contract and same output as
     :func:`pj_core.speculative.speculative_emissions`.
 
-    ``contexts`` holds the persona rows, already prefilled with every prompt but its last
-    token; by default a :class:`BatchedContexts` of this call alone is built here.
+    ``contexts`` holds the persona rows (and the neutral row last, if any), already prefilled
+    with every prompt but its last token; by default a :class:`BatchedContexts` of this call
+    alone is built here.
     :mod:`pj_core.batch` passes rows of one batch shared by many requests instead.
     ``pipeline`` turns logits into p and q (default: ``config``'s filters, no transforms).
     ``neutral`` is the neutral row's prompt (the conversation with no persona text), when the
@@ -78,8 +79,6 @@ def lockstep_emissions(
     started = time.perf_counter()
     if contexts is None:
         contexts = BatchedContexts(model, [row[:-1] for row in rows])
-    elif neutral is not None:
-        raise ValueError("pass the neutral row inside the given contexts, not beside them")
     counters.prefill_seconds += time.perf_counter() - started
     next_inputs = [row[-1] for row in rows]
     answer: list[int] = []  # the tokens emitted so far

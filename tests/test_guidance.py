@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Generator
 from typing import Any
 
 import pytest
@@ -27,7 +26,6 @@ from pj_core.guidance import Strength
 from pj_core.logits import Position
 from pj_core.personas import resolve_personas
 from pj_core.prompts import render_ids
-from pj_core.rounds import Emission
 from tests._engine_reference import (
     TOKENIZER,
     PrefixTransform,
@@ -91,7 +89,9 @@ def _exact(
     )
 
 
-def _answers(pj: PersonaJudge, strategy: str, seeds: range, **settings: Any) -> list[list[int]]:
+def _answers(pj: PersonaJudge, route: str, seeds: range, **settings: Any) -> list[list[int]]:
+    """One answer per seed through ``route``: a strategy of ``generate``, or
+    ``generate_batch`` (100 requests per batch)."""
     options: dict[str, Any] = {
         "lookahead": LOOKAHEAD,
         "max_new_tokens": LENGTH,
@@ -99,10 +99,19 @@ def _answers(pj: PersonaJudge, strategy: str, seeds: range, **settings: Any) -> 
         "strength": GAMMA,
         **settings,
     }
-    return [
-        pj.generate(CONVERSATION, PERSONAS, seed=s, strategy=strategy, **options).token_ids
-        for s in seeds
-    ]
+    if route != "batch":
+        return [
+            pj.generate(CONVERSATION, PERSONAS, seed=s, strategy=route, **options).token_ids
+            for s in seeds
+        ]
+    answers: list[list[int]] = []
+    for start in range(seeds.start, seeds.stop, 100):
+        requests = [
+            {"conversation": CONVERSATION, "personas": PERSONAS, "seed": s, **options}
+            for s in range(start, min(start + 100, seeds.stop))
+        ]
+        answers += [r.token_ids for r in pj.generate_batch(requests)]
+    return answers
 
 
 # ------------------------------------------------------------------------ the transform
@@ -137,38 +146,20 @@ def test_strength_without_a_neutral_row_is_a_typed_error(
     with pytest.raises(InvalidPromptError, match="neutral_prompt_ids"):
         pj.generate_from_ids(prompts, strength=1.0, neutral_prompt_ids=[], max_new_tokens=2)
 
-    def no_emissions(*args: Any, **kwargs: Any) -> Generator[Emission, None, None]:
-        yield from ()
-
-    with pytest.raises(InvalidGenerationConfigError, match="batched decoding"):
-        pj.stream_prepared(
-            prompts,
-            ["a", "b"],
-            _config(strength=1.0),
-            neutral_prompt=prompts[0],
-            emission_source=no_emissions,
-        )
-
-
-def _config(**settings: Any) -> Any:
-    from pj_core.generation_config import GenerationConfig
-
-    return GenerationConfig.create(**settings)
-
 
 # ------------------------------------------------------------------------ exactness
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["speculative", "lockstep"])
+@pytest.mark.parametrize("route", ["speculative", "lockstep", "batch"])
 def test_output_follows_the_judges_guided_distribution(
-    pj: PersonaJudge, prompts: list[list[int]], neutral: list[int], strategy: str
+    pj: PersonaJudge, prompts: list[list[int]], neutral: list[int], route: str
 ) -> None:
     exact = _exact(pj, prompts, reference_strength(pj, neutral, GAMMA))
     tolerance = tv_tolerance(exact, SAMPLES)
     # Power: the unguided output would lie far outside the tolerance.
     assert total_variation(exact, _exact(pj, prompts, None)) > 3 * tolerance
-    answers = [tuple(a) for a in _answers(pj, strategy, range(SAMPLES))]
+    answers = [tuple(a) for a in _answers(pj, route, range(SAMPLES))]
     empirical = {answer: n / SAMPLES for answer, n in Counter(answers).items()}
     assert total_variation(empirical, exact) < tolerance
 
@@ -182,6 +173,25 @@ def test_strategies_emit_identical_guided_tokens(pj: PersonaJudge) -> None:
     assert speculative == lockstep
     unguided = _answers(pj, "lockstep", range(40), **{**settings, "strength": 0.0})
     assert sum(a != b for a, b in zip(lockstep, unguided, strict=True)) >= 20
+
+
+def test_batch_steps_each_requests_neutral_row_with_its_persona_rows(pj: PersonaJudge) -> None:
+    """Guided, unguided and differently guided requests in one batch: each gets the tokens of
+    its own generate() call (the neutral row adds no forward: one per emitted token)."""
+    settings: dict[str, Any] = {"max_new_tokens": 16, "lookahead": 3, "top_k": 0, "top_p": 0.95}
+    requests = [
+        {"conversation": CONVERSATION, "personas": PERSONAS, "seed": s, **settings}
+        | ({"strength": [0.0, 1.5, 3.0][s % 3]} if s % 3 else {})
+        | ({"neutral_system": "why the world"} if s % 4 == 3 else {})
+        for s in range(24)
+    ]
+    batched = pj.generate_batch(requests)
+    single = [pj.generate(**r, strategy="lockstep") for r in requests]
+    differing = sum(a.token_ids != b.token_ids for a, b in zip(batched, single, strict=True))
+    assert differing <= 1  # batched forwards may flip a rare token (see test_batch.py)
+    longest = max(len(r.token_ids) for r in batched)
+    assert all(r.stats.forward_passes <= longest + 1 for r in batched)
+    assert len({tuple(r.token_ids) for r in batched}) > 12
 
 
 def test_guided_stats_count_the_neutral_rows_forwards(pj: PersonaJudge) -> None:
