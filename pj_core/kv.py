@@ -213,3 +213,100 @@ class BatchedContexts:
                 states = getattr(layer, name, None)
                 if isinstance(states, torch.Tensor) and states.dim() == 4:
                     setattr(layer, name, states.index_select(0, index)[:, :, start:, :])
+
+
+class MergedRows:
+    """Several single-row caches stepped together as one left-padded batch, then split back.
+
+    The speculative strategy keeps one cache per context and crops them independently; when
+    two of them must advance together (the draft and the neutral row of a guided call),
+    ``MergedRows`` lays them side by side (each row left-padded to the longest, padding
+    masked), runs every :meth:`feed` as ONE forward over all rows, and :meth:`split` returns
+    one plain cache per row again, with exactly the slots that row's own forwards would have
+    written (padding removed). Rows may be fed different numbers of tokens per forward (the
+    shorter feeds are left-padded inside the new columns, masked like the rest).
+
+    Example:
+        >>> from tests._tiny import make_tiny_model
+        >>> model = make_tiny_model(vocab_size=22)
+        >>> caches, _ = prefill_split(model, [[5, 6, 7], [8]])
+        >>> merged = MergedRows(model, caches)
+        >>> merged.feed([[9], [10, 11]]).shape
+        torch.Size([2, 22])
+        >>> [c.get_seq_length() for c in merged.split()]
+        [4, 3]
+    """
+
+    def __init__(self, model: PreTrainedModel, caches: Sequence[DynamicCache]) -> None:
+        self.model = model
+        self.forward_passes = 0
+        self._device = model_device(model)
+        lengths = [cache.get_seq_length() for cache in caches]
+        width = max(lengths)
+        # mask[row, slot]: 1 where the slot holds one of the row's tokens; [rows, width]
+        self._mask = torch.zeros((len(caches), width), dtype=torch.long, device=self._device)
+        for row, length in enumerate(lengths):
+            self._mask[row, width - length :] = 1
+        self._next_position = torch.tensor(lengths, dtype=torch.long, device=self._device)
+        per_layer = []
+        for layers in zip(*(cache.layers for cache in caches), strict=True):
+            keys, values = [], []
+            for layer, length in zip(layers, lengths, strict=True):
+                k, v = _layer_tensors(layer) if length else _empty_like_layer(layers)
+                pad = width - length
+                keys.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))
+                values.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
+            per_layer.append((torch.cat(keys), torch.cat(values)))
+        self._cache = DynamicCache(ddp_cache_data=per_layer)
+
+    def feed(self, tokens: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Append ``tokens[row]`` (one or more) to every row in one forward; return each
+        row's next-token logits after its last token, ``[rows, vocab]``."""
+        width = max(len(row) for row in tokens)
+        ids = torch.full((len(tokens), width), PAD_ID, dtype=torch.long)
+        new_mask = torch.zeros((len(tokens), width), dtype=torch.long)
+        for row, row_tokens in enumerate(tokens):
+            if not row_tokens:
+                raise ValueError("every row needs at least one new token")
+            ids[row, width - len(row_tokens) :] = torch.tensor(list(row_tokens))
+            new_mask[row, width - len(row_tokens) :] = 1
+        new_mask = new_mask.to(self._device)
+        # Positions continue each row's own count; padded slots get any position (masked).
+        positions = self._next_position.unsqueeze(-1) + (new_mask.cumsum(dim=-1) - 1).clamp(min=0)
+        self._mask = torch.cat([self._mask, new_mask], dim=-1)
+        logits = forward_logits(
+            self.model,
+            ids.to(self._device),
+            self._cache,
+            keep=1,
+            attention_mask=self._mask,
+            position_ids=positions,
+        )
+        self._next_position = self._next_position + new_mask.sum(dim=-1)
+        self.forward_passes += 1
+        return logits[:, -1, :]
+
+    def split(self) -> list[DynamicCache]:
+        """One plain cache per row, holding only that row's slots (padding removed)."""
+        caches = []
+        for row in range(self._mask.shape[0]):
+            slots = self._mask[row].nonzero().flatten()
+            per_layer = [
+                (
+                    keys[row : row + 1].index_select(2, slots),
+                    values[row : row + 1].index_select(2, slots),
+                )
+                for keys, values in map(_layer_tensors, self._cache.layers)
+            ]
+            caches.append(DynamicCache(ddp_cache_data=per_layer))
+        return caches
+
+
+def _empty_like_layer(layers: Sequence[object]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-length keys/values shaped like the first non-empty layer among ``layers``."""
+    for layer in layers:
+        keys = getattr(layer, "keys", None)
+        if isinstance(keys, torch.Tensor) and keys.dim() == 4:
+            k, v = _layer_tensors(layer)
+            return k[:, :, :0, :], v[:, :, :0, :]
+    raise ValueError("cannot merge caches that are all empty")

@@ -22,12 +22,15 @@ temperature, top-k, top-p), identical for both roles.
 * Both caches are cropped back to the tokens that are still valid (the accepted prefix).
 
 With a neutral row (``strength > 0``, :mod:`pj_core.guidance`) the neutral prompt gets a cache
-of its own, prefilled with the personas', and it walks beside the draft: each draft step also
-forwards the neutral row's pending tokens, giving the neutral logits at d_i's position; the
-judge's positions 0..n-1 are the same prefixes, so they reuse them. Only the bonus position
-(after d_{n-1}) needs one more neutral forward, of d_{n-1}, and only when a bonus is drawn. The
-neutral cache is cropped like the draft's. (A later step runs the draft and neutral rows in one
-2-row forward.)
+of its own, prefilled with the personas', and it walks beside the draft: for the round the
+draft's and the neutral cache are merged into one 2-row batch (:class:`pj_core.kv.MergedRows`),
+each draft step is ONE forward of both rows (the neutral row is fed its pending tokens, then
+d_0, d_1, ...), giving q's row and the neutral logits at d_i's position, and the batch is split
+back into the two caches before the judge runs. The judge's positions 0..n-1 are the same
+prefixes, so they reuse those neutral logits. Only the bonus position (after d_{n-1}) needs one
+more neutral forward, of d_{n-1}, and only when a bonus is drawn. The neutral cache is cropped
+like the draft's (plus d_{n-1} when it was fed for the bonus). The draft persona changes every
+round, so the pairing is rebuilt each round from the two cropped caches.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import torch
 from transformers import PreTrainedModel
 
 from pj_core.generation_config import GenerationConfig
-from pj_core.kv import forward_logits, model_device, prefill_split
+from pj_core.kv import MergedRows, forward_logits, model_device, prefill_split
 from pj_core.logits import LogitPipeline, Position
 from pj_core.rounds import (
     Counters,
@@ -117,23 +120,40 @@ def speculative_emissions(
         # neutral_logits[i]: [vocab], the neutral row after d_0..d_{i-1} (with a neutral row)
         neutral_logits: list[torch.Tensor | None] = []
         feed = pending(draft)
+        # With a neutral row, draft and neutral advance together: one 2-row forward per step.
+        pair = (
+            MergedRows(model, [caches[draft], caches[k]])
+            if neutral is not None and cached[draft] > 0 and cached[k] > 0
+            else None
+        )
         for position in range(min(lookahead, config.max_new_tokens - len(emitted))):
-            if neutral is not None:
-                neutral_feed = pending(k) if position == 0 else feed
-                neutral_logits.append(forward(k, neutral_feed, keep=1)[-1])
+            # The neutral row's new tokens: its pending ones first, then each drafted token.
+            neutral_feed = (pending(k) if position == 0 else feed) if neutral is not None else []
+            neutral_logits_i: torch.Tensor | None = None  # [vocab]
+            if pair is not None:
+                both = pair.feed([feed, neutral_feed])  # [2, vocab]: draft row, neutral row
+                cached[draft] += len(feed)
+                cached[k] += len(neutral_feed)
+                counters.forward_passes += 1
+                draft_row, neutral_logits_i = both[0], both[1]
             else:
-                neutral_logits.append(None)
+                if neutral is not None:
+                    neutral_logits_i = forward(k, neutral_feed, keep=1)[-1]
+                draft_row = forward(draft, feed, keep=1)[-1]
+            neutral_logits.append(neutral_logits_i)
             # q_i: [vocab], the draft's distribution after d_0..d_{i-1}
             at = Position(
-                draft, "draft", round_index, emitted_before, tuple(drafted), neutral_logits[-1]
+                draft, "draft", round_index, emitted_before, tuple(drafted), neutral_logits_i
             )
-            q = pipeline.probs(forward(draft, feed, keep=1)[-1], [at])
+            q = pipeline.probs(draft_row, [at])
             token = sample_index(q, draws.draft[position])
             drafted.append(token)
             draft_probs.append(q)
             if token in eos_ids:
                 break
             feed = [token]
+        if pair is not None:
+            caches[draft], caches[k] = pair.split()
 
         # The neutral cache holds d_0..d_{n-2} of this round (like the draft's).
         neutral_round_tokens = len(drafted) - 1

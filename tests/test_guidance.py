@@ -194,13 +194,43 @@ def test_batch_steps_each_requests_neutral_row_with_its_persona_rows(pj: Persona
     assert len({tuple(r.token_ids) for r in batched}) > 12
 
 
-def test_guided_stats_count_the_neutral_rows_forwards(pj: PersonaJudge) -> None:
-    options: dict[str, Any] = {"max_new_tokens": 12, "lookahead": 3, "seed": 3}
-    plain = pj.generate(CONVERSATION, PERSONAS, strategy="speculative", **options)
-    guided = pj.generate(CONVERSATION, PERSONAS, strategy="speculative", strength=1.0, **options)
-    # Without a batched neutral step yet, each draft step forwards the neutral row too.
-    assert guided.stats.forward_passes > plain.stats.forward_passes
-    assert guided.stats.tokens == len(guided.token_ids)
+def test_the_neutral_row_costs_no_extra_forward_but_at_a_bonus(pj: PersonaJudge) -> None:
+    """A negligible strength keeps the plain tokens and rounds, so the forwards compare
+    one to one: each draft step forwards the draft and neutral rows together, and only a
+    bonus token needs one more (neutral) forward."""
+    options: dict[str, Any] = {"max_new_tokens": 24, "lookahead": 3, "top_k": 0, "top_p": 1.0}
+    for seed in range(6):
+        plain = pj.generate(CONVERSATION, PERSONAS, seed=seed, **options)
+        guided = pj.generate(CONVERSATION, PERSONAS, seed=seed, strength=1e-9, **options)
+        assert guided.token_ids == plain.token_ids
+        assert guided.stats.rounds == plain.stats.rounds
+        assert guided.stats.forward_passes == plain.stats.forward_passes + guided.stats.bonus
+
+
+def test_merged_rows_step_like_separate_caches(pj: PersonaJudge) -> None:
+    """Two caches of different lengths, fed different numbers of tokens in one forward, give
+    the logits and caches of separate single-row forwards."""
+    from pj_core.kv import MergedRows, forward_logits, prefill_split
+
+    prefixes = [[2, 5, 6, 7, 8, 9], [2, 10, 11]]
+    feeds = [[[12], [13, 14]], [[15], [16]], [[17, 18, 19], [20]]]
+    with torch.inference_mode():
+        separate, _ = prefill_split(pj.model, prefixes)
+        merged = MergedRows(pj.model, prefill_split(pj.model, prefixes)[0])
+        for step in feeds:
+            together = merged.feed(step)
+            for row, tokens in enumerate(step):
+                alone = forward_logits(pj.model, torch.tensor([tokens]), separate[row], keep=1)
+                torch.testing.assert_close(together[row], alone[0, -1], atol=1e-5, rtol=1e-5)
+        split = merged.split()
+        for row in range(2):
+            assert split[row].get_seq_length() == separate[row].get_seq_length()
+            for mine, theirs in zip(split[row].layers, separate[row].layers, strict=True):
+                for name in ("keys", "values"):
+                    torch.testing.assert_close(
+                        getattr(mine, name), getattr(theirs, name), atol=1e-5, rtol=1e-5
+                    )
+    assert merged.forward_passes == len(feeds)
 
 
 def test_strength_zero_is_plain_persona_judge(pj: PersonaJudge) -> None:
@@ -242,3 +272,17 @@ def test_neutral_system_text_changes_the_neutral_row(
         for s in range(8)
     ]
     assert from_ids == default
+
+
+def test_one_token_prompts_guide_without_merging(pj: PersonaJudge) -> None:
+    """Empty caches (one-token prompts) cannot be merged: the neutral row then runs its own
+    forwards, with the same tokens as lockstep."""
+    options: dict[str, Any] = {"max_new_tokens": 10, "lookahead": 2, "strength": 1.0}
+    for seed in range(5):
+        answers = [
+            pj.generate_from_ids(
+                [[5], [6]], neutral_prompt_ids=[7], seed=seed, strategy=strategy, **options
+            ).token_ids
+            for strategy in ("speculative", "lockstep")
+        ]
+        assert answers[0] == answers[1]
