@@ -44,6 +44,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from pj_core.catalog import CATALOG_ENTRIES
@@ -69,8 +70,20 @@ MAX_PREFERENCES = 16
 MAX_PERSONAS = 8
 """Most persona prefixes :func:`compose` builds (each costs one KV cache in the engine)."""
 
-PROFILE_SCHEMA_VERSION = 1
-"""Version of the :class:`PersonaProfile` JSON layout."""
+PROFILE_SCHEMA_VERSION = 2
+"""Version of the :class:`PersonaProfile` JSON layout (2: ``defaults.strength``)."""
+
+
+def _profile_v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
+    # Version 2 adds the optional defaults.strength; a version 1 profile simply has none.
+    return {**data, "schema_version": 2}
+
+
+PROFILE_MIGRATIONS: Mapping[int, Any] = {1: _profile_v1_to_v2}
+"""``PROFILE_MIGRATIONS[v]`` turns a profile's JSON data of version v into version v + 1.
+Profiles are upgraded when they are read (from a store, a file or a dict), so data written
+by an older persona-judge keeps working; an older persona-judge rejects newer data with a
+clear message instead of misreading it."""
 
 USER_PREFIX = "user:"
 """A string ``"user:ID"`` given as personas is looked up in a profile store."""
@@ -265,8 +278,11 @@ class GenerationDefaults(_Model):
     top_p: float | None = None
     max_new_tokens: int | None = None
     alternate: bool | None = None
+    strength: float | None = None
 
-    @field_validator("lookahead", "temperature", "top_k", "top_p", "max_new_tokens", "alternate")
+    @field_validator(
+        "lookahead", "temperature", "top_k", "top_p", "max_new_tokens", "alternate", "strength"
+    )
     @classmethod
     def _check_setting(cls, value: Any, info: ValidationInfo) -> Any:
         # The engine's own ranges (pj_core.settings), so a saved default always runs.
@@ -312,6 +328,19 @@ class PersonaProfile(_Model):
     created_at: datetime = Field(default_factory=_now)
     updated_at: datetime = Field(default_factory=_now)
     revision: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _migrate(cls, data: Any) -> Any:
+        """Upgrade the data of an older profile layout, one version at a time."""
+        if not isinstance(data, Mapping):
+            return data
+        version = data.get("schema_version", PROFILE_SCHEMA_VERSION)
+        upgraded = dict(data)
+        while type(version) is int and version in PROFILE_MIGRATIONS:
+            upgraded = PROFILE_MIGRATIONS[version](upgraded)
+            version = upgraded["schema_version"]
+        return upgraded
 
     @field_validator("schema_version")
     @classmethod

@@ -55,6 +55,8 @@ GENERATION_OPTIONS: tuple[str, ...] = (
     "temperature",
     "top_k",
     "top_p",
+    "strength",
+    "neutral_system",
     "max_tokens",
     "seed",
     "stop",

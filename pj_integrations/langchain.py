@@ -229,6 +229,9 @@ class ChatPersonaJudge(BaseChatModel):
             λ, tokens the draft persona proposes per round.
         temperature, top_k, top_p: float | int | None
             Sampling filters, applied identically to both personas (temperature 0 is greedy).
+        strength: float | None
+            How strongly the preferences act (>= 0; 0 is the paper exactly): each persona is
+            guided away from the same conversation with no persona text.
         max_tokens: int | None
             The most tokens to generate.
         Every generation field left at None takes the user's saved default, else the
@@ -337,6 +340,15 @@ class ChatPersonaJudge(BaseChatModel):
 
     top_p: float | None = None
     """Nucleus filtering mass in (0, 1] (1.0 switches it off)."""
+
+    strength: float | None = None
+    """How strongly the preferences act, γ >= 0 (0: Persona-judge exactly): each persona's
+    logits l become l + γ (l - l_neutral), l_neutral from the conversation with no persona
+    text. Per call: ``invoke(..., strength=2.0)``, ``bind(strength=2.0)``, or a
+    ``configurable_fields(strength=ConfigurableField(id="strength"))`` set in the run config."""
+
+    neutral_system: str | None = None
+    """System text of the neutral row that ``strength`` guides against (None: none)."""
 
     max_tokens: int | None = None
     """The most tokens to generate."""

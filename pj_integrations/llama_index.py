@@ -176,6 +176,14 @@ class PersonaJudgeLLM(CustomLLM):
     )
     top_k: int | None = Field(default=None, description="Top-k filter; 0 switches it off.")
     top_p: float | None = Field(default=None, description="Nucleus filter in (0, 1].")
+    strength: float | None = Field(
+        default=None,
+        description="How strongly the preferences act (>= 0; 0: Persona-judge exactly): each "
+        "persona is guided away from the conversation with no persona text.",
+    )
+    neutral_system: str | None = Field(
+        default=None, description="System text of the neutral row strength guides against."
+    )
     max_tokens: int | None = Field(default=None, description="Most new tokens per answer.")
     stop: list[str] | None = Field(default=None, description="Strings that end the answer.")
     seed: int | None = Field(default=None, description="Seed for reproducible sampling.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from pj_core.personas import (
     MAX_DESCRIPTION_CHARS,
     MAX_PERSONA_CHARS,
     MAX_PREFERENCES,
+    PROFILE_SCHEMA_VERSION,
     GenerationDefaults,
     Persona,
     PersonaProfile,
@@ -154,6 +156,29 @@ def test_preference_needs_two_distinct_phrasings() -> None:
 # ----------------------------------------------------------------------------- profiles
 
 
+def test_version_1_profiles_are_upgraded_when_read() -> None:
+    """Version 2 added defaults.strength: a version 1 profile (from an older store or export
+    file) reads as version 2 with no strength, and keeps everything else."""
+    old = {
+        "schema_version": 1,
+        "user_id": "carol",
+        "preferences": ["concise"],
+        "defaults": {"temperature": 0.3},
+    }
+    profile = PersonaProfile.from_data(json.dumps(old))
+    assert profile.schema_version == 2 and profile.defaults.strength is None
+    assert profile.preferences == ("concise",) and profile.defaults.temperature == 0.3
+    stamps = {"created_at", "updated_at"}
+    assert PersonaProfile.from_data(old).model_dump(exclude=stamps) == profile.model_dump(
+        exclude=stamps
+    )
+    saved = profile.evolve(defaults={"temperature": 0.3, "strength": 1.5})
+    assert PersonaProfile.from_data(saved.model_dump_json()).generation_kwargs() == {
+        "temperature": 0.3,
+        "strength": 1.5,
+    }
+
+
 def test_profile_canonicalises_names_keeps_free_text_and_dedupes() -> None:
     profile = PersonaProfile(
         user_id="alice",
@@ -161,7 +186,7 @@ def test_profile_canonicalises_names_keeps_free_text_and_dedupes() -> None:
         description="I love dinosaurs.",
     )
     assert profile.preferences == ("humor", "Explain like I'm ten.", "concise")
-    assert profile.schema_version == 1 and profile.revision == 0
+    assert profile.schema_version == PROFILE_SCHEMA_VERSION == 2 and profile.revision == 0
 
 
 @pytest.mark.parametrize(
@@ -191,6 +216,8 @@ def test_profile_canonicalises_names_keeps_free_text_and_dedupes() -> None:
         ),
         ({"user_id": "a", "defaults": {"top_p": 1.5}}, InvalidGenerationConfigError, "top_p"),
         ({"user_id": "a", "defaults": {"temperature": -1}}, InvalidGenerationConfigError, "tempe"),
+        ({"user_id": "a", "defaults": {"strength": -1}}, InvalidGenerationConfigError, "strength"),
+        ({"user_id": "a", "schema_version": 3}, InvalidPersonaError, "schema_version 3"),
     ],
 )
 def test_bad_profiles_raise_typed_errors(

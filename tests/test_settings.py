@@ -104,6 +104,7 @@ def test_cli_help_shows_the_settings_defaults(capsys: pytest.CaptureFixture[str]
         DEFAULTS.temperature,
         DEFAULTS.top_k,
         DEFAULTS.top_p,
+        DEFAULTS.strength,
     ):
         assert f"({value})" in text, value
 
@@ -118,7 +119,16 @@ def test_adapters_leave_generation_fields_unset() -> None:
     """Adapter fields default to None and defer to pj_core.settings (as ChatOllama's do)."""
     lc = ChatPersonaJudge(preferences=PERSONAS)
     li = PersonaJudgeLLM(preferences=PERSONAS)
-    for name in ("lookahead", "alternate", "strategy", "temperature", "top_k", "top_p"):
+    for name in (
+        "lookahead",
+        "alternate",
+        "strategy",
+        "temperature",
+        "top_k",
+        "top_p",
+        "strength",
+        "neutral_system",
+    ):
         assert getattr(lc, name) is None, name
         assert getattr(li, name) is None, name
     assert lc.max_tokens is None and li.max_tokens is None
@@ -165,6 +175,11 @@ CANDIDATES: list[tuple[str, Any]] = [
     ("top_p", 0.5),
     ("top_p", 1.0),
     ("top_p", 1.01),
+    ("strength", -0.5),
+    ("strength", 0.0),
+    ("strength", 3.0),
+    ("strength", float("inf")),
+    ("strength", float("nan")),
 ]
 
 
@@ -190,3 +205,31 @@ def test_every_entry_point_accepts_the_same_values(name: str, value: Any) -> Non
         )
     )
     assert profile_ok == engine_ok
+
+
+def test_strength_reaches_the_engine_from_every_entry_point(
+    tiny_dir: str, seen: list[GenerationConfig], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The knob, set once per entry point: engine, batch, CLI, both adapters (field and per
+    call, LangChain's run config too) and a saved profile default."""
+    from langchain_core.runnables import ConfigurableField
+
+    engine = PersonaJudge.from_pretrained(tiny_dir)
+    engine.generate("hello", PERSONAS, seed=0, strength=1.0, max_new_tokens=3)
+    engine.generate_batch([{"conversation": "hello", "personas": PERSONAS, "strength": 1.5}])
+    argv = ["generate", "hello", "--model", tiny_dir, "--seed", "0", "--strength", "2"]
+    assert cli.main([*argv, "--persona", PERSONAS[0], "--persona", PERSONAS[1]]) == 0
+    chat = ChatPersonaJudge(model=tiny_dir, preferences=PERSONAS, seed=0, max_tokens=3)
+    chat.model_copy(update={"strength": 2.5}).invoke("hello")
+    chat.invoke("hello", strength=3.0)
+    chat.configurable_fields(strength=ConfigurableField(id="strength")).invoke(
+        "hello", config={"configurable": {"strength": 3.5}}
+    )
+    llm = PersonaJudgeLLM(model=tiny_dir, preferences=PERSONAS, seed=0, max_tokens=3)
+    llm.model_copy(update={"strength": 4.0}).complete("hello")
+    llm.complete("hello", strength=4.5)
+    profile = PersonaProfile(
+        user_id="u1", preferences=PERSONAS, defaults=GenerationDefaults(strength=5.0)
+    )
+    ChatPersonaJudge(model=tiny_dir, persona=profile, seed=0, max_tokens=3).invoke("hello")
+    assert [c.strength for c in seen] == [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0]

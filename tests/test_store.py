@@ -367,6 +367,27 @@ def test_a_v1_database_is_migrated_keeping_its_profiles(tmp_path: Path) -> None:
         assert store.update("alice", _increment).revision == 2
 
 
+def test_profiles_written_by_an_older_version_are_read_and_imported(
+    store: ProfileStore, tmp_path: Path
+) -> None:
+    """Profile layout 1 (before defaults.strength) in a stored row and in an import file."""
+    v1 = {"schema_version": 1, "user_id": "dave", "defaults": {"top_k": 5}}
+    path = tmp_path / "old-rows.db"
+    with ProfileStore(path) as fresh:
+        fresh.put(PersonaProfile(user_id="dave"))
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE profiles SET data = ? WHERE user_id = 'dave'", (json.dumps(v1),))
+    conn.close()
+    with ProfileStore(path) as reopened:
+        dave = reopened.get("dave")
+        assert dave.schema_version == 2 and dave.generation_kwargs() == {"top_k": 5}
+        saved = reopened.update("dave", lambda p: p.evolve(defaults={"top_k": 5, "strength": 1.0}))
+        assert reopened.get("dave").generation_kwargs() == {"top_k": 5, "strength": 1.0}
+        assert saved.schema_version == 2
+    assert store.import_json(_export_with([{**v1, "user_id": "erin"}])) == ["erin"]
+    assert store.get("erin").schema_version == 2
+
+
 def test_a_newer_or_foreign_database_is_refused(tmp_path: Path) -> None:
     newer = tmp_path / "newer.db"
     with sqlite3.connect(newer) as conn:

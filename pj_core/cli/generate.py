@@ -80,6 +80,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--top-p", type=float, default=None, help=f"1.0 switches it off ({DEFAULTS.top_p})"
     )
+    parser.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="how strongly the preferences act, >= 0; 0 is Persona-judge exactly "
+        f"({DEFAULTS.strength})",
+    )
+    parser.add_argument(
+        "--neutral-system",
+        default=None,
+        metavar="TEXT",
+        help="system text of the neutral row that --strength guides against (default: none)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="make the answer reproducible")
     parser.add_argument(
         "--stop", action="append", default=None, metavar="TEXT", help="stop string; repeatable"
@@ -104,6 +117,8 @@ def generation_settings(args: argparse.Namespace, defaults: dict[str, Any]) -> d
         "temperature": args.temperature,
         "top_k": args.top_k,
         "top_p": args.top_p,
+        "strength": args.strength,
+        "neutral_system": args.neutral_system,
     }
     settings.update({name: value for name, value in given.items() if value is not None})
     if args.fixed_roles:
