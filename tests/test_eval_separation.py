@@ -15,11 +15,14 @@ from pj_core.eval.objective import Fluency, readability_grade, sentiment, word_c
 from pj_core.eval.separation import (
     SEPARATION_METHODS,
     Generated,
+    MethodSpec,
     SeparationConfig,
     axes_for,
     cost_table,
+    engine_generate_fn,
     markdown_table,
     method_personas,
+    parse_method,
     run_separation,
     write_report,
 )
@@ -77,8 +80,34 @@ def test_methods_hand_the_engine_what_they_say() -> None:
     assert method_personas("default", preferences)[0] == preferences
     with pytest.raises(EvaluationError, match="unknown method"):
         method_personas("nope", preferences)
-    with pytest.raises(EvaluationError, match="methods must be"):
+    with pytest.raises(EvaluationError, match="unknown method 'nope'"):
         SeparationConfig(methods=("direct", "nope"))
+    with pytest.raises(EvaluationError, match="methods must be"):
+        SeparationConfig(methods=())
+
+
+@pytest.mark.parametrize("bad", ["default@", "default@-1", "default@x", "default@inf", "x@1"])
+def test_method_strengths_parse_or_fail_clearly(bad: str) -> None:
+    assert parse_method("direct@1") == MethodSpec("direct", 1.0)
+    assert (
+        method_personas("pj:full@2", ["concise"])[0] == method_personas("pj:full", ["concise"])[0]
+    )
+    with pytest.raises(EvaluationError, match=r"strength after '@'|unknown method"):
+        SeparationConfig(methods=(bad,))
+
+
+def test_the_engine_generator_decodes_with_the_methods_strength() -> None:
+    calls: list[float] = []
+
+    class Engine:
+        def generate(self, prompt: str, personas: Any, **settings: Any) -> Any:
+            calls.append(settings["strength"])
+            return type("Result", (), {"text": "ok", "token_ids": [1, 2]})()
+
+    generate = engine_generate_fn(Engine(), SeparationConfig())
+    assert generate("q", "default@1.5", ["concise"], 0) == Generated("ok", 2)
+    generate("q", "direct", ["concise"], 0)
+    assert calls == [1.5, 0.0]
 
 
 def test_separation_values_are_the_proxies_differences() -> None:

@@ -49,7 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--methods",
         type=csv_tuple,
         default=defaults.methods,
-        help=f"comma-separated, from {','.join(SEPARATION_METHODS)} (default: all)",
+        help=f"comma-separated, from {','.join(SEPARATION_METHODS)}, each optionally with a "
+        "persona strength, e.g. default@1.5 (default: all, strength 0)",
     )
     parser.add_argument("--prompts", default=defaults.prompts, help="'sample' or a prompt file")
     parser.add_argument("--limit", type=int, default=defaults.limit, help="(default %(default)s)")

@@ -23,6 +23,10 @@ Methods (all on the same engine, model, seeds and sampling settings):
   orders and phrasings (``compose(set, mode="full")``);
 - ``default``: exactly what a user writes, ``generate(prompt, personas=[catalog names])``.
 
+Any method may carry a persona strength, ``<method>@<γ>`` (e.g. ``default@1.5``,
+``direct@1``): the same method decoded with ``strength=γ`` (:mod:`pj_core.guidance`);
+``direct@γ`` is direct prompting with classifier-free guidance against the neutral row.
+
 Example (a fake generator whose B answers are longer):
     >>> def generate(prompt, method, personas, seed):
     ...     return "one two three four" if "informative" in str(personas) else "one"
@@ -35,6 +39,7 @@ Example (a fake generator whose B answers are longer):
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -137,6 +142,46 @@ def axes_for(set_a: Sequence[str], set_b: Sequence[str]) -> list[Axis]:
     return axes
 
 
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method name parsed: its base method and its persona strength.
+
+    Example:
+        >>> parse_method("default@1.5")
+        MethodSpec(base='default', strength=1.5)
+        >>> parse_method("pj:full")
+        MethodSpec(base='pj:full', strength=0.0)
+    """
+
+    base: str
+    strength: float = 0.0
+
+
+def parse_method(method: str) -> MethodSpec:
+    """``"<base>"`` or ``"<base>@<strength>"``, checked.
+
+    Raises:
+        EvaluationError: an unknown base method, or a strength that is not a number >= 0.
+    """
+    base, at, strength_text = str(method).partition("@")
+    if base not in SEPARATION_METHODS:
+        raise EvaluationError(
+            f"unknown method {method!r}: choose from {', '.join(SEPARATION_METHODS)}, "
+            "optionally with a strength, e.g. default@1.5"
+        )
+    if not at:
+        return MethodSpec(base)
+    try:
+        strength = float(strength_text)
+    except ValueError:
+        strength = math.nan
+    if not math.isfinite(strength) or strength < 0:
+        raise EvaluationError(
+            f"method {method!r}: the strength after '@' must be a number >= 0, e.g. default@1.5"
+        )
+    return MethodSpec(base, strength)
+
+
 def method_personas(method: str, preferences: Sequence[str]) -> tuple[PersonasArg, bool]:
     """What ``method`` hands the engine for one preference set, and whether roles alternate.
 
@@ -144,9 +189,10 @@ def method_personas(method: str, preferences: Sequence[str]) -> tuple[PersonasAr
         >>> personas, _ = method_personas("pj:round-robin", ["concise", "expert", "friendly"])
         >>> [p.name for p in personas]
         ['concise+friendly', 'expert']
-        >>> method_personas("default", ["concise", "expert"])[0]
+        >>> method_personas("default@2", ["concise", "expert"])[0]
         ['concise', 'expert']
     """
+    method = parse_method(method).base
     if method == "direct":
         text = direct_prompt(resolve_dimensions(preferences))
         persona = Persona(text=text, name="direct")
@@ -164,7 +210,7 @@ class SeparationConfig:
 
     Attributes:
         set_a, set_b: the two opposite preference sets (catalog names).
-        methods: from :data:`SEPARATION_METHODS`.
+        methods: from :data:`SEPARATION_METHODS`, each optionally ``@<strength>``.
         prompts, limit, max_prompt_chars: which prompts (as ``pj eval``).
         generator: model spec of the generator (and of the fluency guard's perplexity).
         max_new_tokens: answer budget.
@@ -190,11 +236,12 @@ class SeparationConfig:
     bootstrap: int = 2000
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in SEPARATION_METHODS]
-        if unknown or not self.methods:
+        if not self.methods:
             raise EvaluationError(
-                f"methods must be some of {', '.join(SEPARATION_METHODS)}; got {list(self.methods)}"
+                f"methods must be some of {', '.join(SEPARATION_METHODS)}; got none"
             )
+        for method in self.methods:
+            parse_method(method)
         axes_for(self.set_a, self.set_b)  # fails early, with advice, when there is no axis
 
     def prompt_seed(self, prompt_id: str) -> int:
@@ -425,6 +472,7 @@ def engine_generate_fn(engine: Any, config: SeparationConfig) -> GenerateFn:
         result = engine.generate(
             prompt,
             personas,
+            strength=parse_method(method).strength,
             lookahead=config.lookahead,
             max_new_tokens=config.max_new_tokens,
             temperature=config.temperature,
