@@ -50,6 +50,7 @@ from pj_core.generation_config import GenerationConfig
 from pj_core.kv import BatchedContexts
 from pj_core.lockstep import lockstep_emissions
 from pj_core.logits import TransformFactory
+from pj_core.pool import pool_emissions
 from pj_core.results import GenerationResult, StreamEvent
 
 if TYPE_CHECKING:
@@ -84,6 +85,7 @@ class BatchRequest:
     top_p: float | None = None
     strength: float | None = None
     neutral_system: str | None = None
+    decoder: str | None = None
     seed: int | None = None
     stop: Sequence[str] | None = None
     logit_transforms: Sequence[TransformFactory] = ()
@@ -234,6 +236,7 @@ def _prepare(
         top_k=request.top_k,
         top_p=request.top_p,
         strength=request.strength,
+        decoder=request.decoder,
         seed=request.seed,
         stop=request.stop,
     )
@@ -284,7 +287,8 @@ def generate_batch(
             request = BatchRequest.coerce(raw, index)
             prompts, names, config, neutral = _prepare(engine, request)
             # The engine's own checks and event stream; only the rows come from the batch.
-            source = functools.partial(lockstep_emissions, contexts=view)
+            decode = pool_emissions if config.decoder == "pool" else lockstep_emissions
+            source = functools.partial(decode, contexts=view)
             events = engine.stream_prepared(
                 prompts,
                 names,

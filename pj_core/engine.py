@@ -36,6 +36,7 @@ from pj_core.guidance import Strength
 from pj_core.lockstep import lockstep_emissions
 from pj_core.logits import LogitPipeline, LogitTransform, TransformFactory, build_transforms
 from pj_core.models import DEFAULT_MODEL
+from pj_core.pool import pool_emissions
 from pj_core.results import (
     FinishReason,
     GenerationResult,
@@ -153,6 +154,7 @@ class PersonaJudge:
         top_p: float | None = None,
         strength: float | None = None,
         neutral_system: str | None = None,
+        decoder: str | None = None,
         seed: int | None = None,
         stop: Sequence[str] | None = None,
         logit_transforms: Sequence[TransformFactory] = (),
@@ -185,6 +187,11 @@ class PersonaJudge:
                 exactly. Costs one more row per forward.
             neutral_system: the system text of the neutral row (when ``strength > 0``); None
                 renders the conversation with no persona text at all.
+            decoder: "persona-judge" (rounds: the draft persona proposes, the judge persona
+                decides) or "pool" (every token from the log-linear pool of all personas, so
+                every preference acts on every token; :mod:`pj_core.pool`). The pool decoder
+                always steps the rows together (lockstep); lookahead and alternate do not
+                apply to it.
             seed: makes the call reproducible; None draws fresh randomness.
             stop: strings that end the answer; the answer excludes them.
             logit_transforms: factories of :class:`pj_core.logits.LogitTransform`, each
@@ -216,6 +223,7 @@ class PersonaJudge:
                 top_p=top_p,
                 strength=strength,
                 neutral_system=neutral_system,
+                decoder=decoder,
                 seed=seed,
                 stop=stop,
                 logit_transforms=logit_transforms,
@@ -236,6 +244,7 @@ class PersonaJudge:
         top_p: float | None = None,
         strength: float | None = None,
         neutral_system: str | None = None,
+        decoder: str | None = None,
         seed: int | None = None,
         stop: Sequence[str] | None = None,
         logit_transforms: Sequence[TransformFactory] = (),
@@ -258,6 +267,7 @@ class PersonaJudge:
             top_k=top_k,
             top_p=top_p,
             strength=strength,
+            decoder=decoder,
             seed=seed,
             stop=stop,
         )
@@ -475,7 +485,7 @@ class PersonaJudge:
             transforms = (Strength(config.strength), *transforms)
         else:
             neutral_prompt = None
-        if not config.alternate and len(prompts) != 2:
+        if not config.alternate and len(prompts) != 2 and config.decoder == "persona-judge":
             raise InvalidGenerationConfigError(
                 f"alternate=False (fixed roles: persona 0 drafts, persona 1 judges) needs exactly "
                 f"two personas, got {len(prompts)}; pass alternate=True to let them take turns"
@@ -494,11 +504,13 @@ class PersonaJudge:
                 max_new_tokens=config.max_new_tokens,
                 context_window=self.context_window,
             )
-        strategy: StrategyName = (
-            self.choose_strategy(n_personas=len(prompts), lookahead=config.lookahead)
-            if config.strategy == "auto"
-            else config.strategy
-        )
+        strategy: StrategyName
+        if config.decoder == "pool":
+            strategy = "lockstep"  # the pool steps every row together
+        elif config.strategy == "auto":
+            strategy = self.choose_strategy(n_personas=len(prompts), lookahead=config.lookahead)
+        else:
+            strategy = config.strategy
         return self._events(
             prompts, names, config, strategy, emission_source, transforms, neutral_prompt
         )
@@ -520,7 +532,11 @@ class PersonaJudge:
             generator.manual_seed(config.seed)
         counters = Counters()
         run = emission_source or (
-            speculative_emissions if strategy == "speculative" else lockstep_emissions
+            pool_emissions
+            if config.decoder == "pool"
+            else speculative_emissions
+            if strategy == "speculative"
+            else lockstep_emissions
         )
         # The neutral row only reaches strategies that guide (batched rows do not yet).
         guided = {} if neutral_prompt is None else {"neutral": neutral_prompt}

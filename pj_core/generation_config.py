@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pj_core.errors import InvalidGenerationConfigError
-from pj_core.settings import DEFAULTS, StrategyChoice, check_settings
+from pj_core.settings import DEFAULTS, DecoderName, StrategyChoice, check_settings
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class GenerationConfig:
     top_k: int
     top_p: float
     strength: float
+    decoder: DecoderName
     seed: int | None
     stop: tuple[str, ...]
 
@@ -46,6 +47,7 @@ class GenerationConfig:
         top_k: int | None = None,
         top_p: float | None = None,
         strength: float | None = None,
+        decoder: str | None = None,
         seed: int | None = None,
         stop: Sequence[str] | None = None,
     ) -> GenerationConfig:
@@ -64,6 +66,7 @@ class GenerationConfig:
             top_k=top_k,
             top_p=top_p,
             strength=strength,
+            decoder=decoder,
         )
         check_settings(values)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -77,6 +80,7 @@ class GenerationConfig:
             top_k=values["top_k"],
             top_p=float(values["top_p"]),
             strength=float(values["strength"]),
+            decoder=values["decoder"],
             seed=seed,
             stop=_check_stop(stop),
         )

@@ -182,18 +182,27 @@ class LogitPipeline:
         Returns:
             float32 probabilities of the same shape.
         """
-        if self.transforms:
-            rows = logits.unsqueeze(0) if logits.dim() == 1 else logits
-            if rows.shape[0] != len(positions):
-                raise ValueError(f"{rows.shape[0]} rows of logits for {len(positions)} positions")
-            changed = []
-            for row, position in zip(rows, positions, strict=True):
-                self._move_to(position)
-                for transform in self.transforms:
-                    row = _checked(transform(row, position), row, transform, position)
-                changed.append(row)
-            transformed = torch.stack(changed)
-            logits = transformed[0] if logits.dim() == 1 else transformed
+        return self.filtered(self.transformed(logits, positions))
+
+    def transformed(self, logits: torch.Tensor, positions: Sequence[Position]) -> torch.Tensor:
+        """Step 1 alone: the call's transforms applied to ``logits`` (same shapes as
+        :meth:`probs`); the logits themselves when the call has no transforms."""
+        if not self.transforms:
+            return logits
+        rows = logits.unsqueeze(0) if logits.dim() == 1 else logits
+        if rows.shape[0] != len(positions):
+            raise ValueError(f"{rows.shape[0]} rows of logits for {len(positions)} positions")
+        changed = []
+        for row, position in zip(rows, positions, strict=True):
+            self._move_to(position)
+            for transform in self.transforms:
+                row = _checked(transform(row, position), row, transform, position)
+            changed.append(row)
+        transformed = torch.stack(changed)
+        return transformed[0] if logits.dim() == 1 else transformed
+
+    def filtered(self, logits: torch.Tensor) -> torch.Tensor:
+        """Step 2 alone: temperature, top-k and top-p (:func:`pj_core.sampling.filtered_probs`)."""
         return filtered_probs(
             logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p
         )

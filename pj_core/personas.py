@@ -71,11 +71,13 @@ MAX_PERSONAS = 8
 """Most persona prefixes :func:`compose` builds (each costs one KV cache in the engine)."""
 
 PROFILE_SCHEMA_VERSION = 2
-"""Version of the :class:`PersonaProfile` JSON layout (2: ``defaults.strength``)."""
+"""Version of the :class:`PersonaProfile` JSON layout (2: ``defaults.strength`` and
+``defaults.decoder``)."""
 
 
 def _profile_v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
-    # Version 2 adds the optional defaults.strength; a version 1 profile simply has none.
+    # Version 2 adds the optional defaults.strength and defaults.decoder; a version 1 profile
+    # simply has neither.
     return {**data, "schema_version": 2}
 
 
@@ -279,9 +281,17 @@ class GenerationDefaults(_Model):
     max_new_tokens: int | None = None
     alternate: bool | None = None
     strength: float | None = None
+    decoder: str | None = None
 
     @field_validator(
-        "lookahead", "temperature", "top_k", "top_p", "max_new_tokens", "alternate", "strength"
+        "lookahead",
+        "temperature",
+        "top_k",
+        "top_p",
+        "max_new_tokens",
+        "alternate",
+        "strength",
+        "decoder",
     )
     @classmethod
     def _check_setting(cls, value: Any, info: ValidationInfo) -> Any:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-Outcome = Literal["accepted", "resampled", "bonus"]
+Outcome = Literal["accepted", "resampled", "bonus", "pooled"]
 FinishReason = Literal["eos", "stop", "length"]
 StrategyName = Literal["speculative", "lockstep"]
 
@@ -71,8 +71,9 @@ class TokenTrace:
         judge_persona: index of the round's judge persona.
         judge_name: its display name.
         outcome: "accepted" (the draft's token passed the judge), "resampled" (the judge
-            rejected the draft's token and this one came from the residual) or "bonus"
-            (drawn from the judge after a whole lookahead was accepted).
+            rejected the draft's token and this one came from the residual), "bonus"
+            (drawn from the judge after a whole lookahead was accepted) or "pooled" (the
+            ``pool`` decoder: drawn from the pool of every persona; the persona fields are 0).
         round: index of the round that emitted the token.
     """
 

@@ -111,5 +111,6 @@ class Counters:
         elif outcome == "resampled":
             self.drafted += 1
             self.resampled += 1
-        else:
+        elif outcome == "bonus":
             self.bonus += 1
+        # "pooled" (the pool decoder) drafts nothing: only the token count records it.

@@ -36,6 +36,12 @@ StrategyChoice = Literal["speculative", "lockstep", "auto"]
 
 STRATEGIES: tuple[str, ...] = ("speculative", "lockstep", "auto")
 
+DecoderName = Literal["persona-judge", "pool"]
+"""How tokens are chosen: Persona-judge rounds, or the pool of every persona
+(:mod:`pj_core.pool`)."""
+
+DECODERS: tuple[str, ...] = ("persona-judge", "pool")
+
 # Past a few dozen tokens almost every round ends at a rejection long before the lookahead
 # is used up, so a larger λ only wastes draft forwards; 64 is a generous sanity bound.
 MAX_LOOKAHEAD = 64
@@ -60,6 +66,8 @@ class Settings:
             exactly): each persona row's logits l become l + γ (l - l_neutral), where
             l_neutral comes from the same conversation with no persona text
             (:mod:`pj_core.guidance`).
+        decoder: "persona-judge" (rounds of draft and judge, the paper) or "pool" (every
+            token from the log-linear pool of all personas, :mod:`pj_core.pool`).
     """
 
     lookahead: int = 4
@@ -70,6 +78,7 @@ class Settings:
     top_k: int = 20
     top_p: float = 0.9
     strength: float = 0.0
+    decoder: DecoderName = "persona-judge"
 
     def merged(self, **given: Any) -> dict[str, Any]:
         """These defaults with every ``given`` value that is not ``None`` laid over them.
@@ -149,6 +158,13 @@ def _check_strength(value: object) -> None:
         )
 
 
+def _check_decoder(value: object) -> None:
+    if value not in DECODERS:
+        raise InvalidGenerationConfigError(
+            f"decoder must be one of {', '.join(DECODERS)}; got {value!r}"
+        )
+
+
 _CHECKS = {
     "lookahead": _check_lookahead,
     "alternate": _check_alternate,
@@ -158,6 +174,7 @@ _CHECKS = {
     "top_k": _check_top_k,
     "top_p": _check_top_p,
     "strength": _check_strength,
+    "decoder": _check_decoder,
 }
 
 

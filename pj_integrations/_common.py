@@ -57,6 +57,7 @@ GENERATION_OPTIONS: tuple[str, ...] = (
     "top_p",
     "strength",
     "neutral_system",
+    "decoder",
     "max_tokens",
     "seed",
     "stop",

@@ -350,6 +350,10 @@ class ChatPersonaJudge(BaseChatModel):
     neutral_system: str | None = None
     """System text of the neutral row that ``strength`` guides against (None: none)."""
 
+    decoder: Literal["persona-judge", "pool"] | None = None
+    """"persona-judge" (rounds of draft and judge) or "pool" (every token from the pool of all
+    personas, so every preference acts on every token)."""
+
     max_tokens: int | None = None
     """The most tokens to generate."""
 

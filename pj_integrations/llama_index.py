@@ -184,6 +184,11 @@ class PersonaJudgeLLM(CustomLLM):
     neutral_system: str | None = Field(
         default=None, description="System text of the neutral row strength guides against."
     )
+    decoder: Literal["persona-judge", "pool"] | None = Field(
+        default=None,
+        description="persona-judge (draft and judge rounds) or pool (every token from the pool "
+        "of all personas).",
+    )
     max_tokens: int | None = Field(default=None, description="Most new tokens per answer.")
     stop: list[str] | None = Field(default=None, description="Strings that end the answer.")
     seed: int | None = Field(default=None, description="Seed for reproducible sampling.")

@@ -88,3 +88,24 @@ def test_bad_input_gives_a_clear_error_not_a_traceback(capsys: pytest.CaptureFix
     assert "top_p" in capsys.readouterr().err
     assert main(["generate", "hello"]) == 1
     assert "give two or more personas" in capsys.readouterr().err
+
+
+def test_pool_decoder_and_strength_from_the_command_line(
+    capsys: pytest.CaptureFixture[str],
+    tiny_model: LlamaForCausalLM,
+    tiny_tokenizer: PreTrainedTokenizerFast,
+) -> None:
+    args = [*ARGS, "--decoder", "pool", "--strength", "1.5", "--max-new-tokens", "8"]
+    assert main([*args, "--explain"]) == 0
+    printed = capsys.readouterr()
+    expected = PersonaJudge(tiny_model, tiny_tokenizer).generate(
+        "hello", ["be funny", "be brief"], seed=3, max_new_tokens=8, decoder="pool", strength=1.5
+    )
+    assert printed.out == expected.text + "\n"
+    assert "every token (pooled) from the pool of all personas: (" in printed.err
+    assert "drafts" not in printed.err
+    with pytest.raises(SystemExit):  # argparse: not one of the choices
+        main([*ARGS, "--decoder", "mixture"])
+    assert "invalid choice: 'mixture'" in capsys.readouterr().err
+    assert main([*ARGS, "--strength", "-1"]) == 1
+    assert "strength must be" in capsys.readouterr().err

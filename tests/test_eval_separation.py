@@ -97,17 +97,22 @@ def test_method_strengths_parse_or_fail_clearly(bad: str) -> None:
 
 
 def test_the_engine_generator_decodes_with_the_methods_strength() -> None:
-    calls: list[float] = []
+    calls: list[tuple[float, str]] = []
 
     class Engine:
         def generate(self, prompt: str, personas: Any, **settings: Any) -> Any:
-            calls.append(settings["strength"])
+            calls.append((settings["strength"], settings["decoder"]))
             return type("Result", (), {"text": "ok", "token_ids": [1, 2]})()
 
     generate = engine_generate_fn(Engine(), SeparationConfig())
     assert generate("q", "default@1.5", ["concise"], 0) == Generated("ok", 2)
     generate("q", "direct", ["concise"], 0)
-    assert calls == [1.5, 0.0]
+    generate("q", "pool:full@2", ["concise"], 0)
+    assert calls == [(1.5, "persona-judge"), (0.0, "persona-judge"), (2.0, "pool")]
+    # The pool methods decode the personas of their Persona-judge counterparts.
+    sets = ["concise", "expert", "friendly"]
+    assert method_personas("pool:full", sets) == method_personas("pj:full", sets)
+    assert method_personas("pool@1", sets) == method_personas("default", sets)
 
 
 def test_separation_values_are_the_proxies_differences() -> None:

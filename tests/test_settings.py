@@ -180,6 +180,9 @@ CANDIDATES: list[tuple[str, Any]] = [
     ("strength", 3.0),
     ("strength", float("inf")),
     ("strength", float("nan")),
+    ("decoder", "pool"),
+    ("decoder", "persona-judge"),
+    ("decoder", "mixture"),
 ]
 
 

@@ -21,10 +21,15 @@ from typing import Any, TextIO
 
 from pj_core.errors import InvalidPersonaError
 from pj_core.results import GenerationResult, TokenTrace
-from pj_core.settings import DEFAULTS, STRATEGIES
+from pj_core.settings import DECODERS, DEFAULTS, STRATEGIES
 
 # ANSI colours per outcome, used only when the stream is a terminal and NO_COLOR is unset.
-OUTCOME_COLOURS = {"accepted": "\033[32m", "resampled": "\033[33m", "bonus": "\033[36m"}
+OUTCOME_COLOURS = {
+    "accepted": "\033[32m",
+    "resampled": "\033[33m",
+    "bonus": "\033[36m",
+    "pooled": "\033[35m",
+}
 RESET = "\033[0m"
 
 
@@ -93,6 +98,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="TEXT",
         help="system text of the neutral row that --strength guides against (default: none)",
     )
+    parser.add_argument(
+        "--decoder",
+        choices=DECODERS,
+        default=None,
+        help="persona-judge: rounds of draft and judge; pool: every token from the pool of "
+        f"all personas ({DEFAULTS.decoder})",
+    )
     parser.add_argument("--seed", type=int, default=None, help="make the answer reproducible")
     parser.add_argument(
         "--stop", action="append", default=None, metavar="TEXT", help="stop string; repeatable"
@@ -119,6 +131,7 @@ def generation_settings(args: argparse.Namespace, defaults: dict[str, Any]) -> d
         "top_p": args.top_p,
         "strength": args.strength,
         "neutral_system": args.neutral_system,
+        "decoder": args.decoder,
     }
     settings.update({name: value for name, value in given.items() if value is not None})
     if args.fixed_roles:
@@ -173,8 +186,12 @@ def explain_lines(
     """
     lines = ["", "personas:"]
     lines += [f"  P{i + 1}: {label}" for i, label in enumerate(persona_labels)]
-    lines.append("tokens by round ([accepted draft] {resampled by judge} <bonus from judge>):")
-    for round_index in sorted({t.round for t in result.trace}):
+    if result.trace and result.trace[0].outcome == "pooled":
+        pieces = "".join(_marked(t, colour) for t in result.trace)
+        lines.append(f"every token (pooled) from the pool of all personas: {pieces}")
+    else:
+        lines.append("tokens by round ([accepted draft] {resampled by judge} <bonus from judge>):")
+    for round_index in sorted({t.round for t in result.trace if t.outcome != "pooled"}):
         entries = [t for t in result.trace if t.round == round_index]
         first = entries[0]
         pieces = "".join(_marked(t, colour) for t in entries)
@@ -199,7 +216,12 @@ def _marked(entry: TokenTrace, colour: bool) -> str:
     text = entry.text.replace("\n", "\\n") or f"#{entry.token_id}"
     if colour:
         return f"{OUTCOME_COLOURS[entry.outcome]}{text}{RESET}"
-    brackets = {"accepted": ("[", "]"), "resampled": ("{", "}"), "bonus": ("<", ">")}
+    brackets = {
+        "accepted": ("[", "]"),
+        "resampled": ("{", "}"),
+        "bonus": ("<", ">"),
+        "pooled": ("(", ")"),
+    }
     left, right = brackets[entry.outcome]
     return f"{left}{text}{right}"
 

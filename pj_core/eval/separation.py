@@ -23,6 +23,9 @@ Methods (all on the same engine, model, seeds and sampling settings):
   orders and phrasings (``compose(set, mode="full")``);
 - ``default``: exactly what a user writes, ``generate(prompt, personas=[catalog names])``.
 
+``pool`` and ``pool:<mode>`` decode the same personas as ``default`` and ``pj:<mode>`` with the
+pool decoder instead (every token from the log-linear pool of all personas, :mod:`pj_core.pool`).
+
 Any method may carry a persona strength, ``<method>@<γ>`` (e.g. ``default@1.5``,
 ``direct@1``): the same method decoded with ``strength=γ`` (:mod:`pj_core.guidance`);
 ``direct@γ`` is direct prompting with classifier-free guidance against the neutral row.
@@ -68,6 +71,14 @@ SEPARATION_METHODS: tuple[str, ...] = (
     "pj:full",
     "default",
 )
+POOL_METHODS: tuple[str, ...] = (
+    "pool",
+    "pool:round-robin",
+    "pool:one-per-preference",
+    "pool:full",
+)
+"""The pool decoder (:mod:`pj_core.pool`) over what ``default`` / ``pj:<mode>`` hand the
+engine; opt-in (``--methods``), not in the default list."""
 SEPARATION_MAX_NEW_TOKENS = 96
 """Answers need room to differ in length; 96 tokens keeps 12 prompts x 5 methods x 2 sets
 under 40 minutes on a 2-core CPU with SmolLM2."""
@@ -156,6 +167,11 @@ class MethodSpec:
     base: str
     strength: float = 0.0
 
+    @property
+    def decoder(self) -> str:
+        """The engine's decoder for this method: "pool" for the pool methods."""
+        return "pool" if self.base.split(":")[0] == "pool" else "persona-judge"
+
 
 def parse_method(method: str) -> MethodSpec:
     """``"<base>"`` or ``"<base>@<strength>"``, checked.
@@ -164,10 +180,11 @@ def parse_method(method: str) -> MethodSpec:
         EvaluationError: an unknown base method, or a strength that is not a number >= 0.
     """
     base, at, strength_text = str(method).partition("@")
-    if base not in SEPARATION_METHODS:
+    if base not in SEPARATION_METHODS + POOL_METHODS:
         raise EvaluationError(
-            f"unknown method {method!r}: choose from {', '.join(SEPARATION_METHODS)}, "
-            "optionally with a strength, e.g. default@1.5"
+            f"unknown method {method!r}: choose from "
+            f"{', '.join(SEPARATION_METHODS + POOL_METHODS)}, optionally with a strength, "
+            "e.g. default@1.5"
         )
     if not at:
         return MethodSpec(base)
@@ -193,6 +210,8 @@ def method_personas(method: str, preferences: Sequence[str]) -> tuple[PersonasAr
         ['concise', 'expert']
     """
     method = parse_method(method).base
+    if method.startswith("pool"):  # the same personas, decoded by the pool
+        method = "default" if method == "pool" else "pj" + method[4:]
     if method == "direct":
         text = direct_prompt(resolve_dimensions(preferences))
         persona = Persona(text=text, name="direct")
@@ -469,10 +488,12 @@ def engine_generate_fn(engine: Any, config: SeparationConfig) -> GenerateFn:
     """Answer with a :class:`pj_core.engine.PersonaJudge` and the config's sampling."""
 
     def generate(prompt: str, method: str, personas: PersonasArg, seed: int) -> Generated:
+        spec = parse_method(method)
         result = engine.generate(
             prompt,
             personas,
-            strength=parse_method(method).strength,
+            strength=spec.strength,
+            decoder=spec.decoder,
             lookahead=config.lookahead,
             max_new_tokens=config.max_new_tokens,
             temperature=config.temperature,
