@@ -20,7 +20,15 @@ from typing import Any, Literal
 from pj_core.errors import InvalidGenerationConfigError
 from pj_core.settings import DEFAULTS
 
-METHODS: tuple[str, ...] = ("plain", "reference", "authors", "speculative", "lockstep", "auto")
+METHODS: tuple[str, ...] = (
+    "plain",
+    "reference",
+    "authors",
+    "speculative",
+    "lockstep",
+    "auto",
+    "defaults",
+)
 # The no-cache baselines: O(n²) work, so they get fewer samples.
 REFERENCE_METHODS: frozenset[str] = frozenset({"reference", "authors"})
 METHOD_TITLES: dict[str, str] = {
@@ -30,6 +38,7 @@ METHOD_TITLES: dict[str, str] = {
     "speculative": "engine: speculative",
     "lockstep": "engine: lockstep",
     "auto": "engine: auto",
+    "defaults": "engine: shipped defaults (strength, decoder, strategy)",
 }
 # λ does not change how these methods compute.
 LOOKAHEAD_FREE: frozenset[str] = frozenset({"plain", "lockstep"})

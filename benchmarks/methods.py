@@ -203,13 +203,20 @@ def run_reference(
 def run_engine(
     engine: Any, conversation: str, cell: Cell, config: BenchConfig, seed: int
 ) -> Sample:
-    """One ``PersonaJudge.stream`` call with ``strategy=cell.method``.
+    """One ``PersonaJudge.stream`` call with ``strategy=cell.method``, at strength 0 with the
+    Persona-judge decoder (the paper exactly); method ``defaults`` instead leaves strategy,
+    strength and decoder to :data:`pj_core.settings.DEFAULTS`, i.e. what a user gets.
 
     The engine must be built with ``eos_token_ids=()`` so that, like the other methods, it
     runs to the full budget. Streaming gives the time to first token; the final event's
     statistics give the draft/accept counts and the strategy ``auto`` resolved to.
     """
     assert cell.lookahead is not None or cell.method == "lockstep"
+    settings: dict[str, Any] = (
+        {}
+        if cell.method == "defaults"
+        else {"strategy": cell.method, "strength": 0.0, "decoder": "persona-judge"}
+    )
     device = next(engine.model.parameters()).device
     with ForwardCounter([engine.model]) as counter:
         _sync(device)
@@ -220,12 +227,12 @@ def run_engine(
             conversation,
             list(config.personas),
             lookahead=cell.lookahead or 4,
-            strategy=cell.method,
             max_new_tokens=cell.max_new_tokens,
             temperature=config.temperature,
             top_k=config.top_k,
             top_p=config.top_p,
             seed=seed,
+            **settings,
         ):
             if event.token_ids and not first_token_seconds:
                 first_token_seconds = time.perf_counter() - started

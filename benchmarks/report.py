@@ -21,6 +21,7 @@ COLORS = {
     "speculative": "tab:blue",
     "lockstep": "tab:green",
     "auto": "tab:orange",
+    "defaults": "tab:brown",
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -214,6 +215,49 @@ def test_targets_come_from_the_right_cells() -> None:
     assert spec["acceptance_rate"] == pytest.approx(0.5)
 
 
+def test_the_shipped_defaults_are_compared_with_strength_zero() -> None:
+    config = BenchConfig.preset("targets", methods=("speculative", "defaults"))
+    workers = [
+        _worker("speculative", 20.0, 1000.0, 4, 128),
+        _worker("defaults", 17.0, 1000.0, 4, 128),  # 0.85x: met
+        _worker("speculative", 20.0, 1000.0, 4, 256),
+        _worker("defaults", 15.0, 1000.0, 4, 256),  # 0.75x: missed
+    ]
+    targets = {
+        t["target"]: (t["value"], t["met"])
+        for t in summarise(config, workers)["targets"]
+        if t["engine"] == "defaults"
+    }
+    assert targets == {
+        "tokens/s vs speculative at strength 0 (λ=4, n=128)": (pytest.approx(0.85), True),
+        "tokens/s vs speculative at strength 0 (λ=4, n=256)": (pytest.approx(0.75), False),
+    }
+
+
+def test_engine_methods_pin_strength_zero_and_defaults_leave_it_to_the_engine() -> None:
+    from benchmarks.bench_config import Cell
+    from benchmarks.methods import run_engine
+
+    seen: list[dict[str, Any]] = []
+
+    class Engine:
+        model = torch.nn.Linear(1, 1)
+
+        def stream(self, conversation: str, personas: Any, **settings: Any) -> Any:
+            seen.append(settings)
+            result = SimpleNamespace(
+                token_ids=[1, 2], stats=SimpleNamespace(drafted=0, accepted=0, strategy="x")
+            )
+            yield SimpleNamespace(token_ids=[], result=result)
+
+    config = BenchConfig.preset("quick")
+    run_engine(Engine(), "hi", Cell("speculative", 4, 2), config, 0)
+    run_engine(Engine(), "hi", Cell("defaults", 4, 2), config, 0)
+    assert seen[0]["strength"] == 0.0 and seen[0]["decoder"] == "persona-judge"
+    assert seen[0]["strategy"] == "speculative"
+    assert not {"strength", "decoder", "strategy"} & set(seen[1])
+
+
 def test_report_files(tmp_path: Path) -> None:
     config = BenchConfig.preset("targets", methods=("plain", "speculative"))
     summary = summarise(
@@ -285,6 +329,7 @@ def test_pj_bench_runs_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
             "--methods",
             "reference",
             "speculative",
+            "defaults",
             "--tokens",
             "6",
             "--threads",
@@ -296,7 +341,7 @@ def test_pj_bench_runs_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
     )
     assert code == 0
     report = json.loads((tmp_path / "quick.json").read_text())
-    assert [c["method"] for c in report["cells"]] == ["reference", "speculative"]
+    assert [c["method"] for c in report["cells"]] == ["reference", "speculative", "defaults"]
     assert all(c["samples"] == 1 and c["peak_rss_mb"] > 0 for c in report["cells"])
     assert report["meta"]["torch_threads"] == 1
     # Same seed, same rounds: the no-cache reference loop emits the engine's tokens.

@@ -57,7 +57,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--methods",
         nargs="+",
         default=None,
-        help="subset of: plain reference authors speculative lockstep auto",
+        help="subset of: plain reference authors speculative lockstep auto defaults "
+        "(defaults: the shipped strength and decoder; the engine methods run at strength 0)",
     )
     parser.add_argument("--lookaheads", nargs="+", type=int, default=None, help="λ values")
     parser.add_argument("--tokens", nargs="+", type=int, default=None, help="new-token budgets")
