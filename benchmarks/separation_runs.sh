@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The documented separation runs (docs/evaluation.md), one at a time: each is under 40 minutes
-# on a 2-core CPU. Every run has fixed seeds, so rerunning a line reproduces its table.
+# on a 2-core CPU. Every run has fixed seeds, so rerunning a line reproduces its table. The
+# "sweep" runs are those that chose the shipped defaults (persona strength, composition mode,
+# decoder; issue 25).
 #
 #   bash benchmarks/separation_runs.sh            # all runs
 #   bash benchmarks/separation_runs.sh smollm2    # only the runs whose name contains "smollm2"
@@ -27,3 +29,11 @@ run smollm2-koala-dev --prompts "$DEV" --limit 12 --max-new-tokens 96
 run gemma3-koala-dev --prompts "$DEV" --limit 12 --max-new-tokens 96 --generator gemma3-270m
 run smollm2-koala-sample --prompts sample --limit 12 --max-new-tokens 96
 run gemma3-koala-sample --prompts sample --limit 12 --max-new-tokens 96 --generator gemma3-270m
+
+# The sweep (SmolLM2): strength 1 and 2 for Persona-judge over full prefixes and for the pool.
+run sweep1-smollm2-koala-dev --prompts "$DEV" --limit 12 --max-new-tokens 96 \
+  --methods direct,direct@1,default@1,pj:full@1,pj:full@2,pool@2,pool:full@1,pool:full@2
+# Round 2: the pool over one prefix per preference (what personas=[catalog names] gives) at
+# other strengths, and over two round-robin prefixes.
+run sweep2-smollm2-koala-dev --prompts "$DEV" --limit 12 --max-new-tokens 96 \
+  --methods direct,pool@1,pool@1.5,pool@3,pool:round-robin@2
