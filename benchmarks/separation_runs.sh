@@ -37,3 +37,8 @@ run sweep1-smollm2-koala-dev --prompts "$DEV" --limit 12 --max-new-tokens 96 \
 # other strengths, and over two round-robin prefixes.
 run sweep2-smollm2-koala-dev --prompts "$DEV" --limit 12 --max-new-tokens 96 \
   --methods direct,pool@1,pool@1.5,pool@3,pool:round-robin@2
+# Round 3: guidance can cost correctness (SmolLM2 answered "What is the capital of France?"
+# with Paris 2 times in 6 at strength 1.5, 6 in 6 at strength 0), so the pool unguided and
+# lightly guided.
+run sweep3-smollm2-koala-dev --prompts "$DEV" --limit 12 --max-new-tokens 96 \
+  --methods direct,pool@0,pool@0.5
