@@ -32,7 +32,7 @@ run gemma3-koala-sample --prompts sample --limit 12 --max-new-tokens 96 --genera
 
 # The sweep (SmolLM2): strength 1 and 2 for Persona-judge over full prefixes and for the pool.
 run sweep1-smollm2-koala-dev --prompts "$DEV" --limit 12 --max-new-tokens 96 \
-  --methods direct,direct@1,default@1,pj:full@1,pj:full@2,pool@2,pool:full@1,pool:full@2
+  --methods direct,direct@1,pj:one-per-preference@1,pj:full@1,pj:full@2,pool@2,pool:full@1,pool:full@2
 # Round 2: the pool over one prefix per preference (what personas=[catalog names] gives) at
 # other strengths, and over two round-robin prefixes.
 run sweep2-smollm2-koala-dev --prompts "$DEV" --limit 12 --max-new-tokens 96 \

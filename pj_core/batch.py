@@ -228,6 +228,7 @@ def _prepare(
     """Validate a request and render its persona prompts (and its neutral prompt when it is
     guided), as ``PersonaJudge.stream`` does."""
     config = GenerationConfig.create(
+        defaults=engine.defaults,
         lookahead=request.lookahead,
         alternate=request.alternate,
         strategy=request.strategy,

@@ -46,6 +46,7 @@ from pj_core.results import (
     TokenTrace,
 )
 from pj_core.rounds import Counters, Emission
+from pj_core.settings import DEFAULTS, Settings
 from pj_core.speculative import speculative_emissions
 from pj_core.stopping import IncrementalDecoder, StopStringMatcher
 from pj_core.strategy_choice import (
@@ -77,6 +78,9 @@ class PersonaJudge:
             config's ``max_position_embeddings``).
         eos_token_ids: every id that ends the answer (defaults to the model's generation
             config and the tokenizer's EOS).
+        defaults: the settings a call's ``None`` falls back to (default
+            :data:`pj_core.settings.DEFAULTS`; :data:`pj_core.settings.PAPER` decodes as the
+            paper does unless a call says otherwise).
 
     One instance is safe to call from several threads at once: every call has its own caches
     and random generator, and the model is only read.
@@ -98,8 +102,10 @@ class PersonaJudge:
         name: str | None = None,
         context_window: int | None = None,
         eos_token_ids: Sequence[int] | None = None,
+        defaults: Settings = DEFAULTS,
     ) -> None:
         self.model = model.eval()
+        self.defaults = defaults
         self.tokenizer = tokenizer
         self.name = name or str(getattr(model, "name_or_path", "") or type(model).__name__)
         self.context_window = context_window or _default_context_window(model)
@@ -115,17 +121,24 @@ class PersonaJudge:
 
     @classmethod
     def from_pretrained(
-        cls, spec: str | os.PathLike[str] | None = DEFAULT_MODEL, **load_kwargs: Any
+        cls,
+        spec: str | os.PathLike[str] | None = DEFAULT_MODEL,
+        *,
+        defaults: Settings = DEFAULTS,
+        **load_kwargs: Any,
     ) -> PersonaJudge:
         """Load a model with :func:`pj_core.models.load_model` and wrap it.
 
         Args:
             spec: a built-in alias (default ``"smollm2-135m-instruct"``; None means the
                 default too), a ``.gguf`` file, a model directory or a cached hub id.
+            defaults: the engine's default settings (see the class).
             load_kwargs: ``device``, ``dtype``, ``trust_remote_code`` for ``load_model``.
 
         Example:
             >>> pj = PersonaJudge.from_pretrained("smollm2-135m-instruct")  # doctest: +SKIP
+            >>> from pj_core.settings import PAPER
+            >>> paper = PersonaJudge.from_pretrained(defaults=PAPER)  # doctest: +SKIP
         """
         from pj_core.models import load_model
 
@@ -136,6 +149,7 @@ class PersonaJudge:
             name=loaded.name,
             context_window=loaded.context_window,
             eos_token_ids=loaded.eos_token_ids,
+            defaults=defaults,
         )
 
     # ----------------------------------------------------------------------------- public API
@@ -161,7 +175,8 @@ class PersonaJudge:
     ) -> GenerationResult:
         """Generate one answer in which every token follows a persona's judgement.
 
-        Every setting left at ``None`` takes its value from :data:`pj_core.settings.DEFAULTS`.
+        Every setting left at ``None`` takes its value from the engine's ``defaults``
+        (:data:`pj_core.settings.DEFAULTS` unless given to the constructor).
 
         Args:
             conversation: the user's message, or a list of ``{"role", "content"}`` messages.
@@ -259,6 +274,7 @@ class PersonaJudge:
             ...     print(event.text, end="", flush=True)
         """
         config = GenerationConfig.create(
+            defaults=self.defaults,
             lookahead=lookahead,
             alternate=alternate,
             strategy=strategy,
@@ -340,7 +356,8 @@ class PersonaJudge:
         factories of :class:`pj_core.logits.LogitTransform`, each called once for this call;
         the transforms change p and q alike before temperature, top-k and top-p. With
         ``strength > 0`` give ``neutral_prompt_ids``, the conversation rendered with no persona
-        text (:mod:`pj_core.guidance`).
+        text (:mod:`pj_core.guidance`); without it, an unset strength means 0 (the default
+        strength needs the neutral row).
 
         Example:
             >>> pj.generate_from_ids([[1, 5, 9], [1, 6, 9]], max_new_tokens=8)  # doctest: +SKIP
@@ -365,7 +382,11 @@ class PersonaJudge:
         **settings: Any,
     ) -> Iterator[StreamEvent]:
         """The streaming form of :meth:`generate_from_ids`."""
-        config = GenerationConfig.create(**settings)
+        if settings.get("strength") is None and neutral_prompt_ids is None:
+            # The default strength needs a neutral row, which only a conversation can give:
+            # from bare ids with no neutral prompt, leaving strength unset means 0.
+            settings = {**settings, "strength": 0.0}
+        config = GenerationConfig.create(**settings, defaults=self.defaults)
         prompts = self._checked_prompt_ids(prompt_ids)
         names = (
             [str(n) for n in persona_names]

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pj_core.errors import InvalidGenerationConfigError
-from pj_core.settings import DEFAULTS, DecoderName, StrategyChoice, check_settings
+from pj_core.settings import DEFAULTS, DecoderName, Settings, StrategyChoice, check_settings
 
 
 @dataclass(frozen=True)
@@ -50,14 +50,15 @@ class GenerationConfig:
         decoder: str | None = None,
         seed: int | None = None,
         stop: Sequence[str] | None = None,
+        defaults: Settings = DEFAULTS,
     ) -> GenerationConfig:
         """Check every argument and build the config; ``None`` takes the value from
-        :data:`pj_core.settings.DEFAULTS`.
+        ``defaults`` (:data:`pj_core.settings.DEFAULTS` unless the engine has its own).
 
         Raises:
             InvalidGenerationConfigError: an argument is out of range or of the wrong type.
         """
-        values = DEFAULTS.merged(
+        values = defaults.merged(
             lookahead=lookahead,
             alternate=alternate,
             strategy=strategy,

@@ -24,6 +24,7 @@ from pj_core.errors import (
 )
 from pj_core.kv import BatchedContexts
 from pj_core.models import LoadedModel
+from pj_core.settings import PAPER
 
 CONVERSATIONS = ["hello", "why cat", "the dog be funny", "a", "yes no why", "hello world"]
 PERSONA_SETS = [
@@ -37,7 +38,7 @@ PERSONA_SETS = [
 def tiny_engine(
     tiny_model: LlamaForCausalLM, tiny_tokenizer: PreTrainedTokenizerFast
 ) -> PersonaJudge:
-    return PersonaJudge(tiny_model, tiny_tokenizer)
+    return PersonaJudge(tiny_model, tiny_tokenizer, defaults=PAPER)
 
 
 def _tiny_requests(count: int, base_seed: int) -> list[dict[str, Any]]:

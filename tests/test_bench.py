@@ -29,6 +29,7 @@ from benchmarks.summary import summarise
 from pj_core.cli import main
 from pj_core.engine import PersonaJudge
 from pj_core.errors import InvalidGenerationConfigError, InvalidPromptError
+from pj_core.settings import PAPER
 
 
 def test_presets_and_cells() -> None:
@@ -69,7 +70,7 @@ def test_reference_loop_emits_the_engines_tokens(
     tiny_model: LlamaForCausalLM, tiny_tokenizer: PreTrainedTokenizerFast, lookahead: int
 ) -> None:
     # Same rounds, same draws: without a KV cache the tokens must not change.
-    engine = PersonaJudge(tiny_model, tiny_tokenizer, eos_token_ids=())
+    engine = PersonaJudge(tiny_model, tiny_tokenizer, eos_token_ids=(), defaults=PAPER)
     prompts = [[2, 4, 9, 10, 11], [2, 4, 12, 13]]
     copies = [tiny_model, copy.deepcopy(tiny_model)]
     for seed in range(4):

@@ -18,6 +18,7 @@ from pj_core.errors import (
 )
 from pj_core.kv import BatchedContexts, forward_logits, prefill_split
 from pj_core.results import GenerationResult, StreamEvent
+from pj_core.settings import PAPER
 from pj_core.strategy_choice import StepTimings, choose_strategy, expected_tokens_per_round
 from tests._engine_reference import (
     PERSONA_TEXTS,
@@ -37,7 +38,7 @@ FILTERED: dict[str, Any] = {"temperature": 0.8, "top_k": 6, "top_p": 0.9}
 
 @pytest.fixture(scope="module")
 def pj() -> PersonaJudge:
-    return PersonaJudge(make_tiny_model(len(TOKENIZER), seed=1), TOKENIZER)
+    return PersonaJudge(make_tiny_model(len(TOKENIZER), seed=1), TOKENIZER, defaults=PAPER)
 
 
 @pytest.fixture(scope="module")
@@ -233,11 +234,11 @@ def test_budget_is_never_exceeded(pj: PersonaJudge, prompts: list[list[int]]) ->
 
 def test_generation_ends_at_every_eos_id_and_text_excludes_it(prompts: list[list[int]]) -> None:
     model = make_tiny_model(len(TOKENIZER), seed=1)
-    free = PersonaJudge(model, TOKENIZER, eos_token_ids=[1])
+    free = PersonaJudge(model, TOKENIZER, eos_token_ids=[1], defaults=PAPER)
     tokens = free.generate_from_ids(prompts[:2], max_new_tokens=12, seed=5, **SAMPLED).token_ids
     # Declare the 4th free-running token an EOS too: generation must end right there.
     stopper = tokens[3]
-    pj = PersonaJudge(model, TOKENIZER, eos_token_ids=[1, stopper])
+    pj = PersonaJudge(model, TOKENIZER, eos_token_ids=[1, stopper], defaults=PAPER)
     for strategy in ("speculative", "lockstep"):
         out = pj.generate_from_ids(
             prompts[:2], max_new_tokens=12, seed=5, strategy=strategy, **SAMPLED

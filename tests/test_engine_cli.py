@@ -11,6 +11,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from pj_core.cli import main
 from pj_core.engine import PersonaJudge
+from pj_core.settings import PAPER
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +55,7 @@ def test_explain_shows_rounds_roles_outcomes_and_stats(
     tiny_model: LlamaForCausalLM,
     tiny_tokenizer: PreTrainedTokenizerFast,
 ) -> None:
-    engine = PersonaJudge(tiny_model, tiny_tokenizer)
+    engine = PersonaJudge(tiny_model, tiny_tokenizer, defaults=PAPER)
     seed = next(  # a seed whose answer lasts at least two rounds
         s
         for s in range(50)
@@ -65,6 +66,7 @@ def test_explain_shows_rounds_roles_outcomes_and_stats(
     )
     args = ["generate", "hello", "--persona", "be funny", "--persona", "be brief"]
     args += ["--seed", str(seed), "--max-new-tokens", "10", "--explain", "--strategy", "lockstep"]
+    args += ["--decoder", "persona-judge", "--strength", "0"]  # the rounds are Persona-judge's
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "P1: be funny" in err and "P2: be brief" in err
@@ -76,9 +78,9 @@ def test_explain_shows_rounds_roles_outcomes_and_stats(
 
 def test_fixed_roles_and_settings_reach_the_engine(capsys: pytest.CaptureFixture[str]) -> None:
     args = [*ARGS, "--fixed-roles", "--temperature", "0", "--max-new-tokens", "6", "--explain"]
-    assert main(args) == 0
+    assert main([*args, "--decoder", "persona-judge"]) == 0
     err = capsys.readouterr().err
-    assert "P2 drafts" not in err  # persona 1 always drafts
+    assert "P1 drafts" in err and "P2 drafts" not in err  # persona 1 always drafts
 
 
 def test_bad_input_gives_a_clear_error_not_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:

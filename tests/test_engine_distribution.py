@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from pj_core.engine import PersonaJudge
+from pj_core.settings import PAPER
 from tests._engine_reference import (
     TOKENIZER,
     autoregressive_distribution,
@@ -44,7 +45,7 @@ SAMPLES = 600
 def pj() -> PersonaJudge:
     # Model seed 3 with these prompts: two personas that disagree strongly (TV ~0.9 between
     # their own answer distributions), so the role schedule visibly shapes the output.
-    return PersonaJudge(make_tiny_model(len(TOKENIZER), seed=3), TOKENIZER)
+    return PersonaJudge(make_tiny_model(len(TOKENIZER), seed=3), TOKENIZER, defaults=PAPER)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from pj_core.engine import PersonaJudge
 from pj_core.kv import forward_logits, prefill_split
 from pj_core.models import LoadedModel
 from pj_core.personas import Persona
+from pj_core.settings import DEFAULTS, PAPER, Settings
 
 pytestmark = [pytest.mark.real_model]
 
@@ -20,13 +21,16 @@ PERSONAS = [
 ]
 
 
-def _engine(loaded: LoadedModel) -> PersonaJudge:
+def _engine(loaded: LoadedModel, defaults: Settings = PAPER) -> PersonaJudge:
+    """The engine on ``loaded``; by default with the paper's decoding, which most tests here
+    are about (the shipped defaults have their own test)."""
     return PersonaJudge(
         loaded.model,
         loaded.tokenizer,
         name=loaded.name,
         context_window=loaded.context_window,
         eos_token_ids=loaded.eos_token_ids,
+        defaults=defaults,
     )
 
 
@@ -48,6 +52,16 @@ def test_smollm2_two_personas_answer_fluently_and_stop_at_eos(smollm2: LoadedMod
     assert "<|im_end|>" not in out.text
     assert out.stats.drafted > 0 and out.stats.rounds >= 2
     assert {t.draft_persona for t in out.trace} == {0, 1}  # roles alternated
+
+
+def test_smollm2_shipped_defaults_answer_fluently(smollm2: LoadedModel) -> None:
+    """What a user writes, with the shipped defaults (the pool, strength > 0): a fluent
+    answer from every persona at once, stopping at EOS."""
+    pj = _engine(smollm2, DEFAULTS)
+    out = pj.generate(QUESTION, ["concise", "friendly"], max_new_tokens=48, seed=0)
+    assert {t.outcome for t in out.trace} == {"pooled"}
+    assert out.finish_reason == "eos", out.text
+    assert "Paris" in out.text and _looks_fluent(out.text), out.text
 
 
 def test_smollm2_lockstep_emits_the_speculative_tokens(smollm2: LoadedModel) -> None:

@@ -89,6 +89,7 @@ def test_methods_hand_the_engine_what_they_say() -> None:
 @pytest.mark.parametrize("bad", ["default@", "default@-1", "default@x", "default@inf", "x@1"])
 def test_method_strengths_parse_or_fail_clearly(bad: str) -> None:
     assert parse_method("direct@1") == MethodSpec("direct", 1.0)
+    assert parse_method("default") == MethodSpec("default", None)
     assert (
         method_personas("pj:full@2", ["concise"])[0] == method_personas("pj:full", ["concise"])[0]
     )
@@ -97,18 +98,26 @@ def test_method_strengths_parse_or_fail_clearly(bad: str) -> None:
 
 
 def test_the_engine_generator_decodes_with_the_methods_strength() -> None:
-    calls: list[tuple[float, str]] = []
+    calls: list[tuple[float | None, str | None]] = []
 
     class Engine:
         def generate(self, prompt: str, personas: Any, **settings: Any) -> Any:
-            calls.append((settings["strength"], settings["decoder"]))
+            calls.append((settings.get("strength"), settings.get("decoder")))
             return type("Result", (), {"text": "ok", "token_ids": [1, 2]})()
 
     generate = engine_generate_fn(Engine(), SeparationConfig())
     assert generate("q", "default@1.5", ["concise"], 0) == Generated("ok", 2)
     generate("q", "direct", ["concise"], 0)
     generate("q", "pool:full@2", ["concise"], 0)
-    assert calls == [(1.5, "persona-judge"), (0.0, "persona-judge"), (2.0, "pool")]
+    generate("q", "default", ["concise"], 0)
+    # default is what a user gets (the engine's decoder and strength unless @ sets one);
+    # every other method pins its decoder and strength.
+    assert calls == [
+        (1.5, None),
+        (0.0, "persona-judge"),
+        (2.0, "pool"),
+        (None, None),
+    ]
     # The pool methods decode the personas of their Persona-judge counterparts.
     sets = ["concise", "expert", "friendly"]
     assert method_personas("pool:full", sets) == method_personas("pj:full", sets)

@@ -26,6 +26,7 @@ from pj_core.guidance import Strength
 from pj_core.logits import Position
 from pj_core.personas import resolve_personas
 from pj_core.prompts import render_ids
+from pj_core.settings import PAPER
 from tests._engine_reference import (
     TOKENIZER,
     PrefixTransform,
@@ -49,7 +50,7 @@ PERSONAS = ["yes yes yes", "no no no"]
 
 @pytest.fixture(scope="module")
 def pj() -> PersonaJudge:
-    return PersonaJudge(make_tiny_model(len(TOKENIZER), seed=7), TOKENIZER)
+    return PersonaJudge(make_tiny_model(len(TOKENIZER), seed=7), TOKENIZER, defaults=PAPER)
 
 
 @pytest.fixture(scope="module")

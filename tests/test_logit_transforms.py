@@ -29,6 +29,7 @@ from pj_core.generation_config import GenerationConfig
 from pj_core.logits import LogitPipeline, LogitTransform, Position
 from pj_core.personas import resolve_personas
 from pj_core.prompts import render_ids
+from pj_core.settings import PAPER
 from tests._engine_reference import (
     TOKENIZER,
     PrefixTransform,
@@ -107,7 +108,7 @@ def pj() -> PersonaJudge:
     # Model seed 7 with these personas: their top-2 answers often repeat a token, so banning
     # the previous token moves the output distribution far (TV 0.41 between with and without
     # it); the bias moves it further still.
-    return PersonaJudge(make_tiny_model(VOCAB, seed=7), TOKENIZER)
+    return PersonaJudge(make_tiny_model(VOCAB, seed=7), TOKENIZER, defaults=PAPER)
 
 
 CONVERSATION = "cat"

@@ -172,7 +172,10 @@ def test_pool_differs_from_persona_judge_and_rejects_bad_decoders(pj: PersonaJud
         pj.generate(CONVERSATION, PERSONAS, seed=s, decoder="pool", **options).token_ids
         for s in range(10)
     ]
-    judged = [pj.generate(CONVERSATION, PERSONAS, seed=s, **options).token_ids for s in range(10)]
+    judged = [
+        pj.generate(CONVERSATION, PERSONAS, seed=s, decoder="persona-judge", **options).token_ids
+        for s in range(10)
+    ]
     assert pooled != judged
     with pytest.raises(InvalidGenerationConfigError, match="decoder must be one of"):
         pj.generate(CONVERSATION, PERSONAS, decoder="mixture")

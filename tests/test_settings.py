@@ -67,7 +67,8 @@ EXPECTED = dataclasses.asdict(DEFAULTS)
 def test_generation_config_defaults_are_the_settings_defaults() -> None:
     assert _settings_of(GenerationConfig.create()) == EXPECTED
     # None means "the default" everywhere, never "off".
-    none_given = GenerationConfig.create(**{name: None for name in SETTING_NAMES})
+    nones: dict[str, Any] = {name: None for name in SETTING_NAMES}
+    none_given = GenerationConfig.create(**nones)
     assert _settings_of(none_given) == EXPECTED
 
 

@@ -38,12 +38,16 @@ def result_stats(result: GenerationResult) -> dict[str, Any]:
 
 
 def engine_generate_fn(engine: PersonaJudge, config: EvalConfig) -> GenerateFn:
-    """Answer with ``engine`` and the run's shared sampling settings."""
+    """Answer with ``engine`` and the run's shared sampling settings. Every method of
+    ``pj eval`` is the paper's (Persona-judge rounds, strength 0, whatever the engine's
+    defaults), so its results keep their meaning when the shipped defaults change."""
 
     def generate(prompt: str, method: Method, seed: int) -> GeneratedAnswer:
         result = engine.generate(
             prompt,
             list(method.personas),
+            decoder="persona-judge",
+            strength=0.0,
             lookahead=config.lookahead,
             alternate=method.alternate,
             strategy=config.strategy,

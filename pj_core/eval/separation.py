@@ -21,14 +21,17 @@ Methods (all on the same engine, model, seeds and sampling settings):
 - ``pj:one-per-preference``: Persona-judge with one prefix per preference;
 - ``pj:full``: Persona-judge over two prefixes that each carry the whole set, in different
   orders and phrasings (``compose(set, mode="full")``);
-- ``default``: exactly what a user writes, ``generate(prompt, personas=[catalog names])``.
+- ``default``: exactly what a user writes, ``generate(prompt, personas=[catalog names])``,
+  with the engine's defaults (today the pool decoder at strength 0.5; before those defaults,
+  Persona-judge at strength 0, i.e. ``pj:one-per-preference``).
 
 ``pool`` and ``pool:<mode>`` decode the same personas as ``default`` and ``pj:<mode>`` with the
 pool decoder instead (every token from the log-linear pool of all personas, :mod:`pj_core.pool`).
 
-Any method may carry a persona strength, ``<method>@<γ>`` (e.g. ``default@1.5``,
-``direct@1``): the same method decoded with ``strength=γ`` (:mod:`pj_core.guidance`);
-``direct@γ`` is direct prompting with classifier-free guidance against the neutral row.
+Any method may carry a persona strength, ``<method>@<γ>`` (e.g. ``pool@1.5``, ``direct@1``):
+the same method decoded with ``strength=γ`` (:mod:`pj_core.guidance`); ``direct@γ`` is direct
+prompting with classifier-free guidance against the neutral row. Every method but ``default``
+pins its decoder and (without ``@``) strength 0, so its rows do not move with the defaults.
 
 Example (a fake generator whose B answers are longer):
     >>> def generate(prompt, method, personas, seed):
@@ -155,22 +158,39 @@ def axes_for(set_a: Sequence[str], set_b: Sequence[str]) -> list[Axis]:
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A method name parsed: its base method and its persona strength.
+    """A method name parsed: its base method and the persona strength given after ``@``.
+
+    ``default`` is what a user gets: the engine's own defaults (decoder and strength) unless
+    ``@γ`` sets the strength. Every other method pins its decoder ("pool" for the pool
+    methods, else Persona-judge) and strength 0 unless ``@γ`` says otherwise, so its results
+    do not move when the shipped defaults do.
 
     Example:
-        >>> parse_method("default@1.5")
-        MethodSpec(base='default', strength=1.5)
-        >>> parse_method("pj:full")
-        MethodSpec(base='pj:full', strength=0.0)
+        >>> spec = parse_method("default@1.5")
+        >>> spec.engine_settings()
+        {'strength': 1.5}
+        >>> parse_method("pj:full").engine_settings()
+        {'strength': 0.0, 'decoder': 'persona-judge'}
     """
 
     base: str
-    strength: float = 0.0
+    strength: float | None = None
 
     @property
-    def decoder(self) -> str:
-        """The engine's decoder for this method: "pool" for the pool methods."""
+    def decoder(self) -> str | None:
+        """The engine's decoder for this method (None: the engine's default)."""
+        if self.base == "default":
+            return None
         return "pool" if self.base.split(":")[0] == "pool" else "persona-judge"
+
+    def engine_settings(self) -> dict[str, Any]:
+        """The ``strength`` and ``decoder`` keyword arguments this method decodes with."""
+        settings: dict[str, Any] = {}
+        if self.strength is not None or self.base != "default":
+            settings["strength"] = 0.0 if self.strength is None else self.strength
+        if self.decoder is not None:
+            settings["decoder"] = self.decoder
+        return settings
 
 
 def parse_method(method: str) -> MethodSpec:
@@ -488,12 +508,10 @@ def engine_generate_fn(engine: Any, config: SeparationConfig) -> GenerateFn:
     """Answer with a :class:`pj_core.engine.PersonaJudge` and the config's sampling."""
 
     def generate(prompt: str, method: str, personas: PersonasArg, seed: int) -> Generated:
-        spec = parse_method(method)
         result = engine.generate(
             prompt,
             personas,
-            strength=spec.strength,
-            decoder=spec.decoder,
+            **parse_method(method).engine_settings(),
             lookahead=config.lookahead,
             max_new_tokens=config.max_new_tokens,
             temperature=config.temperature,
