@@ -5,7 +5,7 @@
 # decoder; issue 25).
 #
 #   bash benchmarks/separation_runs.sh            # all runs
-#   bash benchmarks/separation_runs.sh smollm2    # only the runs whose name contains "smollm2"
+#   bash benchmarks/separation_runs.sh smollm2    # only the runs whose name starts with "smollm2"
 #
 # Needs ../shared/data/koala_dev.jsonl (the development prompts) for the koala-dev runs; the
 # "sample" runs use the Koala sample shipped in pj_core/data.
@@ -18,7 +18,7 @@ DEV=../shared/data/koala_dev.jsonl
 run() {
   local name="$1"
   shift
-  if [[ -n "$ONLY" && "$name" != *"$ONLY"* ]]; then
+  if [[ -n "$ONLY" && "$name" != "$ONLY"* ]]; then
     return
   fi
   echo "== $name"
@@ -26,7 +26,13 @@ run() {
 }
 
 run smollm2-koala-dev --prompts "$DEV" --limit 12 --max-new-tokens 96
-run gemma3-koala-dev --prompts "$DEV" --limit 12 --max-new-tokens 96 --generator gemma3-270m
+# The paper's composition modes on Gemma (its default row, recorded before the defaults
+# changed, was the same computation as pj:one-per-preference and has been dropped).
+run gemma3-koala-dev --prompts "$DEV" --limit 12 --max-new-tokens 96 --generator gemma3-270m \
+  --methods direct,pj:round-robin,pj:one-per-preference,pj:full
+# The shipped defaults on Gemma.
+run gemma3-defaults-koala-dev --prompts "$DEV" --limit 12 --max-new-tokens 96 \
+  --generator gemma3-270m --methods direct,default
 run smollm2-koala-sample --prompts sample --limit 12 --max-new-tokens 96
 run gemma3-koala-sample --prompts sample --limit 12 --max-new-tokens 96 --generator gemma3-270m
 
