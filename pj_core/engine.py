@@ -397,12 +397,11 @@ class PersonaJudge:
             raise InvalidPromptError(
                 f"persona_names has {len(names)} names for {len(prompts)} prompts; give one each"
             )
-        neutral = None
-        if neutral_prompt_ids is not None:
-            try:
-                neutral = self._checked_prompt_ids([neutral_prompt_ids, neutral_prompt_ids])[0]
-            except InvalidPromptError as exc:
-                raise InvalidPromptError(f"neutral_prompt_ids: {exc}") from None
+        neutral = (
+            self._checked_row("neutral_prompt_ids", neutral_prompt_ids)
+            if neutral_prompt_ids is not None
+            else None
+        )
         return self.stream_prepared(
             prompts, names, config, logit_transforms=logit_transforms, neutral_prompt=neutral
         )
@@ -453,19 +452,20 @@ class PersonaJudge:
             raise InvalidPromptError(
                 "prompt_ids takes one token-id list per persona, two or more of them"
             )
-        prompts: list[list[int]] = []
-        for index, ids in enumerate(prompt_ids):
-            row = [int(t) for t in ids]
-            if not row:
-                raise InvalidPromptError(f"prompt {index} is empty; every persona needs a prompt")
-            bad = [t for t in row if not 0 <= t < self.vocab_size]
-            if bad:
-                raise InvalidPromptError(
-                    f"prompt {index} has token ids outside the vocabulary "
-                    f"(0..{self.vocab_size - 1}): {bad[:5]}"
-                )
-            prompts.append(row)
-        return prompts
+        return [self._checked_row(f"prompt {i}", ids) for i, ids in enumerate(prompt_ids)]
+
+    def _checked_row(self, label: str, ids: Sequence[int]) -> list[int]:
+        """One prompt's token ids, non-empty and inside the vocabulary."""
+        row = [int(t) for t in ids]
+        if not row:
+            raise InvalidPromptError(f"{label} is empty; every persona needs a prompt")
+        bad = [t for t in row if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidPromptError(
+                f"{label} has token ids outside the vocabulary "
+                f"(0..{self.vocab_size - 1}): {bad[:5]}"
+            )
+        return row
 
     def stream_prepared(
         self,

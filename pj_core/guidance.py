@@ -28,12 +28,11 @@ Example:
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from pj_core.errors import InvalidGenerationConfigError
 from pj_core.logits import LogitTransform, Position
+from pj_core.settings import check_settings
 
 
 class Strength(LogitTransform):
@@ -48,12 +47,7 @@ class Strength(LogitTransform):
     """
 
     def __init__(self, gamma: float) -> None:
-        if isinstance(gamma, bool) or not isinstance(gamma, int | float):
-            raise InvalidGenerationConfigError(f"strength must be a number, got {gamma!r}")
-        if not math.isfinite(gamma) or gamma < 0:
-            raise InvalidGenerationConfigError(
-                f"strength must be a finite number >= 0, got {gamma!r}"
-            )
+        check_settings({"strength": gamma})  # the engine's own range, one check for both
         self.gamma = float(gamma)
 
     def __call__(self, logits: torch.Tensor, position: Position) -> torch.Tensor:
