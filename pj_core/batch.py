@@ -38,9 +38,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
 from transformers import PreTrainedModel
@@ -123,7 +123,8 @@ class BatchRequest:
 class SharedRows:
     """The persona rows of every request in one left-padded batch cache.
 
-    Rows are grouped by request; :meth:`step` appends one token per row of the requests
+    Rows are grouped by request (a request is its position in ``prefixes``, or its key when
+    ``prefixes`` is a mapping); :meth:`step` appends one token per row of the requests
     given and returns their logits; :meth:`drop` removes a finished request's rows (and
     padding columns no remaining row needs).
 
@@ -136,10 +137,15 @@ class SharedRows:
         torch.Size([2, 22])
     """
 
-    def __init__(self, model: PreTrainedModel, prefixes: Sequence[Sequence[Sequence[int]]]) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        prefixes: Sequence[Sequence[Sequence[int]]] | Mapping[int, Sequence[Sequence[int]]],
+    ) -> None:
         self._requests: list[int] = []  # request of each row, in row order
         flat: list[Sequence[int]] = []
-        for request, rows in enumerate(prefixes):
+        by_request = prefixes if isinstance(prefixes, Mapping) else dict(enumerate(prefixes))
+        for request, rows in by_request.items():
             self._requests += [request] * len(rows)
             flat += list(rows)
         self._contexts = BatchedContexts(model, flat)
@@ -251,27 +257,71 @@ def _prepare(
     return prompts, names, config, neutral
 
 
+@overload
 def generate_batch(
-    engine: PersonaJudge, requests: Sequence[BatchRequest | Mapping[str, Any]]
-) -> list[GenerationResult]:
+    engine: PersonaJudge,
+    requests: Sequence[BatchRequest | Mapping[str, Any]],
+    *,
+    return_exceptions: Literal[False] = False,
+) -> list[GenerationResult]: ...
+
+
+@overload
+def generate_batch(
+    engine: PersonaJudge,
+    requests: Sequence[BatchRequest | Mapping[str, Any]],
+    *,
+    return_exceptions: Literal[True],
+) -> list[GenerationResult | PersonaJudgeError]: ...
+
+
+def generate_batch(
+    engine: PersonaJudge,
+    requests: Sequence[BatchRequest | Mapping[str, Any]],
+    *,
+    return_exceptions: bool = False,
+) -> list[GenerationResult] | list[GenerationResult | PersonaJudgeError]:
     """Run several requests in one batched decode; results come back in request order.
 
-    Every request is validated (and its prompts rendered) before any decoding starts, so a
-    bad request raises before work is done. In each result, ``stats.prefill_seconds`` is the
-    batch's shared prefill and ``stats.decode_seconds`` the time from its end to this
-    request's last token (shared forwards are not split between requests);
-    ``stats.forward_passes`` counts the batched forwards that carried this request's rows.
+    Every request is validated (and its prompts rendered) before any decoding starts. In each
+    result, ``stats.prefill_seconds`` is the batch's shared prefill and ``stats.decode_seconds``
+    the time from its end to this request's last token (shared forwards are not split between
+    requests); ``stats.forward_passes`` counts the batched forwards that carried this
+    request's rows.
+
+    ``return_exceptions`` says what a request's own error does (one that concerns that request
+    only: it fails validation, or its logit transforms fail while it decodes):
+
+    - ``False`` (the default): it is raised, its message prefixed with ``request <i>: `` and
+      its ``request_index`` set; a bad request raises before any decoding.
+    - ``True``: it comes back in that request's slot instead of a result, with the message a
+      single :meth:`PersonaJudge.generate` call would give and ``request_index`` set; the other
+      requests decode as if it had never been there (a request that fails while decoding
+      leaves the batch at once). This is how an adapter batches many users' calls: one bad
+      call never costs the others their answers, and nothing is decoded twice.
+
+    Any other exception (a failure of the model's forward, a bug) propagates either way: it
+    concerns the whole batch.
 
     Raises:
         InvalidGenerationConfigError, InvalidPersonaError, InvalidPromptError,
-        ContextOverflowError: as :meth:`PersonaJudge.generate`, naming the request index.
+        ContextOverflowError: as :meth:`PersonaJudge.generate`, naming the request index
+        (only with ``return_exceptions=False``). A ``requests`` that is not a list of requests
+        raises either way.
 
     Example:
-        >>> users = [
-        ...     {"conversation": "Hi!", "personas": ["Be funny.", "Be brief."], "seed": 1},
-        ...     {"conversation": "Why?", "personas": ["Be kind.", "Be brief."], "seed": 2},
-        ... ]
-        >>> results = generate_batch(pj, users)  # doctest: +SKIP
+        >>> from tests._tiny import make_tiny_model, make_tiny_tokenizer
+        >>> from pj_core.engine import PersonaJudge
+        >>> tokenizer = make_tiny_tokenizer()
+        >>> pj = PersonaJudge(make_tiny_model(len(tokenizer)), tokenizer, context_window=64)
+        >>> good = {"conversation": "hello", "personas": ["be funny", "be brief"], "seed": 1,
+        ...         "max_new_tokens": 4}
+        >>> too_long = {**good, "max_new_tokens": 500}
+        >>> outcomes = generate_batch(pj, [good, too_long, good], return_exceptions=True)
+        >>> [type(outcome).__name__ for outcome in outcomes]
+        ['GenerationResult', 'ContextOverflowError', 'GenerationResult']
+        >>> outcomes[1].request_index
+        1
     """
     if isinstance(requests, Mapping | BatchRequest) or not isinstance(requests, Sequence):
         raise InvalidGenerationConfigError(
@@ -280,7 +330,17 @@ def generate_batch(
         )
     if not requests:
         return []
-    prepared = []
+    failed: dict[int, PersonaJudgeError] = {}
+
+    def fail(index: int, exc: PersonaJudgeError) -> None:
+        """Record a request's own error, or raise it naming the request."""
+        if not return_exceptions:
+            _name_request(exc, index)
+            raise exc
+        exc.request_index = index
+        failed[index] = exc
+
+    prepared: dict[int, list[list[int]]] = {}
     running: dict[int, _Running] = {}
     for index, raw in enumerate(requests):
         view = _RequestRows()
@@ -299,11 +359,11 @@ def generate_batch(
                 neutral_prompt=neutral,
             )
         except PersonaJudgeError as exc:
-            _name_request(exc, index)
-            raise
+            fail(index, exc)
+            continue
         # The request's rows: its personas, then its neutral row when it is guided.
         rows = [*prompts, neutral] if neutral is not None else prompts
-        prepared.append(rows)
+        prepared[index] = rows
         running[index] = _Running(
             events=events,
             rows=view,
@@ -311,9 +371,28 @@ def generate_batch(
             eos_ids=engine.eos_token_ids,
             next_inputs=[row[-1] for row in rows],
         )
+    results: dict[int, GenerationResult] = {}
+    if running:
+        results = _decode(engine, prepared, running, fail)
+    outcomes: list[GenerationResult | PersonaJudgeError] = []
+    for index in range(len(requests)):
+        outcomes.append(failed[index] if index in failed else results[index])
+    return outcomes
+
+
+def _decode(
+    engine: PersonaJudge,
+    prepared: Mapping[int, list[list[int]]],
+    running: dict[int, _Running],
+    fail: Callable[[int, PersonaJudgeError], None],
+) -> dict[int, GenerationResult]:
+    """Decode the prepared requests in one shared batch until every one has finished or
+    failed; ``fail`` records (or raises) a request's own error."""
     started = time.perf_counter()
     with torch.inference_mode():
-        shared = SharedRows(engine.model, [[p[:-1] for p in rows] for rows in prepared])
+        shared = SharedRows(
+            engine.model, {index: [p[:-1] for p in rows] for index, rows in prepared.items()}
+        )
     prefill_seconds = time.perf_counter() - started
     results: dict[int, GenerationResult] = {}
 
@@ -328,16 +407,31 @@ def generate_batch(
         results[index] = dataclasses.replace(event.result, stats=stats)
         shared.drop(index)
 
+    def next_event(index: int, final: bool) -> StreamEvent | None:
+        """The request's next event, or None when it failed (and has left the batch)."""
+        try:
+            events = running[index].events
+            return _next_final(events) if final else next(events)
+        except PersonaJudgeError as exc:
+            running.pop(index)
+            shared.drop(index)
+            fail(index, exc)
+            return None
+
     while running:
         for index in [i for i, s in running.items() if s.ends_without_step()]:
-            finish(index, _next_final(running[index].events))
+            event = next_event(index, final=True)
+            if event is not None:
+                finish(index, event)
         if not running:
             break
         with torch.inference_mode():
             logits = shared.step({i: s.next_inputs for i, s in running.items()})
         for index, state in list(running.items()):
             state.rows.ready(state.next_inputs, logits[index])
-            event = next(state.events)
+            event = next_event(index, final=False)
+            if event is None:
+                continue
             if event.done:  # ended by a stop string on its previous token: row unused
                 finish(index, event)
                 continue
@@ -346,7 +440,7 @@ def generate_batch(
             state.last_token = token
             state.last_token_time = time.perf_counter()
             state.next_inputs = [token] * len(state.next_inputs)
-    return [results[i] for i in range(len(prepared))]
+    return results
 
 
 def _name_request(exc: PersonaJudgeError, index: int) -> None:

@@ -21,7 +21,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -30,6 +30,7 @@ from pj_core.errors import (
     ContextOverflowError,
     InvalidGenerationConfigError,
     InvalidPromptError,
+    PersonaJudgeError,
 )
 from pj_core.generation_config import GenerationConfig
 from pj_core.guidance import Strength
@@ -406,14 +407,36 @@ class PersonaJudge:
             prompts, names, config, logit_transforms=logit_transforms, neutral_prompt=neutral
         )
 
+    @overload
     def generate_batch(
-        self, requests: Sequence[BatchRequest | Mapping[str, Any]]
-    ) -> list[GenerationResult]:
+        self,
+        requests: Sequence[BatchRequest | Mapping[str, Any]],
+        *,
+        return_exceptions: Literal[False] = False,
+    ) -> list[GenerationResult]: ...
+
+    @overload
+    def generate_batch(
+        self,
+        requests: Sequence[BatchRequest | Mapping[str, Any]],
+        *,
+        return_exceptions: Literal[True],
+    ) -> list[GenerationResult | PersonaJudgeError]: ...
+
+    def generate_batch(
+        self,
+        requests: Sequence[BatchRequest | Mapping[str, Any]],
+        *,
+        return_exceptions: bool = False,
+    ) -> list[GenerationResult] | list[GenerationResult | PersonaJudgeError]:
         """Answer several requests (each with its own conversation, personas and settings) in
         one batched decode; see :func:`pj_core.batch.generate_batch`.
 
         Each result has the tokens of that request's own :meth:`generate` call with the same
         seed (up to rare floating-point differences between batched and single forwards).
+        With ``return_exceptions=True`` a request's own error (it fails validation, or its
+        transforms fail while decoding) comes back in its slot instead of being raised, and
+        the other requests still get their answers.
 
         Example:
             >>> results = pj.generate_batch([  # doctest: +SKIP
@@ -423,6 +446,8 @@ class PersonaJudge:
         """
         from pj_core.batch import generate_batch
 
+        if return_exceptions:
+            return generate_batch(self, requests, return_exceptions=True)
         return generate_batch(self, requests)
 
     def choose_strategy(self, *, n_personas: int, lookahead: int) -> StrategyName:

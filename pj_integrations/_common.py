@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -338,19 +337,16 @@ def batch_request(
     return BatchRequest(conversation=conversation, personas=list(personas), **options)
 
 
-_REQUEST_PREFIX = re.compile(r"^request (\d+): ")
-
-
 def run_batch(
     engine: PersonaJudge, requests: Sequence[BatchRequest]
 ) -> list[GenerationResult | PersonaJudgeError]:
     """Run ``requests`` through ONE ``engine.generate_batch``; results in request order.
 
-    A request that the engine rejects (``generate_batch`` validates every request, naming
-    its index, before it decodes anything) gets its typed error in its slot, with the message
-    a single call would have given, and the batch is submitted again without it: a bad request
-    never costs the others their answers, and nothing is decoded twice. Other exceptions
-    (a failure while decoding) propagate.
+    A request that the engine rejects, or whose decoding fails on its own, gets its typed
+    error in its slot, with the message a single call would have given
+    (``generate_batch(..., return_exceptions=True)``): a bad request never costs the others
+    their answers, and nothing is decoded twice. Other exceptions (a failure of the model
+    itself) propagate.
 
     Example:
         >>> from tests._tiny import make_tiny_model, make_tiny_tokenizer
@@ -363,35 +359,11 @@ def run_batch(
         >>> [type(outcome).__name__ for outcome in run_batch(pj, [good, too_long, good])]
         ['GenerationResult', 'ContextOverflowError', 'GenerationResult']
     """
-    outcomes: dict[int, GenerationResult | PersonaJudgeError] = {}
-    pending = list(range(len(requests)))
-    while pending:
-        try:
-            results = engine.generate_batch([requests[i] for i in pending])
-        except PersonaJudgeError as exc:
-            position = _rejected_request(exc, len(pending))
-            if position is None:
-                raise  # not a validation error of one request: it concerns them all
-            outcomes[pending.pop(position)] = exc
-            continue
-        outcomes.update(zip(pending, results, strict=True))
-        break
-    return [outcomes[i] for i in range(len(requests))]
-
-
-def _rejected_request(exc: PersonaJudgeError, count: int) -> int | None:
-    """The index of the request ``generate_batch`` rejected (``exc.request_index``), or None
-    when the error concerns no single request. The ``request <i>: `` prefix is removed from
-    the message, so it reads as the single call's."""
-    index = exc.request_index
-    if index is None or not 0 <= index < count:
-        return None
-    message = exc.args[0] if exc.args else None
-    match = _REQUEST_PREFIX.match(message) if isinstance(message, str) else None
-    if match is not None and isinstance(message, str):
-        exc.args = (message[match.end() :], *exc.args[1:])
-    exc.request_index = None  # the index was into this sub-batch, not the caller's list
-    return index
+    outcomes = engine.generate_batch(requests, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, PersonaJudgeError):
+            outcome.request_index = None  # an index into this batch, not the caller's list
+    return outcomes
 
 
 def name_request(exc: PersonaJudgeError, index: int) -> PersonaJudgeError:

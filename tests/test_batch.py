@@ -9,6 +9,7 @@ changes (the tolerance is stated in the test).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -21,9 +22,12 @@ from pj_core.errors import (
     ContextOverflowError,
     InvalidGenerationConfigError,
     InvalidPersonaError,
+    PersonaJudgeError,
 )
 from pj_core.kv import BatchedContexts
+from pj_core.logits import LogitTransform, Position
 from pj_core.models import LoadedModel
+from pj_core.results import GenerationResult
 from pj_core.settings import PAPER
 
 CONVERSATIONS = ["hello", "why cat", "the dog be funny", "a", "yes no why", "hello world"]
@@ -123,7 +127,7 @@ def test_bad_requests_name_the_request(tiny_engine: PersonaJudge) -> None:
     with pytest.raises(InvalidGenerationConfigError, match="request 0 lacks personas"):
         generate_batch(tiny_engine, [{"conversation": "hi"}])
     with pytest.raises(InvalidGenerationConfigError, match="list of requests"):
-        generate_batch(tiny_engine, good)  # type: ignore[arg-type]
+        generate_batch(tiny_engine, good)  # type: ignore[call-overload]
     with pytest.raises(InvalidGenerationConfigError, match="request 1 is a str"):
         generate_batch(tiny_engine, [good, "hello"])  # type: ignore[list-item]
     with pytest.raises(InvalidPersonaError, match="request 1:"):
@@ -131,6 +135,94 @@ def test_bad_requests_name_the_request(tiny_engine: PersonaJudge) -> None:
     with pytest.raises(ContextOverflowError, match="request 1:") as overflow:
         generate_batch(tiny_engine, [good, {**good, "max_new_tokens": 10_000}])
     assert overflow.value.request_index == 1
+
+
+def test_return_exceptions_gives_each_bad_request_its_own_error(
+    tiny_engine: PersonaJudge,
+) -> None:
+    good = _tiny_requests(4, 7)
+    bad: list[Any] = [
+        {**good[0], "lookahead": 0},
+        {**good[1], "personas": []},
+        {**good[2], "max_new_tokens": 10_000},
+        "hello",
+        {**good[3], "max_tokens": 5},
+    ]
+    requests = [bad[0], good[0], bad[1], good[1], bad[2], good[2], bad[3], good[3], bad[4]]
+    # Message of each bad slot: a single generate call's (only the dict checks, which a
+    # single call has no counterpart of, name the request themselves).
+    expected: dict[int, tuple[type[Exception], str]] = {
+        0: (InvalidGenerationConfigError, r"lookahead"),
+        2: (InvalidPersonaError, r"(?!request)"),
+        4: (ContextOverflowError, r"the prompt takes"),
+        6: (InvalidGenerationConfigError, r"request 6 is a str"),
+        8: (InvalidGenerationConfigError, r"request 8 has unknown key"),
+    }
+    outcomes = generate_batch(tiny_engine, requests, return_exceptions=True)
+    assert len(outcomes) == len(requests)
+    for index, outcome in enumerate(outcomes):
+        if index in expected:
+            kind, message = expected[index]
+            assert isinstance(outcome, kind), (index, outcome)
+            assert re.match(message, str(outcome)), (index, str(outcome))
+            assert isinstance(outcome, PersonaJudgeError)
+            assert outcome.request_index == index
+        else:
+            assert isinstance(outcome, GenerationResult), (index, outcome)
+            _assert_same(outcome, tiny_engine.generate(**requests[index]), index)
+    # Without return_exceptions the first bad request raises, named.
+    with pytest.raises(InvalidGenerationConfigError, match=r"^request 0: lookahead"):
+        generate_batch(tiny_engine, requests)
+
+
+def test_return_exceptions_with_every_request_bad_decodes_nothing(
+    tiny_engine: PersonaJudge,
+) -> None:
+    good = {"conversation": "hello", "personas": ["be funny", "be brief"]}
+    outcomes = tiny_engine.generate_batch(
+        [{**good, "top_p": 2.0}, {**good, "personas": ["x"]}], return_exceptions=True
+    )
+    assert isinstance(outcomes[0], InvalidGenerationConfigError)
+    assert isinstance(outcomes[1], InvalidPersonaError)
+
+
+class FailsAfterTwoTokens(LogitTransform):
+    """Leaves no finite logit once two answer tokens exist: the request fails mid-decode."""
+
+    def __call__(self, logits: torch.Tensor, position: Position) -> torch.Tensor:
+        if len(position.tokens) >= 2:
+            return torch.full_like(logits, float("-inf"))
+        return logits
+
+
+def test_a_request_failing_while_decoding_leaves_the_others_exact(
+    tiny_engine: PersonaJudge,
+) -> None:
+    requests = _tiny_requests(5, 21)
+    for request in requests:
+        request.pop("stop", None)  # no early stop: the failing one must reach two tokens
+        request["max_new_tokens"] = 8
+    # A seed whose answer (without the transform) is longer than two tokens.
+    seed = next(
+        s
+        for s in range(100)
+        if len(tiny_engine.generate(**{**requests[1], "seed": s}).token_ids) > 2
+    )
+    failing = {**requests[1], "seed": seed, "logit_transforms": [FailsAfterTwoTokens]}
+    batch = [requests[0], failing, *requests[2:]]
+    outcomes = tiny_engine.generate_batch(batch, return_exceptions=True)
+    assert isinstance(outcomes[1], InvalidGenerationConfigError)
+    assert "no finite logit" in str(outcomes[1])
+    assert outcomes[1].request_index == 1
+    for index in (0, 2, 3, 4):
+        result = outcomes[index]
+        assert isinstance(result, GenerationResult), (index, result)
+        _assert_same(result, tiny_engine.generate(**batch[index]), index)
+    with pytest.raises(
+        InvalidGenerationConfigError, match=r"^request 1: .*no finite logit"
+    ) as info:
+        tiny_engine.generate_batch(batch)
+    assert info.value.request_index == 1
 
 
 def test_shared_rows_drop_leaves_the_other_rows_exact(tiny_model: LlamaForCausalLM) -> None:
