@@ -31,9 +31,9 @@ _EXPORTS: dict[str, str] = {
     "CATALOG": "pj_core.personas",
     "compose": "pj_core.personas",
     "resolve_personas": "pj_core.personas",
-    "ProfileStore": "pj_core.store",
-    "AbstractProfileStore": "pj_core.store",
-    "load_profile": "pj_core.store",
+    "ProfileStore": "pj_core.personas.store",
+    "AbstractProfileStore": "pj_core.personas.store",
+    "load_profile": "pj_core.personas.store",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -50,13 +50,13 @@ if TYPE_CHECKING:
     from pj_core.personas import Preference as Preference
     from pj_core.personas import compose as compose
     from pj_core.personas import resolve_personas as resolve_personas
+    from pj_core.personas.store import AbstractProfileStore as AbstractProfileStore
+    from pj_core.personas.store import ProfileStore as ProfileStore
+    from pj_core.personas.store import load_profile as load_profile
     from pj_core.results import GenerationResult as GenerationResult
     from pj_core.results import GenerationStats as GenerationStats
     from pj_core.results import StreamEvent as StreamEvent
     from pj_core.results import TokenTrace as TokenTrace
-    from pj_core.store import AbstractProfileStore as AbstractProfileStore
-    from pj_core.store import ProfileStore as ProfileStore
-    from pj_core.store import load_profile as load_profile
 
 
 def __getattr__(name: str) -> Any:

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from pj_core.results import GenerationResult
 
 ProfileStoreLike = Any
-"""A :class:`pj_core.store.AbstractProfileStore`, a database path, or ``None`` (the default
+"""A :class:`pj_core.personas.store.AbstractProfileStore`, a database path, or ``None`` (the default
 store). Typed loosely so this module imports without the store module."""
 
 GENERATION_OPTIONS: tuple[str, ...] = (
@@ -226,7 +226,7 @@ def load_profile(user_id: str, store: ProfileStoreLike) -> PersonaProfile:
         InvalidPersonaError: an invalid user id.
         ProfileNotFoundError: no such profile.
     """
-    from pj_core.store import load_profile as load_from_store
+    from pj_core.personas.store import load_profile as load_from_store
 
     return load_from_store(user_id, store)
 

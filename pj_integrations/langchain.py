@@ -247,7 +247,8 @@ class ChatPersonaJudge(BaseChatModel):
         profile_id: str | None
             A user id whose saved profile is read from ``profile_store``.
         profile_store:
-            A ``pj_core.store.ProfileStore``, a database path, or None for the default store.
+            A ``pj_core.personas.store.ProfileStore``, a database path, or None for the
+            default store.
 
     A run config's ``configurable["user_id"]`` picks that user's saved profile for one call,
     so one chain serves many users (unless the call passes its own persona argument).
@@ -274,7 +275,7 @@ class ChatPersonaJudge(BaseChatModel):
     Per call and per user:
         >>> llm.invoke("Hi!", preferences=["expert"])  # doctest: +SKIP
         >>> formal = llm.bind(preferences="Answer formally.")
-        >>> from pj_core.store import open_store
+        >>> from pj_core.personas.store import open_store
         >>> from pj_core.personas import PersonaProfile
         >>> store = open_store(":memory:")
         >>> _ = store.put(PersonaProfile(user_id="alice", preferences=["humor"]))
@@ -317,8 +318,9 @@ class ChatPersonaJudge(BaseChatModel):
     """Default user id whose saved profile (in ``profile_store``) gives the personas."""
 
     profile_store: Any = Field(default=None, exclude=True)
-    """Where user profiles are read: a ``pj_core.store.AbstractProfileStore``, a database path,
-    or ``None`` for the default store (``pj_core.store.default_store_path``)."""
+    """Where user profiles are read: a ``pj_core.personas.store.AbstractProfileStore``, a
+    database path, or ``None`` for the default store
+    (``pj_core.personas.store.default_store_path``)."""
 
     lookahead: int | None = None
     """λ: tokens the draft persona proposes per round. None: the user's saved default, else

@@ -9,7 +9,7 @@ import pytest
 
 from pj_core import cli
 from pj_core.personas import CATALOG
-from pj_core.store import ProfileStore
+from pj_core.personas.store import ProfileStore
 
 
 @pytest.fixture(autouse=True)

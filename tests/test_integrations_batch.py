@@ -26,8 +26,8 @@ from pj_core.batch import BatchRequest
 from pj_core.engine import PersonaJudge
 from pj_core.errors import ContextOverflowError, InvalidPromptError, PersonaJudgeError
 from pj_core.personas import GenerationDefaults, PersonaProfile, resolve_personas
+from pj_core.personas.store import open_store
 from pj_core.results import GenerationResult
-from pj_core.store import open_store
 from pj_integrations._common import shared_engine
 from pj_integrations.langchain import ChatPersonaJudge
 from pj_integrations.llama_index import PersonaJudgeLLM

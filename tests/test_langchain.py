@@ -33,7 +33,7 @@ from pj_core.errors import (
     UnknownPreferenceError,
 )
 from pj_core.personas import GenerationDefaults, PersonaProfile, resolve_personas
-from pj_core.store import open_store
+from pj_core.personas.store import open_store
 from pj_integrations._common import is_loaded
 from pj_integrations.langchain import ChatPersonaJudge, to_conversation
 from tests._tiny import make_tiny_model, make_tiny_tokenizer

@@ -10,7 +10,7 @@ from langchain_core.runnables import RunnableConfig
 
 from pj_core.models import LoadedModel
 from pj_core.personas import PersonaProfile, resolve_personas
-from pj_core.store import open_store
+from pj_core.personas.store import open_store
 from pj_integrations.langchain import ChatPersonaJudge
 
 

@@ -27,8 +27,8 @@ from llama_index.core.prompts import PromptTemplate
 from pj_core.engine import PersonaJudge
 from pj_core.errors import InvalidGenerationConfigError, InvalidPersonaError, InvalidPromptError
 from pj_core.personas import GenerationDefaults, PersonaProfile, resolve_personas
+from pj_core.personas.store import ProfileStore
 from pj_core.results import GenerationResult, StreamEvent
-from pj_core.store import ProfileStore
 from pj_integrations.llama_index import PersonaJudgeLLM, iterate_in_thread
 from tests._tiny import make_tiny_model, make_tiny_tokenizer
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from pj_core.catalog import CATALOG_ENTRIES
 from pj_core.errors import (
     InvalidGenerationConfigError,
     InvalidPersonaError,
@@ -32,7 +31,8 @@ from pj_core.personas import (
     get_preference,
     resolve_personas,
 )
-from pj_core.store import ProfileStore
+from pj_core.personas.catalog import CATALOG_ENTRIES
+from pj_core.personas.store import ProfileStore
 
 PAPER_NINE = (
     "helpful",

@@ -21,7 +21,7 @@ from pj_core.errors import (
     UnknownPreferenceError,
 )
 from pj_core.personas import GenerationDefaults, PersonaProfile
-from pj_core.store import (
+from pj_core.personas.store import (
     SCHEMA_VERSION,
     AbstractProfileStore,
     ProfileConflictError,
@@ -213,7 +213,7 @@ PROCESS_WRITER = textwrap.dedent(
     """
     import sys
     from pj_core.personas import GenerationDefaults, PersonaProfile
-    from pj_core.store import ProfileStore
+    from pj_core.personas.store import ProfileStore
 
     path, name, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     store = ProfileStore(path)
@@ -274,7 +274,7 @@ CRASH_MID_WRITE = textwrap.dedent(
     """
     import os, sys
     from pj_core.personas import GenerationDefaults, PersonaProfile
-    from pj_core.store import ProfileStore
+    from pj_core.personas.store import ProfileStore
 
     original = ProfileStore._write
     def write_then_die(self, conn, profile, current):

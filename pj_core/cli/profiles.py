@@ -31,7 +31,7 @@ from pj_core.personas import (
     compose,
     resolve_personas,
 )
-from pj_core.store import (
+from pj_core.personas.store import (
     OnConflict,
     ProfileConflictError,
     ProfileStore,
