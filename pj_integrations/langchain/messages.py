@@ -1,0 +1,118 @@
+"""LangChain messages as the ``{"role", "content"}`` conversation ``pj_core`` renders.
+
+Example:
+    >>> from langchain_core.messages import HumanMessage, SystemMessage
+    >>> to_conversation([SystemMessage("Be kind."), HumanMessage("Hi!")])
+    [{'role': 'system', 'content': 'Be kind.'}, {'role': 'user', 'content': 'Hi!'}]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from langchain_core.messages import (
+    AIMessage,
+    BaseMessage,
+    ChatMessage,
+    FunctionMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
+
+from pj_core.errors import InvalidPromptError
+
+
+def to_conversation(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
+    """Turn LangChain messages into the ``{"role", "content"}`` list ``pj_core`` renders.
+
+    - System messages, wherever they are, are joined into one system message placed first;
+      the persona text is later combined with it in each persona prefix.
+    - Human messages become ``user`` turns, AI messages ``assistant`` turns; a tool (or
+      function) result becomes a ``user`` turn that says which tool answered, because small
+      models' chat templates have no tool role.
+    - Runs of the same role are merged into one turn (chat templates expect alternation);
+      messages without text are left out.
+    - Only text is read; images, audio and files raise :class:`InvalidPromptError`.
+
+    Example:
+        >>> from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+        >>> turns = to_conversation([SystemMessage("Be kind."), HumanMessage("Hi"),
+        ...                          HumanMessage("?"), AIMessage("Hello!")])
+        >>> [(t["role"], t["content"]) for t in turns]
+        [('system', 'Be kind.'), ('user', 'Hi\\n\\n?'), ('assistant', 'Hello!')]
+    """
+    system_parts: list[str] = []
+    turns: list[dict[str, str]] = []
+    for index, message in enumerate(messages):
+        role = _role_of(message, index)
+        text = _text_of(message, index)
+        if not text.strip():
+            continue  # e.g. an AI turn that only held tool calls: nothing to show the model
+        if role == "system":
+            system_parts.append(text)
+            continue
+        if isinstance(message, ToolMessage | FunctionMessage):
+            label = getattr(message, "name", None) or getattr(message, "tool_call_id", None)
+            text = f"Result of tool {label}:\n{text}" if label else f"Tool result:\n{text}"
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["content"] = f"{turns[-1]['content']}\n\n{text}"
+        else:
+            turns.append({"role": role, "content": text})
+    if not any(turn["role"] == "user" for turn in turns):
+        raise InvalidPromptError(
+            "the messages hold no human (user) message; add one, e.g. HumanMessage('Hello')"
+        )
+    system = [{"role": "system", "content": "\n\n".join(system_parts)}] if system_parts else []
+    return system + turns
+
+
+_CHAT_ROLES = {
+    "system": "system",
+    "developer": "system",
+    "human": "user",
+    "user": "user",
+    "ai": "assistant",
+    "assistant": "assistant",
+    "tool": "user",
+    "function": "user",
+}
+
+
+def _role_of(message: BaseMessage, index: int) -> str:
+    if isinstance(message, SystemMessage):
+        return "system"
+    if isinstance(message, HumanMessage):
+        return "user"
+    if isinstance(message, AIMessage):
+        return "assistant"
+    if isinstance(message, ToolMessage | FunctionMessage):
+        return "user"
+    if isinstance(message, ChatMessage) and message.role.lower() in _CHAT_ROLES:
+        return _CHAT_ROLES[message.role.lower()]
+    raise InvalidPromptError(
+        f"message {index} has type {message.type!r}, which ChatPersonaJudge cannot place; use "
+        "SystemMessage, HumanMessage, AIMessage or ToolMessage (or a ChatMessage whose role is "
+        f"one of {', '.join(sorted(_CHAT_ROLES))})"
+    )
+
+
+def _text_of(message: BaseMessage, index: int) -> str:
+    if isinstance(message.content, str):
+        return message.content
+    parts: list[str] = []
+    for block in message.content:
+        if isinstance(block, str):
+            parts.append(block)
+        elif isinstance(block, Mapping) and block.get("type") == "text":
+            parts.append(str(block.get("text", "")))
+        elif isinstance(block, Mapping) and block.get("type") in ("reasoning", "tool_call"):
+            continue  # another model's reasoning or tool request: not part of the dialogue
+        else:
+            kind = block.get("type") if isinstance(block, Mapping) else type(block).__name__
+            raise InvalidPromptError(
+                f"message {index} holds a {kind!r} content block; ChatPersonaJudge reads text "
+                "only (its models are text-only): send the text, or describe the image/file in "
+                "words"
+            )
+    return "".join(parts)
