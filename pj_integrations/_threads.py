@@ -14,6 +14,9 @@ from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
 
+THREAD_NAME = "pj-astream"
+"""Name of every worker thread :func:`iterate_in_thread` starts (to find them in a dump)."""
+
 
 async def iterate_in_thread(make_iterator: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
     """Run a blocking iterator in a worker thread and yield its items without blocking the loop.
@@ -58,7 +61,7 @@ async def iterate_in_thread(make_iterator: Callable[[], Iterator[T]]) -> AsyncIt
     # A daemon thread, not the loop's default executor: asyncio.run() waits for executor
     # jobs at shutdown, and an abandoned stream must not hold the program open.
     context = contextvars.copy_context()  # keeps LlamaIndex's instrumentation span ids
-    threading.Thread(target=context.run, args=(produce,), daemon=True).start()
+    threading.Thread(target=context.run, args=(produce,), name=THREAD_NAME, daemon=True).start()
     try:
         while True:
             kind, payload = await queue.get()

@@ -292,3 +292,14 @@ def test_old_import_paths_are_the_moved_modules() -> None:
 
     assert ProfileStore is pj_core.personas.store.ProfileStore
     assert open_store is pj_core.personas.store.open_store
+
+
+def test_both_adapters_share_one_thread_bridge() -> None:
+    """Async decoding goes through ``pj_integrations._threads`` only: no adapter starts its
+    own worker threads (one bridge to fix, one behaviour on early exit)."""
+    starters = sorted(
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "pj_integrations").rglob("*.py")
+        if "threading.Thread(" in path.read_text(encoding="utf-8")
+    )
+    assert starters == ["pj_integrations/_threads.py"], starters

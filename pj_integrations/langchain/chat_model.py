@@ -8,13 +8,12 @@ loads on the first call and is shared by every instance on the same model spec.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import copy
 import os
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, cast
 
 from langchain_core.callbacks import (
     AsyncCallbackManagerForLLMRun,
@@ -63,11 +62,9 @@ from pj_integrations._common import (
     stats_dict,
     unbatchable_options,
 )
+from pj_integrations._threads import iterate_in_thread
 from pj_integrations.langchain.config import call_user_id, with_config_user
 from pj_integrations.langchain.messages import to_conversation
-
-_T = TypeVar("_T")
-
 
 # ----------------------------------------------------------------------------- the chat model
 
@@ -699,7 +696,7 @@ class ChatPersonaJudge(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        chunks = _iterate_in_thread(lambda: self._chunks(messages, stop, kwargs))
+        chunks = iterate_in_thread(lambda: self._chunks(messages, stop, kwargs))
         async for chunk in chunks:
             if run_manager is not None and chunk.text:
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
@@ -852,54 +849,3 @@ def _counting_tokenizer(shared: SharedModel) -> tuple[Any, threading.Lock]:
         if key not in _TOKENIZERS:
             _TOKENIZERS[key] = (copy.deepcopy(shared.loaded.tokenizer), threading.Lock())
         return _TOKENIZERS[key]
-
-
-_DONE = object()
-
-
-async def _iterate_in_thread(make: Callable[[], Iterator[_T]]) -> AsyncIterator[_T]:
-    """Iterate a blocking iterator in a worker thread, yielding its items on the event loop.
-
-    The iterator is created in the thread too (it may load a model). Leaving the ``async
-    for`` early stops the worker after its current item and closes the iterator there.
-    """
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue()
-    cancelled = threading.Event()
-
-    def put(ok: bool, item: Any) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, (ok, item))
-        except RuntimeError:  # the loop closed while we produced: nobody is listening
-            cancelled.set()
-
-    def produce() -> None:
-        try:
-            iterator = make()
-            try:
-                for item in iterator:
-                    if cancelled.is_set():
-                        break
-                    put(True, item)
-            finally:
-                close = getattr(iterator, "close", None)
-                if close is not None:
-                    close()
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            put(False, exc)
-        else:
-            put(True, _DONE)
-
-    context = contextvars.copy_context()
-    worker = threading.Thread(target=context.run, args=(produce,), name="pj-astream", daemon=True)
-    worker.start()
-    try:
-        while True:
-            ok, item = await queue.get()
-            if not ok:
-                raise item
-            if item is _DONE:
-                return
-            yield item
-    finally:
-        cancelled.set()
