@@ -23,12 +23,12 @@ from langchain_core.runnables import RunnableConfig
 from llama_index.core.base.llms.types import ChatMessage, MessageRole
 
 from pj_core.batch import BatchRequest
+from pj_core.calls import shared_engine
 from pj_core.engine import PersonaJudge
 from pj_core.errors import ContextOverflowError, InvalidPromptError, PersonaJudgeError
 from pj_core.personas import GenerationDefaults, PersonaProfile, resolve_personas
 from pj_core.personas.store import open_store
 from pj_core.results import GenerationResult
-from pj_integrations._common import shared_engine
 from pj_integrations.langchain import ChatPersonaJudge
 from pj_integrations.llama_index import PersonaJudgeLLM
 from tests._tiny import make_tiny_model, make_tiny_tokenizer

@@ -17,6 +17,7 @@ import pytest
 from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
+    BaseMessage,
     HumanMessage,
     SystemMessage,
     ToolMessage,
@@ -25,6 +26,7 @@ from langchain_core.outputs import ChatGenerationChunk
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import ConfigurableField, RunnableConfig
 
+from pj_core.calls import is_loaded, shared_engine
 from pj_core.errors import (
     InvalidGenerationConfigError,
     InvalidPersonaError,
@@ -34,7 +36,6 @@ from pj_core.errors import (
 )
 from pj_core.personas import GenerationDefaults, PersonaProfile, resolve_personas
 from pj_core.personas.store import open_store
-from pj_integrations._common import is_loaded
 from pj_integrations.langchain import ChatPersonaJudge, to_conversation
 from tests._tiny import make_tiny_model, make_tiny_tokenizer
 
@@ -295,7 +296,7 @@ def test_explicit_arguments_beat_config_and_instance_profile_defaults(
         model=tiny_dir, profile_id="bob", profile_store=store, seed=0, max_tokens=6, temperature=0
     )
     assert fixed.invoke(QUESTION).response_metadata["persona_source"] == "profile:bob"
-    assert fixed._request([HumanMessage(QUESTION)], None, {}).options["max_new_tokens"] == 6
+    assert fixed._request([HumanMessage(QUESTION)], None, {}).generate_kwargs["max_new_tokens"] == 6
     with pytest.raises(ProfileNotFoundError):
         llm.invoke(QUESTION, config={"configurable": {"user_id": "carol"}})
 
@@ -406,8 +407,10 @@ def test_system_ai_and_tool_messages_reach_the_engine(llm: ChatPersonaJudge) -> 
 def test_instances_share_one_engine(tiny_dir: str) -> None:
     first = ChatPersonaJudge(model=tiny_dir, preferences="humor")
     second = ChatPersonaJudge(model=tiny_dir, preferences=["Be brief.", "Be kind."])
-    assert first._shared(tiny_dir) is second._shared(tiny_dir)
-    assert first._shared(tiny_dir).engine.model is second._shared(tiny_dir).engine.model
+    question: list[BaseMessage] = [HumanMessage(QUESTION)]
+    engine = first._request(question, None, {}).engine
+    assert engine is second._request(question, None, {}).engine
+    assert engine is shared_engine(tiny_dir).engine
 
 
 def test_engine_options_and_tokenizer_pass_through(llm: ChatPersonaJudge, tiny_dir: str) -> None:
@@ -415,7 +418,7 @@ def test_engine_options_and_tokenizer_pass_through(llm: ChatPersonaJudge, tiny_d
     assert lockstep.response_metadata["stats"]["strategy"] == "lockstep"
     # lockstep gives the same answer as speculative decoding for the same seed
     assert lockstep.content == llm.invoke(QUESTION, alternate=False, lookahead=2).content
-    tokenizer = llm._shared(tiny_dir).loaded.tokenizer
+    tokenizer = shared_engine(tiny_dir).loaded.tokenizer
     assert llm.get_token_ids("hello the cat") == tokenizer.encode(
         "hello the cat", add_special_tokens=False
     )

@@ -37,6 +37,18 @@ from langchain_core.utils.utils import LC_ID_PREFIX
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 from typing_extensions import Self
 
+from pj_core.calls import (
+    GENERATION_OPTIONS,
+    AdapterSettings,
+    CallRequest,
+    PersonaSources,
+    build_call,
+    is_loaded,
+    run_batch,
+    shared_engine,
+    stats_dict,
+)
+from pj_core.engine import PersonaJudge
 from pj_core.errors import (
     InvalidGenerationConfigError,
     InvalidPersonaError,
@@ -45,38 +57,12 @@ from pj_core.errors import (
 from pj_core.generation_config import GenerationConfig
 from pj_core.models import DEFAULT_MODEL
 from pj_core.personas import PersonaProfile, PreferenceSpec, check_user_id, resolve_personas
-from pj_core.prompts import stop_strings
-from pj_core.results import GenerationResult, StreamEvent
-from pj_integrations._common import (
-    GENERATION_OPTIONS,
-    PersonaChoice,
-    PersonaSources,
-    SharedModel,
-    batch_request,
-    check_call_options,
-    choose_personas,
-    generation_kwargs,
-    is_loaded,
-    run_batch,
-    shared_engine,
-    stats_dict,
-    unbatchable_options,
-)
+from pj_core.results import GenerationResult
 from pj_integrations._threads import iterate_in_thread
-from pj_integrations.langchain.config import call_user_id, with_config_user
+from pj_integrations.langchain.config import with_config_user
 from pj_integrations.langchain.messages import to_conversation
 
 # ----------------------------------------------------------------------------- the chat model
-
-
-@dataclass(frozen=True)
-class _Request:
-    """Everything one call needs, resolved before any decoding starts."""
-
-    shared: SharedModel
-    conversation: list[dict[str, str]]
-    choice: PersonaChoice
-    options: dict[str, Any]
 
 
 @dataclass
@@ -87,7 +73,7 @@ class _BatchItem:
     kwargs: dict[str, Any]  # the call's keyword arguments, the config's user id included
     callbacks: CallbackManager
     messages: list[BaseMessage] | None = None
-    request: _Request | None = None
+    request: CallRequest | None = None
     run: CallbackManagerForLLMRun | None = None
     outcome: AIMessage | Exception | None = field(default=None)
 
@@ -274,8 +260,8 @@ class ChatPersonaJudge(BaseChatModel):
     @model_validator(mode="after")
     def _check_settings(self) -> Self:
         # Fail at construction, not at the first call: the engine's own validation.
-        GenerationConfig.create(**_engine_names(self._generation_fields()))
-        sources = self._instance_sources()
+        GenerationConfig.create(**_engine_names(self._settings().generation))
+        sources = self._settings().personas
         if len(sources.given()) > 1:
             raise InvalidPersonaError(
                 f"{' and '.join(sources.given())} were both set; give only one of "
@@ -294,7 +280,7 @@ class ChatPersonaJudge(BaseChatModel):
     @property
     def _identifying_params(self) -> dict[str, Any]:
         params: dict[str, Any] = {"model": self.model}
-        params.update({k: v for k, v in self._generation_fields().items() if v is not None})
+        params.update({k: v for k, v in self._settings().generation.items() if v is not None})
         for name in ("preferences", "persona", "profile_id"):
             if getattr(self, name) is not None:
                 params[name] = getattr(self, name)
@@ -341,7 +327,7 @@ class ChatPersonaJudge(BaseChatModel):
         # The context window is known once the model is loaded; loading it here would make
         # constructing an instance cost seconds, so a cold instance learns it on first use.
         if is_loaded(self.model):
-            profile["max_input_tokens"] = shared_engine(self.model).loaded.context_window
+            profile["max_input_tokens"] = shared_engine(self.model).engine.context_window
         return profile
 
     def load(self) -> Self:
@@ -354,7 +340,7 @@ class ChatPersonaJudge(BaseChatModel):
             >>> llm.profile["max_input_tokens"]  # doctest: +SKIP
             8192
         """
-        self._shared(self.model)
+        self._note_context_window(shared_engine(self.model).engine)
         return self
 
     def get_token_ids(self, text: str) -> list[int]:
@@ -364,7 +350,9 @@ class ChatPersonaJudge(BaseChatModel):
             >>> ChatPersonaJudge(preferences="humor").get_token_ids("Hello")  # doctest: +SKIP
             [19556]
         """
-        tokenizer, lock = _counting_tokenizer(self._shared(self.model))
+        engine = shared_engine(self.model).engine
+        self._note_context_window(engine)
+        tokenizer, lock = _counting_tokenizer(engine)
         with lock:
             return list(tokenizer.encode(text, add_special_tokens=False))
 
@@ -562,9 +550,7 @@ class ChatPersonaJudge(BaseChatModel):
     ) -> list[AIMessage]:
         for item, input_ in zip(items, inputs, strict=True):
             self._prepare_batch_item(item, input_, stop)
-        if any(
-            item.request is not None and unbatchable_options(item.request.options) for item in items
-        ):
+        if any(item.request is not None and not item.request.batchable for item in items):
             # An option generate_batch has no field for: only single calls honour it.
             return super().batch(
                 inputs,
@@ -634,17 +620,15 @@ class ChatPersonaJudge(BaseChatModel):
     def _decode_batch(self, items: list[_BatchItem]) -> None:
         """One ``generate_batch`` per model (one in all: every input shares the call's
         ``model``) for the inputs that passed validation; outcomes go into the items."""
-        groups: dict[int, list[tuple[_BatchItem, _Request]]] = {}
+        groups: dict[int, list[tuple[_BatchItem, CallRequest]]] = {}
         for item in items:
             if item.request is not None and item.outcome is None:
-                groups.setdefault(id(item.request.shared), []).append((item, item.request))
+                groups.setdefault(id(item.request.engine), []).append((item, item.request))
         for group in groups.values():
-            requests = [
-                batch_request(r.conversation, r.choice.personas, r.options) for _, r in group
-            ]
+            requests = [r.batch_request() for _, r in group]
             outcomes: list[GenerationResult | Exception]
             try:
-                outcomes = list(run_batch(group[0][1].shared.engine, requests))
+                outcomes = list(run_batch(group[0][1].engine, requests))
             except Exception as exc:  # a failure while decoding: every input of it failed
                 outcomes = [exc] * len(group)
             for (item, request), outcome in zip(group, outcomes, strict=True):
@@ -706,9 +690,7 @@ class ChatPersonaJudge(BaseChatModel):
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
     ) -> ChatResult:
         request = self._request(messages, stop, kwargs)
-        result: GenerationResult = request.shared.engine.generate(
-            request.conversation, request.choice.personas, **request.options
-        )
+        result = request.generate()
         return ChatResult(generations=[ChatGeneration(message=_ai_message(request, result))])
 
     def _chunks(
@@ -716,10 +698,7 @@ class ChatPersonaJudge(BaseChatModel):
     ) -> Iterator[ChatGenerationChunk]:
         """One chunk per emitted piece of text; the last chunk carries usage and stats."""
         request = self._request(messages, stop, kwargs)
-        events: Iterator[StreamEvent] = request.shared.engine.stream(
-            request.conversation, request.choice.personas, **request.options
-        )
-        for event in events:
+        for event in request.stream():
             if event.done:
                 assert event.result is not None  # the engine's final event carries it
                 yield ChatGenerationChunk(
@@ -735,51 +714,28 @@ class ChatPersonaJudge(BaseChatModel):
 
     def _request(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
-    ) -> _Request:
-        check_call_options(kwargs, extra_allowed=("model",))
-        model = kwargs.get("model") or self.model
-        if not isinstance(model, str | os.PathLike):
-            raise InvalidGenerationConfigError(
-                f"model must be a model alias or path, got {type(model).__name__}"
-            )
-        conversation = to_conversation(messages)
-        call_sources = PersonaSources(
-            preferences=kwargs.get("preferences"),
-            persona=kwargs.get("persona"),
-            profile_id=call_user_id(kwargs),
-        )
-        choice = choose_personas(call_sources, None, self._instance_sources(), self.profile_store)
-        overrides = {name: kwargs[name] for name in GENERATION_OPTIONS if name in kwargs}
-        if stop is not None:
-            overrides["stop"] = stop
-        fields = self._generation_fields()
-        options = generation_kwargs(
-            defaults=fields,
-            explicit={name for name, value in fields.items() if value is not None},
-            profile_defaults=choice.generation_defaults,
-            overrides=overrides,
-        )
-        shared = self._shared(model)
-        # A base model without a chat template goes on to write the user's next turn; the
-        # prompt layout's own stop strings end the reply there.
-        layout_stops = stop_strings(shared.loaded.tokenizer)
-        if layout_stops:
-            options["stop"] = [*options.get("stop", ()), *layout_stops]
-        return _Request(shared=shared, conversation=conversation, choice=choice, options=options)
+    ) -> CallRequest:
+        options = kwargs if stop is None else {**kwargs, "stop": stop}
+        request = build_call(self._settings(), to_conversation(messages), options)
+        model = kwargs.get("model")
+        if model is None or os.fspath(model) == self.model:
+            self._note_context_window(request.engine)
+        return request
 
-    def _shared(self, spec: str | os.PathLike[str]) -> SharedModel:
-        shared = shared_engine(spec)
-        if self.profile is not None and os.fspath(spec) == self.model:
-            self.profile.setdefault("max_input_tokens", shared.loaded.context_window)
-        return shared
-
-    def _generation_fields(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in GENERATION_OPTIONS}
-
-    def _instance_sources(self) -> PersonaSources:
-        return PersonaSources(
-            preferences=self.preferences, persona=self.persona, profile_id=self.profile_id
+    def _settings(self) -> AdapterSettings:
+        return AdapterSettings(
+            model=self.model,
+            generation={name: getattr(self, name) for name in GENERATION_OPTIONS},
+            personas=PersonaSources(
+                preferences=self.preferences, persona=self.persona, profile_id=self.profile_id
+            ),
+            profile_store=self.profile_store,
         )
+
+    def _note_context_window(self, engine: PersonaJudge) -> None:
+        """Fill ``profile["max_input_tokens"]`` once the model is loaded."""
+        if self.profile is not None:
+            self.profile.setdefault("max_input_tokens", engine.context_window)
 
 
 def _engine_names(fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -787,7 +743,7 @@ def _engine_names(fields: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in renamed.items() if v is not None}
 
 
-def _ai_message(request: _Request, result: GenerationResult) -> AIMessage:
+def _ai_message(request: CallRequest, result: GenerationResult) -> AIMessage:
     return AIMessage(
         content=result.text,
         usage_metadata=_usage(result),
@@ -804,13 +760,13 @@ def _usage(result: GenerationResult) -> UsageMetadata:
     )
 
 
-def _response_metadata(request: _Request, result: GenerationResult) -> dict[str, Any]:
+def _response_metadata(request: CallRequest, result: GenerationResult) -> dict[str, Any]:
     return {
-        "model_name": request.shared.loaded.name,
+        "model_name": request.engine.name,
         "finish_reason": result.finish_reason,
         "stats": stats_dict(result.stats),
-        "personas": [persona.text for persona in request.choice.personas],
-        "persona_source": request.choice.source,
+        "personas": [persona.text for persona in request.personas],
+        "persona_source": request.persona_source,
     }
 
 
@@ -838,14 +794,14 @@ _TOKENIZERS: dict[int, tuple[Any, threading.Lock]] = {}
 _TOKENIZERS_LOCK = threading.Lock()
 
 
-def _counting_tokenizer(shared: SharedModel) -> tuple[Any, threading.Lock]:
+def _counting_tokenizer(engine: PersonaJudge) -> tuple[Any, threading.Lock]:
     """A private copy of the model's tokenizer for counting, with its own lock.
 
     Fast tokenizers refuse concurrent use; a copy keeps token counting from contending with
     (or breaking) generations running in other threads.
     """
-    key = id(shared)
+    key = id(engine)
     with _TOKENIZERS_LOCK:
         if key not in _TOKENIZERS:
-            _TOKENIZERS[key] = (copy.deepcopy(shared.loaded.tokenizer), threading.Lock())
+            _TOKENIZERS[key] = (copy.deepcopy(engine.tokenizer), threading.Lock())
         return _TOKENIZERS[key]

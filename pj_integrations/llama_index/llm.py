@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from llama_index.core.base.llms.types import (
@@ -23,49 +22,23 @@ from llama_index.core.bridge.pydantic import Field, field_serializer
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
+from pj_core.calls import (
+    GENERATION_OPTIONS,
+    AdapterSettings,
+    CallRequest,
+    PersonaSources,
+    build_call,
+    name_request,
+    shared_engine,
+)
 from pj_core.engine import PersonaJudge
 from pj_core.errors import InvalidPromptError, PersonaJudgeError
 from pj_core.models import DEFAULT_MODEL
-from pj_core.personas import Persona, PersonaProfile, PreferenceSpec
-from pj_core.prompts import stop_strings
+from pj_core.personas import PersonaProfile, PreferenceSpec
 from pj_core.results import GenerationResult, StreamEvent
 from pj_core.settings import DEFAULTS
-from pj_integrations._common import (
-    GENERATION_OPTIONS,
-    PersonaSources,
-    batch_request,
-    check_call_options,
-    choose_personas,
-    generation_kwargs,
-    name_request,
-    shared_engine,
-    stats_dict,
-    unbatchable_options,
-)
 from pj_integrations._threads import iterate_in_thread
 from pj_integrations.llama_index.messages import chunk_to_chat, message_to_dict
-
-
-@dataclass(frozen=True)
-class _CallPlan:
-    """Everything one generation needs, resolved from the fields and the call's overrides."""
-
-    engine: PersonaJudge
-    conversation: list[dict[str, str]]
-    personas: list[Persona]
-    persona_source: str
-    engine_kwargs: dict[str, Any]
-
-    def info(self, result: GenerationResult) -> dict[str, Any]:
-        """What a response carries besides the text: statistics and where personas came from."""
-        return {
-            "stats": stats_dict(result.stats),
-            "finish_reason": result.finish_reason,
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": len(result.token_ids),
-            "persona_source": self.persona_source,
-            "personas": [{"name": p.name, "text": p.text} for p in self.personas],
-        }
 
 
 class PersonaJudgeLLM(CustomLLM):
@@ -195,29 +168,16 @@ class PersonaJudgeLLM(CustomLLM):
             model_name=engine.name,
         )
 
-    def _plan(self, conversation: list[dict[str, str]], options: Mapping[str, Any]) -> _CallPlan:
-        check_call_options(options)
-        call_profile = options.get("profile_id", options.get("user_id"))
-        choice = choose_personas(
-            PersonaSources(options.get("preferences"), options.get("persona"), call_profile),
-            None,  # LlamaIndex has no per-run config carrying a user id
-            PersonaSources(self.preferences, self.persona, self.profile_id),
-            self.profile_store,
+    def _plan(self, conversation: list[dict[str, str]], options: Mapping[str, Any]) -> CallRequest:
+        settings = AdapterSettings(
+            model=self.model,
+            generation={name: getattr(self, name) for name in GENERATION_OPTIONS},
+            personas=PersonaSources(self.preferences, self.persona, self.profile_id),
+            profile_store=self.profile_store,
+            engine=self.engine,
         )
-        fields = {name: getattr(self, name) for name in GENERATION_OPTIONS}
-        engine_kwargs = generation_kwargs(
-            defaults=fields,
-            explicit={name for name, value in fields.items() if value is not None},
-            profile_defaults=choice.generation_defaults,
-            overrides={name: options[name] for name in GENERATION_OPTIONS if name in options},
-        )
-        engine = self.get_engine()
-        # A base model without a chat template goes on to write the user's next turn; the
-        # plain prompt layout's own stop strings end the reply there.
-        layout_stops = stop_strings(engine.tokenizer)
-        if layout_stops:
-            engine_kwargs["stop"] = [*(engine_kwargs.get("stop") or ()), *layout_stops]
-        return _CallPlan(engine, conversation, choice.personas, choice.source, engine_kwargs)
+        # LlamaIndex has no per-run config carrying a user id.
+        return build_call(settings, conversation, options)
 
     # ------------------------------------------------------------------ prompts
 
@@ -252,19 +212,19 @@ class PersonaJudgeLLM(CustomLLM):
     # ------------------------------------------------------------------ running the engine
 
     @staticmethod
-    def _generate(plan: _CallPlan) -> GenerationResult:
-        return plan.engine.generate(plan.conversation, plan.personas, **plan.engine_kwargs)
+    def _generate(plan: CallRequest) -> GenerationResult:
+        return plan.generate()
 
     @staticmethod
-    def _events(plan: _CallPlan) -> Iterator[StreamEvent]:
-        return plan.engine.stream(plan.conversation, plan.personas, **plan.engine_kwargs)
+    def _events(plan: CallRequest) -> Iterator[StreamEvent]:
+        return plan.stream()
 
     @staticmethod
-    def _completion(result: GenerationResult, plan: _CallPlan) -> CompletionResponse:
+    def _completion(result: GenerationResult, plan: CallRequest) -> CompletionResponse:
         return CompletionResponse(text=result.text, raw=result, additional_kwargs=plan.info(result))
 
     @staticmethod
-    def _chat(result: GenerationResult, plan: _CallPlan) -> ChatResponse:
+    def _chat(result: GenerationResult, plan: CallRequest) -> ChatResponse:
         return ChatResponse(
             message=ChatMessage(role=MessageRole.ASSISTANT, content=result.text),
             raw=result,
@@ -272,7 +232,9 @@ class PersonaJudgeLLM(CustomLLM):
         )
 
     @staticmethod
-    def _completion_chunks(events: Iterator[StreamEvent], plan: _CallPlan) -> CompletionResponseGen:
+    def _completion_chunks(
+        events: Iterator[StreamEvent], plan: CallRequest
+    ) -> CompletionResponseGen:
         text = ""
         for event in events:
             text += event.text
@@ -396,25 +358,23 @@ class PersonaJudgeLLM(CustomLLM):
         index: int,
         conversation: Callable[[], list[dict[str, str]]],
         options: Mapping[str, Any],
-    ) -> _CallPlan:
+    ) -> CallRequest:
         """The plan of one batch item; its error names the item, as generate_batch's do."""
         try:
             return self._plan(conversation(), options)
         except PersonaJudgeError as exc:
             raise name_request(exc, index) from None
 
-    def _generate_batch(self, plans: list[_CallPlan]) -> list[GenerationResult]:
+    def _generate_batch(self, plans: list[CallRequest]) -> list[GenerationResult]:
         if not plans:
             return []
-        if any(unbatchable_options(plan.engine_kwargs) for plan in plans):
+        if not all(plan.batchable for plan in plans):
             # An option generate_batch has no field for: only single calls honour it.
             return [self._generate(plan) for plan in plans]
         if self.rate_limiter is not None:
             for _ in plans:  # one token per answer, as for single calls
                 self.rate_limiter.acquire()
-        requests = [
-            batch_request(plan.conversation, plan.personas, plan.engine_kwargs) for plan in plans
-        ]
+        requests = [plan.batch_request() for plan in plans]
         # Every plan of one object decodes with the object's engine.
         results: list[GenerationResult] = plans[0].engine.generate_batch(requests)
         return results

@@ -1,8 +1,14 @@
-"""Framework-neutral glue shared by the LangChain and LlamaIndex adapters.
+"""What an adapter call means: the one request builder both framework adapters share.
 
-Nothing here imports LangChain or LlamaIndex. It holds what both adapters need in the same
-form:
+An adapter (LangChain's ``ChatPersonaJudge``, LlamaIndex's ``PersonaJudgeLLM``) holds
+settings under the frameworks' option names and receives calls with per-call options. Turning
+them into a decode is policy, and it lives here, once, so the adapters only translate types:
 
+- :func:`build_call`: the :class:`CallRequest` of one call (engine, conversation, personas and
+  ``generate`` keyword arguments) from the instance's :class:`AdapterSettings`, the call's
+  options and the user id of the framework's run config. It checks the options, picks the
+  personas (:func:`choose_personas`), merges generation settings (:func:`generation_kwargs`),
+  finds the shared engine and adds the prompt layout's stop strings.
 - :func:`shared_engine`: one :class:`~pj_core.engine.PersonaJudge` per model spec per process,
   loaded lazily on first use and thread safe, so any number of adapter instances on the same
   model share one copy of the weights;
@@ -12,8 +18,10 @@ form:
 - :func:`generation_kwargs`: the keyword arguments for ``PersonaJudge.generate`` from the
   adapter's fields, the user's saved defaults and per-call overrides, in that order;
 - :func:`stats_dict`: the Persona-judge statistics as plain JSON-able data for metadata;
-- :func:`batch_request` and :func:`run_batch`: many adapter calls as requests of ONE
-  ``PersonaJudge.generate_batch``, a request that fails validation getting its own error.
+- :func:`run_batch`: many calls as requests of ONE ``PersonaJudge.generate_batch``, a request
+  that fails getting its own error.
+
+Nothing here imports LangChain or LlamaIndex.
 
 Example:
     >>> generation_kwargs(defaults={"temperature": 0.7, "max_tokens": 64}, explicit=set(),
@@ -26,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -37,11 +45,12 @@ from pj_core.personas import (
     PreferenceSpec,
     resolve_personas,
 )
+from pj_core.prompts import stop_strings
 
 if TYPE_CHECKING:
     from pj_core.batch import BatchRequest
     from pj_core.engine import PersonaJudge
-    from pj_core.results import GenerationResult
+    from pj_core.results import GenerationResult, StreamEvent
 
 ProfileStoreLike = Any
 """A :class:`pj_core.personas.store.AbstractProfileStore`, a database path, or ``None`` (the default
@@ -66,6 +75,9 @@ the frameworks' name for the engine's ``max_new_tokens``)."""
 
 PERSONA_OPTIONS: tuple[str, ...] = ("preferences", "persona", "profile_id", "user_id")
 """Per-call option names that choose the personas."""
+
+CALL_OPTIONS: tuple[str, ...] = (*GENERATION_OPTIONS, *PERSONA_OPTIONS, "model")
+"""Every per-call option an adapter accepts (``model``: another model spec for this call)."""
 
 _ENGINE_NAMES = {"max_tokens": "max_new_tokens"}
 # A saved profile stores the engine's names; the adapters expose the frameworks' names.
@@ -217,6 +229,29 @@ def _resolve(sources: PersonaSources, store: ProfileStoreLike) -> PersonaChoice:
     return PersonaChoice(
         personas=resolve_personas(sources.preferences), source="preferences", generation_defaults={}
     )
+
+
+def call_user_id(options: Mapping[str, Any]) -> str | None:
+    """The user id a call names with ``profile_id=`` or ``user_id=`` (they are synonyms).
+
+    Raises:
+        InvalidPersonaError: both given and different, or not a string.
+
+    Example:
+        >>> call_user_id({"user_id": "alice"})
+        'alice'
+    """
+    profile_id, user_id = options.get("profile_id"), options.get("user_id")
+    if profile_id is not None and user_id is not None and profile_id != user_id:
+        raise InvalidPersonaError(
+            f"profile_id={profile_id!r} and user_id={user_id!r} disagree; pass one of them"
+        )
+    chosen = profile_id if profile_id is not None else user_id
+    if chosen is not None and not isinstance(chosen, str):
+        raise InvalidPersonaError(
+            f"a user id must be a string, got {type(chosen).__name__}: {chosen!r}"
+        )
+    return chosen
 
 
 def load_profile(user_id: str, store: ProfileStoreLike) -> PersonaProfile:
@@ -372,3 +407,163 @@ def name_request(exc: PersonaJudgeError, index: int) -> PersonaJudgeError:
     if exc.args and isinstance(exc.args[0], str):
         exc.args = (f"request {index}: {exc.args[0]}", *exc.args[1:])
     return exc
+
+
+# ----------------------------------------------------------------------------- the request builder
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    """What an adapter instance holds, under the frameworks' option names.
+
+    Attributes:
+        model: the model spec (alias or path) calls decode with unless they name another.
+        generation: the instance's value (``None`` = not set) of each of
+            :data:`GENERATION_OPTIONS`; set values count as deliberate, so a user's saved
+            profile defaults never override them.
+        personas: the instance's persona options (at most one set).
+        profile_store: where ``user_id``/``profile_id`` profiles are read (``None``: the
+            default store).
+        engine: a ready engine to decode with instead of the shared one of ``model``.
+    """
+
+    model: str | os.PathLike[str]
+    generation: Mapping[str, Any]
+    personas: PersonaSources = PersonaSources()
+    profile_store: ProfileStoreLike = None
+    engine: PersonaJudge | None = None
+
+
+@dataclass(frozen=True)
+class CallRequest:
+    """One call, resolved before any decoding: what the engine is asked and with what.
+
+    Attributes:
+        engine: the engine that decodes it.
+        conversation: the ``{"role", "content"}`` turns.
+        personas: the persona prefixes (two or more).
+        persona_source: where they came from (``"profile:<user id>"``, ``"persona"`` or
+            ``"preferences"``).
+        generate_kwargs: the keyword arguments of ``engine.generate`` (engine names).
+    """
+
+    engine: PersonaJudge
+    conversation: list[dict[str, str]]
+    personas: list[Persona]
+    persona_source: str
+    generate_kwargs: dict[str, Any]
+
+    def generate(self) -> GenerationResult:
+        """Decode the call (``engine.generate``)."""
+        result: GenerationResult = self.engine.generate(
+            self.conversation, self.personas, **self.generate_kwargs
+        )
+        return result
+
+    def stream(self) -> Iterator[StreamEvent]:
+        """Decode the call as a stream of events (``engine.stream``)."""
+        events: Iterator[StreamEvent] = self.engine.stream(
+            self.conversation, self.personas, **self.generate_kwargs
+        )
+        return events
+
+    @property
+    def batchable(self) -> bool:
+        """Whether ``generate_batch`` can run this call (every option has a batch field)."""
+        return not unbatchable_options(self.generate_kwargs)
+
+    def batch_request(self) -> BatchRequest:
+        """This call as a request of ``generate_batch`` (see :func:`batch_request`)."""
+        return batch_request(self.conversation, self.personas, self.generate_kwargs)
+
+    def info(self, result: GenerationResult) -> dict[str, Any]:
+        """What a response carries besides its text, as plain data: statistics, finish
+        reason, token counts and the personas with where they came from."""
+        return {
+            "stats": stats_dict(result.stats),
+            "finish_reason": result.finish_reason,
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": len(result.token_ids),
+            "persona_source": self.persona_source,
+            "personas": [{"name": p.name, "text": p.text} for p in self.personas],
+        }
+
+
+def build_call(
+    settings: AdapterSettings,
+    conversation: list[dict[str, str]],
+    options: Mapping[str, Any],
+    *,
+    config_user_id: str | None = None,
+) -> CallRequest:
+    """The :class:`CallRequest` of one adapter call; the one place a call's meaning is decided.
+
+    - ``options`` (the call's keyword arguments, frameworks' names) are checked against
+      :data:`CALL_OPTIONS`;
+    - the model is the call's ``model=`` if given, else the instance's; an instance built on
+      a ready engine takes no other model;
+    - the personas come from the call's options, then ``config_user_id`` (the user id of the
+      framework's run config), then the instance (:func:`choose_personas`);
+    - the generation settings merge instance, saved profile and call
+      (:func:`generation_kwargs`);
+    - the prompt layout's own stop strings are added (a base model without a chat template
+      goes on to write the user's next turn; they end the reply there).
+
+    Raises:
+        InvalidGenerationConfigError: an unknown option or a bad model spec.
+        InvalidPersonaError, ProfileNotFoundError: no usable personas.
+        ModelNotFoundError, ModelPackageMissingError, ModelLoadError: loading the model.
+
+    Example:
+        >>> from tests._tiny import make_tiny_model, make_tiny_tokenizer
+        >>> from pj_core.engine import PersonaJudge
+        >>> tokenizer = make_tiny_tokenizer()
+        >>> pj = PersonaJudge(make_tiny_model(len(tokenizer)), tokenizer)
+        >>> settings = AdapterSettings(
+        ...     model="tiny", generation={"temperature": 0.5}, engine=pj,
+        ...     personas=PersonaSources(preferences=["be funny", "be brief"]))
+        >>> call = build_call(settings, [{"role": "user", "content": "hello"}], {"seed": 1})
+        >>> call.generate_kwargs, call.persona_source
+        ({'temperature': 0.5, 'seed': 1}, 'preferences')
+    """
+    check_call_options(options, extra_allowed=("model",))
+    model = options.get("model")
+    if model is not None:
+        if not isinstance(model, str | os.PathLike):
+            raise InvalidGenerationConfigError(
+                f"model must be a model alias or path, got {type(model).__name__}"
+            )
+        if settings.engine is not None and os.fspath(model) != os.fspath(settings.model):
+            raise InvalidGenerationConfigError(
+                f"model={os.fspath(model)!r} was given to a call of an adapter built on a "
+                "ready engine; build another adapter for that model"
+            )
+    spec = model if model is not None else settings.model
+    choice = choose_personas(
+        PersonaSources(
+            preferences=options.get("preferences"),
+            persona=options.get("persona"),
+            profile_id=call_user_id(options),
+        ),
+        config_user_id,
+        settings.personas,
+        settings.profile_store,
+    )
+    generation = {name: settings.generation.get(name) for name in GENERATION_OPTIONS}
+    kwargs = generation_kwargs(
+        defaults=generation,
+        explicit={name for name, value in generation.items() if value is not None},
+        profile_defaults=choice.generation_defaults,
+        overrides={name: options[name] for name in GENERATION_OPTIONS if name in options},
+    )
+    engine = settings.engine if settings.engine is not None else shared_engine(spec).engine
+    layout_stops = stop_strings(engine.tokenizer)
+    if layout_stops:
+        kwargs["stop"] = [*(kwargs.get("stop") or ()), *layout_stops]
+    return CallRequest(
+        engine=engine,
+        conversation=conversation,
+        personas=choice.personas,
+        persona_source=choice.source,
+        generate_kwargs=kwargs,
+    )
