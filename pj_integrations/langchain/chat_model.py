@@ -59,7 +59,7 @@ from pj_core.models import DEFAULT_MODEL
 from pj_core.personas import PersonaProfile, PreferenceSpec, check_user_id, resolve_personas
 from pj_core.results import GenerationResult
 from pj_integrations._threads import iterate_in_thread
-from pj_integrations.langchain.config import with_config_user
+from pj_integrations.langchain.config import reads_config_user, with_config_user
 from pj_integrations.langchain.messages import to_conversation
 
 # ----------------------------------------------------------------------------- the chat model
@@ -357,71 +357,15 @@ class ChatPersonaJudge(BaseChatModel):
             return list(tokenizer.encode(text, add_special_tokens=False))
 
     # ------------------------------------------------------------------ per-user config
+    # Every public entry point reads configurable["user_id"] from its RunnableConfig (see
+    # reads_config_user); batch and abatch (below) do it per input.
 
-    def invoke(
-        self,
-        input: LanguageModelInput,
-        config: RunnableConfig | None = None,
-        *,
-        stop: list[str] | None = None,
-        **kwargs: Any,
-    ) -> AIMessage:
-        return super().invoke(input, config, stop=stop, **with_config_user(config, kwargs))
-
-    async def ainvoke(
-        self,
-        input: LanguageModelInput,
-        config: RunnableConfig | None = None,
-        *,
-        stop: list[str] | None = None,
-        **kwargs: Any,
-    ) -> AIMessage:
-        return await super().ainvoke(input, config, stop=stop, **with_config_user(config, kwargs))
-
-    def stream(
-        self,
-        input: LanguageModelInput,
-        config: RunnableConfig | None = None,
-        *,
-        stop: list[str] | None = None,
-        **kwargs: Any,
-    ) -> Iterator[AIMessageChunk]:
-        return super().stream(input, config, stop=stop, **with_config_user(config, kwargs))
-
-    def astream(
-        self,
-        input: LanguageModelInput,
-        config: RunnableConfig | None = None,
-        *,
-        stop: list[str] | None = None,
-        **kwargs: Any,
-    ) -> AsyncIterator[AIMessageChunk]:
-        return super().astream(input, config, stop=stop, **with_config_user(config, kwargs))
-
-    # ``stream_events(version="v3")`` bypasses stream()/astream(); these are its entry points.
-    def _chat_model_stream_v3(
-        self,
-        input: LanguageModelInput,
-        config: RunnableConfig | None = None,
-        *,
-        stop: list[str] | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        return super()._chat_model_stream_v3(
-            input, config, stop=stop, **with_config_user(config, kwargs)
-        )
-
-    async def _achat_model_stream_v3(
-        self,
-        input: LanguageModelInput,
-        config: RunnableConfig | None = None,
-        *,
-        stop: list[str] | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        return await super()._achat_model_stream_v3(
-            input, config, stop=stop, **with_config_user(config, kwargs)
-        )
+    invoke = reads_config_user(BaseChatModel.invoke)
+    ainvoke = reads_config_user(BaseChatModel.ainvoke)
+    stream = reads_config_user(BaseChatModel.stream)
+    astream = reads_config_user(BaseChatModel.astream)
+    stream_events = reads_config_user(BaseChatModel.stream_events)
+    astream_events = reads_config_user(BaseChatModel.astream_events)
 
     # ------------------------------------------------------------------ batches
 

@@ -7,19 +7,20 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import ensure_config
-
-from pj_core.errors import InvalidPersonaError
 
 CONFIG_USER_ID_KEY = "user_id"
 """Key of ``RunnableConfig["configurable"]`` holding the id of the user a call is for."""
 
 PERSONA_KWARGS = ("preferences", "persona", "profile_id", "user_id")
 """Per-call arguments that choose the personas; any of them wins over the config's user."""
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
 
 
 def with_config_user(config: RunnableConfig | None, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -33,15 +34,27 @@ def with_config_user(config: RunnableConfig | None, kwargs: dict[str, Any]) -> d
     return {**kwargs, "user_id": user_id}
 
 
-def call_user_id(kwargs: Mapping[str, Any]) -> str | None:
-    profile_id, user_id = kwargs.get("profile_id"), kwargs.get("user_id")
-    if profile_id is not None and user_id is not None and profile_id != user_id:
-        raise InvalidPersonaError(
-            f"profile_id={profile_id!r} and user_id={user_id!r} disagree; pass one of them"
-        )
-    chosen = profile_id if profile_id is not None else user_id
-    if chosen is not None and not isinstance(chosen, str):
-        raise InvalidPersonaError(
-            f"a user id must be a string, got {type(chosen).__name__}: {chosen!r}"
-        )
-    return chosen
+def reads_config_user(method: _Method) -> _Method:
+    """``method`` (a public ``Runnable`` entry point such as ``BaseChatModel.invoke``) with
+    the run config's user id passed on as the call's ``user_id`` (:func:`with_config_user`).
+
+    LangChain hands a chat model's ``_generate``/``_stream`` the call's keyword arguments but
+    not its ``RunnableConfig`` (it only reaches them through a context variable when the
+    model runs inside a chain), so the id is read where the config is given: at the public
+    entry points, each declared once with this function. The wrapped method is the
+    inherited public one, unchanged otherwise (same return value: a message, a generator, a
+    coroutine or an event stream).
+
+    Example:
+        >>> from langchain_core.language_models import BaseChatModel
+        >>> class Chat(BaseChatModel):  # doctest: +SKIP
+        ...     invoke = reads_config_user(BaseChatModel.invoke)
+    """
+
+    @functools.wraps(method)
+    def with_user(
+        self: Any, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Any:
+        return method(self, input, config, **with_config_user(config, kwargs))
+
+    return cast(_Method, with_user)
