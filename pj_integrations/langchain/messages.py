@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from langchain_core.messages import (
     AIMessage,
@@ -18,9 +19,14 @@ from langchain_core.messages import (
     HumanMessage,
     SystemMessage,
     ToolMessage,
+    UsageMetadata,
+    convert_to_messages,
 )
+from langchain_core.prompt_values import PromptValue, StringPromptValue
 
+from pj_core.calls import CallRequest, stats_dict
 from pj_core.errors import InvalidPromptError
+from pj_core.results import GenerationResult
 
 
 def to_conversation(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
@@ -116,3 +122,56 @@ def _text_of(message: BaseMessage, index: int) -> str:
                 "words"
             )
     return "".join(parts)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def messages_of(input_: Any) -> list[BaseMessage]:
+    """The messages ``invoke`` reads from an input: a string, a prompt value or messages
+    (anything ``convert_to_messages`` takes).
+
+    Example:
+        >>> [type(m).__name__ for m in messages_of("Hi!")]
+        ['HumanMessage']
+    """
+    if isinstance(input_, PromptValue):
+        return input_.to_messages()
+    if isinstance(input_, str):
+        return StringPromptValue(text=input_).to_messages()
+    if isinstance(input_, Sequence):
+        return convert_to_messages(input_)
+    raise InvalidPromptError(
+        f"a chat model input is a string, a prompt value or a list of messages, got "
+        f"{type(input_).__name__}"
+    )
+
+
+# ----------------------------------------------------------------------------- responses
+
+
+def ai_message(request: CallRequest, result: GenerationResult) -> AIMessage:
+    return AIMessage(
+        content=result.text,
+        usage_metadata=usage(result),
+        response_metadata=response_metadata(request, result),
+    )
+
+
+def usage(result: GenerationResult) -> UsageMetadata:
+    output_tokens = len(result.token_ids)
+    return UsageMetadata(
+        input_tokens=result.prompt_tokens,
+        output_tokens=output_tokens,
+        total_tokens=result.prompt_tokens + output_tokens,
+    )
+
+
+def response_metadata(request: CallRequest, result: GenerationResult) -> dict[str, Any]:
+    return {
+        "model_name": request.engine.name,
+        "finish_reason": result.finish_reason,
+        "stats": stats_dict(result.stats),
+        "personas": [persona.text for persona in request.personas],
+        "persona_source": request.persona_source,
+    }
