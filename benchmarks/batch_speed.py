@@ -67,8 +67,8 @@ def run_batch_benchmark(
     config: BenchConfig, *, requests: int, command: str, progress: bool = True
 ) -> dict[str, Any]:
     """Measure sequential and batched throughput for 1, 2, 4, ... ``requests`` requests."""
+    from pj_core.backends.hf.models import load_model
     from pj_core.engine import PersonaJudge
-    from pj_core.models import load_model
 
     if config.threads is not None:
         torch.set_num_threads(config.threads)

@@ -70,7 +70,7 @@ class BenchConfig:
     """Every setting of one benchmark run.
 
     Attributes:
-        model: model spec for :func:`pj_core.models.load_model`.
+        model: model spec for :func:`pj_core.backends.hf.models.load_model`.
         device, dtype: None chooses them as the library does.
         methods: which of :data:`METHODS` to run.
         lookaheads: λ values of the λ-dependent methods.
@@ -86,8 +86,8 @@ class BenchConfig:
             On a machine that other jobs keep busy, 1 avoids threads spinning against each
             other; the report records the value.
         pack_cpu_weights: load the model with oneDNN-packed linear layers on CPU (the
-            library's default, :mod:`pj_core.cpu_linear`); False measures PyTorch's default
-            kernels. Every method uses the same setting.
+            library's default, :mod:`pj_core.backends.hf.cpu_linear`); False measures PyTorch's
+            default kernels. Every method uses the same setting.
     """
 
     model: str = "smollm2-135m-instruct"

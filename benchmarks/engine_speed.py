@@ -25,12 +25,12 @@ from typing import Any
 
 import torch
 
+from pj_core.backends.hf.models import load_model
+from pj_core.decoding.strategy_choice import measure_step_timings, predicted_seconds_per_token
 from pj_core.engine import PersonaJudge
-from pj_core.models import load_model
 from pj_core.personas import Persona
 from pj_core.prompts import render_ids
 from pj_core.settings import DEFAULTS
-from pj_core.strategy_choice import measure_step_timings, predicted_seconds_per_token
 
 PROMPT = "Got any creative ideas for a 10 year old's birthday?"
 PERSONAS = [

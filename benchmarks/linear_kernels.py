@@ -33,9 +33,9 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from pj_core.cpu_linear import PackedLinear
-from pj_core.kv import BatchedContexts, forward_logits
-from pj_core.models import LoadedModel, load_model
+from pj_core.backends.hf.cpu_linear import PackedLinear
+from pj_core.backends.hf.kv import BatchedContexts, forward_logits
+from pj_core.backends.hf.models import LoadedModel, load_model
 
 
 def median_ms(step: Callable[[], object], repeats: int) -> float:

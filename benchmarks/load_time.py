@@ -28,7 +28,7 @@ _CHILD = """
 import json, sys, time
 import torch, transformers  # imported before the clock starts: we time loading, not imports
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from pj_core.models import load_model
+from pj_core.backends.hf.models import load_model
 start = time.perf_counter()
 m = load_model(sys.argv[1], device="cpu")
 print(json.dumps({"load_s": time.perf_counter() - start, "name": m.name,

@@ -25,8 +25,8 @@ from benchmarks.prompt_source import REPO_ROOT, load_prompts
 
 def profile(tokens: int, lookahead: int, torch_profiler: bool) -> dict[str, Any]:
     """Profile the three methods once each; return the breakdown."""
+    from pj_core.backends.hf.models import load_model
     from pj_core.engine import PersonaJudge
-    from pj_core.models import load_model
     from pj_core.prompts import render_ids
 
     config = BenchConfig.preset("targets")

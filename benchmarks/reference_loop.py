@@ -3,8 +3,8 @@
 The authors' released code keeps one copy of the weights per persona and recomputes the
 whole context (prompt + everything generated so far) for every drafted token and for every
 verification. This module reproduces that *cost profile* with our correct round logic (the
-engine's own :mod:`pj_core.rounds` functions: alternating roles, residual ``max(0, p - q)``),
-so for the same seed it emits the same tokens as the engine, up to floating-point rounding;
+engine's own :mod:`pj_core.decoding.rounds` functions: alternating roles, residual ``max(0, p -
+q)``), so for the same seed it emits the same tokens as the engine, up to floating-point rounding;
 only the way the logits are computed differs. Like the authors' loop, it does not stop at EOS:
 the benchmark wants a fixed number of tokens.
 
@@ -38,8 +38,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from pj_core.rounds import bonus_token, draw_round, judge_draft_token, round_roles
-from pj_core.sampling import filtered_probs, sample_index
+from pj_core.decoding.rounds import bonus_token, draw_round, judge_draft_token, round_roles
+from pj_core.decoding.sampling import filtered_probs, sample_index
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ def _worker_env() -> dict[str, str]:
 def _prepare_model(config: BenchConfig, python: str) -> float:
     """Load the model once in a throw-away process (fills the converted-weights cache)."""
     code = (
-        "from pj_core.models import load_model; "
+        "from pj_core.backends.hf.models import load_model; "
         f"load_model({config.model!r}, device={config.device!r}, dtype={config.dtype!r})"
     )
     started = time.perf_counter()

@@ -63,7 +63,7 @@ def _runner(method: str, loaded: Any, config: BenchConfig) -> Callable[[str, Cel
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """Run one worker job and return its JSON-ready result."""
-    from pj_core.models import load_model
+    from pj_core.backends.hf.models import load_model
 
     config = BenchConfig.from_json(job["config"])
     method: str = job["method"]

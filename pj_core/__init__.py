@@ -14,11 +14,15 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from pj_core import _moved
+
+_moved.install()  # old module paths (pj_core.kv, pj_core.models, ...) for one release
+
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
-    "load_model": "pj_core.models",
-    "LoadedModel": "pj_core.models",
-    "DEFAULT_MODEL": "pj_core.models",
+    "load_model": "pj_core.backends.hf.models",
+    "LoadedModel": "pj_core.backends.hf.models",
+    "DEFAULT_MODEL": "pj_core.backends.hf.models",
     "PersonaJudge": "pj_core.engine",
     "GenerationResult": "pj_core.results",
     "GenerationStats": "pj_core.results",
@@ -39,10 +43,10 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
+    from pj_core.backends.hf.models import DEFAULT_MODEL as DEFAULT_MODEL
+    from pj_core.backends.hf.models import LoadedModel as LoadedModel
+    from pj_core.backends.hf.models import load_model as load_model
     from pj_core.engine import PersonaJudge as PersonaJudge
-    from pj_core.models import DEFAULT_MODEL as DEFAULT_MODEL
-    from pj_core.models import LoadedModel as LoadedModel
-    from pj_core.models import load_model as load_model
     from pj_core.personas import CATALOG as CATALOG
     from pj_core.personas import GenerationDefaults as GenerationDefaults
     from pj_core.personas import Persona as Persona

@@ -4,7 +4,7 @@
 rows of all requests (each request has its own prompt and personas) sit in one left-padded
 batch cache, and every step is ONE forward over all rows still running. Each request keeps
 its own settings, its own ``torch.Generator`` and its own round logic — the engine's
-:func:`pj_core.lockstep.lockstep_emissions` and event stream run unchanged for it, and only
+:func:`pj_core.decoding.lockstep.lockstep_emissions` and event stream run unchanged for it, and only
 read their rows of the shared step. A request that finishes (EOS, stop string, budget) leaves
 the batch and its rows are dropped, so the others no longer pay for them.
 
@@ -45,12 +45,12 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import torch
 from transformers import PreTrainedModel
 
+from pj_core.backends.hf.kv import BatchedContexts
+from pj_core.decoding.generation_config import GenerationConfig
+from pj_core.decoding.lockstep import lockstep_emissions
+from pj_core.decoding.logits import TransformFactory
+from pj_core.decoding.pool import pool_emissions
 from pj_core.errors import InvalidGenerationConfigError, PersonaJudgeError
-from pj_core.generation_config import GenerationConfig
-from pj_core.kv import BatchedContexts
-from pj_core.lockstep import lockstep_emissions
-from pj_core.logits import TransformFactory
-from pj_core.pool import pool_emissions
 from pj_core.results import GenerationResult, StreamEvent
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ class BatchRequest:
     seed: int | None = None
     stop: Sequence[str] | None = None
     logit_transforms: Sequence[TransformFactory] = ()
-    """Factories of this request's logit transforms (see :mod:`pj_core.logits`); each is
+    """Factories of this request's logit transforms (see :mod:`pj_core.decoding.logits`); each is
     called once for the request."""
 
     @classmethod

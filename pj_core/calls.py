@@ -41,8 +41,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from pj_core.decoding.generation_config import GenerationConfig
 from pj_core.errors import InvalidGenerationConfigError, InvalidPersonaError, PersonaJudgeError
-from pj_core.generation_config import GenerationConfig
 from pj_core.personas import (
     Persona,
     PersonaProfile,
@@ -93,8 +93,8 @@ class SharedModel:
     """A loaded model and the engine built on it, shared by every adapter on one spec.
 
     Attributes:
-        loaded: the :class:`pj_core.models.LoadedModel` (tokenizer, name, context window).
-        engine: the :class:`pj_core.engine.PersonaJudge` that decodes with it.
+        loaded: the :class:`pj_core.backends.hf.models.LoadedModel` (tokenizer, name, context
+        window). engine: the :class:`pj_core.engine.PersonaJudge` that decodes with it.
     """
 
     loaded: Any
@@ -109,7 +109,7 @@ def shared_engine(spec: str | os.PathLike[str]) -> SharedModel:
     """The process-wide :class:`SharedModel` for ``spec``, loading it on first use.
 
     Loading happens once per spec even when many threads ask at the same time; later calls
-    return the cached object without touching the weights. ``pj_core.models.load_model``
+    return the cached object without touching the weights. ``pj_core.backends.hf.models.load_model``
     already shares weights per spec; this cache also shares the engine built on them.
 
     Raises:
@@ -124,8 +124,8 @@ def shared_engine(spec: str | os.PathLike[str]) -> SharedModel:
     with _SHARED_LOCK:
         shared = _SHARED.get(key)
         if shared is None:
+            from pj_core.backends.hf.models import load_model
             from pj_core.engine import PersonaJudge
-            from pj_core.models import load_model
 
             loaded = load_model(key)
             engine = PersonaJudge(

@@ -1,8 +1,8 @@
 """``PersonaJudge``: personalised decoding with one model and two or more persona prefixes.
 
 The engine validates the call, renders one prompt per persona, runs a strategy
-(:mod:`pj_core.speculative` or :mod:`pj_core.lockstep`) that yields emitted tokens, and turns
-them into text, stop-string handling, statistics and a per-token trace.
+(:mod:`pj_core.decoding.speculative` or :mod:`pj_core.decoding.lockstep`) that yields emitted
+tokens, and turns them into text, stop-string handling, statistics and a per-token trace.
 
 Example:
     >>> from pj_core import PersonaJudge, Persona
@@ -26,18 +26,32 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from pj_core.backends.hf.models import DEFAULT_MODEL
+from pj_core.decoding.generation_config import GenerationConfig
+from pj_core.decoding.guidance import Strength
+from pj_core.decoding.lockstep import lockstep_emissions
+from pj_core.decoding.logits import (
+    LogitPipeline,
+    LogitTransform,
+    TransformFactory,
+    build_transforms,
+)
+from pj_core.decoding.pool import pool_emissions
+from pj_core.decoding.rounds import Counters, Emission
+from pj_core.decoding.speculative import speculative_emissions
+from pj_core.decoding.stopping import IncrementalDecoder, StopStringMatcher
+from pj_core.decoding.strategy_choice import (
+    DEFAULT_ACCEPTANCE_RATE,
+    StepTimings,
+    choose_strategy,
+    measure_step_timings,
+)
 from pj_core.errors import (
     ContextOverflowError,
     InvalidGenerationConfigError,
     InvalidPromptError,
     PersonaJudgeError,
 )
-from pj_core.generation_config import GenerationConfig
-from pj_core.guidance import Strength
-from pj_core.lockstep import lockstep_emissions
-from pj_core.logits import LogitPipeline, LogitTransform, TransformFactory, build_transforms
-from pj_core.models import DEFAULT_MODEL
-from pj_core.pool import pool_emissions
 from pj_core.results import (
     FinishReason,
     GenerationResult,
@@ -46,16 +60,7 @@ from pj_core.results import (
     StreamEvent,
     TokenTrace,
 )
-from pj_core.rounds import Counters, Emission
 from pj_core.settings import DEFAULTS, Settings
-from pj_core.speculative import speculative_emissions
-from pj_core.stopping import IncrementalDecoder, StopStringMatcher
-from pj_core.strategy_choice import (
-    DEFAULT_ACCEPTANCE_RATE,
-    StepTimings,
-    choose_strategy,
-    measure_step_timings,
-)
 
 if TYPE_CHECKING:
     from pj_core.batch import BatchRequest
@@ -128,7 +133,7 @@ class PersonaJudge:
         defaults: Settings = DEFAULTS,
         **load_kwargs: Any,
     ) -> PersonaJudge:
-        """Load a model with :func:`pj_core.models.load_model` and wrap it.
+        """Load a model with :func:`pj_core.backends.hf.models.load_model` and wrap it.
 
         Args:
             spec: a built-in alias (default ``"smollm2-135m-instruct"``; None means the
@@ -141,7 +146,7 @@ class PersonaJudge:
             >>> from pj_core.settings import PAPER
             >>> paper = PersonaJudge.from_pretrained(defaults=PAPER)  # doctest: +SKIP
         """
-        from pj_core.models import load_model
+        from pj_core.backends.hf.models import load_model
 
         loaded = load_model(DEFAULT_MODEL if spec is None else spec, **load_kwargs)
         return cls(
@@ -192,27 +197,27 @@ class PersonaJudge:
             strategy: "speculative" (KV cache per persona, draft then judge), "lockstep" (all
                 personas in one batch, one forward per token; same output), or "auto" (the
                 faster one on this model and device, measured; see
-                :mod:`pj_core.strategy_choice`).
+                :mod:`pj_core.decoding.strategy_choice`).
             max_new_tokens: the most tokens to emit.
             temperature: 0 is greedy; temperature, top_k and top_p filter both personas alike.
             top_k: keep the k most likely tokens (0: off).
             top_p: keep the smallest set of tokens with this much mass (1.0: off).
             strength: γ >= 0, how strongly the personas' preferences act: each persona row's
                 logits l become l + γ (l - l_neutral), with l_neutral from the same
-                conversation with no persona text (:mod:`pj_core.guidance`); 0 is the paper
+                conversation with no persona text (:mod:`pj_core.decoding.guidance`); 0 is the paper
                 exactly. Costs one more row per forward.
             neutral_system: the system text of the neutral row (when ``strength > 0``); None
                 renders the conversation with no persona text at all.
             decoder: "persona-judge" (rounds: the draft persona proposes, the judge persona
                 decides) or "pool" (every token from the log-linear pool of all personas, so
-                every preference acts on every token; :mod:`pj_core.pool`). The pool decoder
-                always steps the rows together (lockstep); lookahead and alternate do not
+                every preference acts on every token; :mod:`pj_core.decoding.pool`). The pool
+                decoder always steps the rows together (lockstep); lookahead and alternate do not
                 apply to it.
             seed: makes the call reproducible; None draws fresh randomness.
             stop: strings that end the answer; the answer excludes them.
-            logit_transforms: factories of :class:`pj_core.logits.LogitTransform`, each
+            logit_transforms: factories of :class:`pj_core.decoding.logits.LogitTransform`, each
                 called once for this call; the transforms change p and q alike, before
-                temperature, top-k and top-p (see :mod:`pj_core.logits`).
+                temperature, top-k and top-p (see :mod:`pj_core.decoding.logits`).
 
         Returns:
             A :class:`GenerationResult` with text, token ids, stats and trace.
@@ -327,7 +332,7 @@ class PersonaJudge:
     ) -> list[int]:
         """The neutral row's prompt: the conversation with no persona text (or with
         ``neutral_system`` as its system text), rendered as :meth:`render_prompts` renders a
-        persona's. Used when ``strength > 0`` (:mod:`pj_core.guidance`).
+        persona's. Used when ``strength > 0`` (:mod:`pj_core.decoding.guidance`).
 
         Example:
             >>> ids = pj.render_neutral_prompt("Hi!")  # doctest: +SKIP
@@ -354,10 +359,10 @@ class PersonaJudge:
 
         ``settings`` are those of :meth:`generate` (lookahead, alternate, strategy, ...). Use
         this for prompt formats the prompt builder does not know. ``logit_transforms`` are
-        factories of :class:`pj_core.logits.LogitTransform`, each called once for this call;
-        the transforms change p and q alike before temperature, top-k and top-p. With
+        factories of :class:`pj_core.decoding.logits.LogitTransform`, each called once for this
+        call; the transforms change p and q alike before temperature, top-k and top-p. With
         ``strength > 0`` give ``neutral_prompt_ids``, the conversation rendered with no persona
-        text (:mod:`pj_core.guidance`); without it, an unset strength means 0 (the default
+        text (:mod:`pj_core.decoding.guidance`); without it, an unset strength means 0 (the default
         strength needs the neutral row).
 
         Example:
@@ -455,7 +460,7 @@ class PersonaJudge:
 
         Times a few forwards of each kind on this model the first time (then remembers them)
         and compares the predicted cost per token, using the acceptance rate measured by this
-        instance's earlier calls. See :mod:`pj_core.strategy_choice`.
+        instance's earlier calls. See :mod:`pj_core.decoding.strategy_choice`.
         """
         key = (n_personas, lookahead)
         with self._auto_lock:
@@ -509,9 +514,9 @@ class PersonaJudge:
         stream, as :meth:`stream` does.
 
         ``emission_source`` replaces the strategy's emission generator (same signature as
-        :func:`pj_core.lockstep.lockstep_emissions`); :mod:`pj_core.batch` uses it to run
+        :func:`pj_core.decoding.lockstep.lockstep_emissions`); :mod:`pj_core.batch` uses it to run
         many requests' lockstep rows in one shared batch. ``logit_transforms`` are called
-        here, once each, to build this call's transforms (see :mod:`pj_core.logits`).
+        here, once each, to build this call's transforms (see :mod:`pj_core.decoding.logits`).
         ``neutral_prompt`` (from :meth:`render_neutral_prompt`) is required when
         ``config.strength > 0`` and ignored otherwise; the emission source then gets it as
         ``neutral=`` (an ``emission_source`` must accept that keyword to serve guided calls).

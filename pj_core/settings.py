@@ -38,7 +38,7 @@ STRATEGIES: tuple[str, ...] = ("speculative", "lockstep", "auto")
 
 DecoderName = Literal["persona-judge", "pool"]
 """How tokens are chosen: Persona-judge rounds, or the pool of every persona
-(:mod:`pj_core.pool`)."""
+(:mod:`pj_core.decoding.pool`)."""
 
 DECODERS: tuple[str, ...] = ("persona-judge", "pool")
 
@@ -65,9 +65,9 @@ class Settings:
         strength: γ, how strongly the personas' preferences act (finite, >= 0; 0 is the paper
             exactly): each persona row's logits l become l + γ (l - l_neutral), where
             l_neutral comes from the same conversation with no persona text
-            (:mod:`pj_core.guidance`).
+            (:mod:`pj_core.decoding.guidance`).
         decoder: "persona-judge" (rounds of draft and judge, the paper) or "pool" (every
-            token from the log-linear pool of all personas, :mod:`pj_core.pool`).
+            token from the log-linear pool of all personas, :mod:`pj_core.decoding.pool`).
     """
 
     lookahead: int = 4

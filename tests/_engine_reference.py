@@ -1,7 +1,7 @@
 """Independent references for the engine tests: a no-cache loop and exact distributions.
 
 Both are written from the method's description, with full forwards over the whole sequence
-(no KV cache) and only the sampling functions of ``pj_core.sampling``.
+(no KV cache) and only the sampling functions of ``pj_core.decoding.sampling``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from pj_core.sampling import accepts, filtered_probs, residual, sample_index
+from pj_core.decoding.sampling import accepts, filtered_probs, residual, sample_index
 from tests._tiny import make_tiny_tokenizer
 
 # A logit transform as the references apply it: (raw logits [vocab], answer prefix) -> logits.

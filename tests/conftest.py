@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from pj_core.models import BUILTIN_MODELS, LoadedModel, load_model
+from pj_core.backends.hf.models import BUILTIN_MODELS, LoadedModel, load_model
 from tests._tiny import make_tiny_model, make_tiny_tokenizer
 
 # ---------------------------------------------------------------------------------------------

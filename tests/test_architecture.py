@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ def _module_files(package: Path) -> dict[str, Path]:
 class Import:
     """One import statement (or literal ``importlib.import_module`` call) of a module."""
 
-    target: str  # the imported module path as written, e.g. "pj_core.rounds"
+    target: str  # the imported module path as written, e.g. "pj_core.decoding.rounds"
     names: tuple[str, ...]  # for ``from target import a, b``: ("a", "b"); else ()
     line: int
     type_checking: bool  # under ``if TYPE_CHECKING:``
@@ -202,7 +203,8 @@ def _a_cycle(graph: dict[str, dict[str, int]], component: list[str]) -> list[str
 def test_the_import_graph_sees_the_imports_it_should() -> None:
     """The graph builder itself: direct, from-, function-level and TYPE_CHECKING imports."""
     graph, modules = _import_graph()
-    assert "pj_core.rounds" in graph["pj_core.speculative"]  # from pj_core.rounds import ...
+    # from pj_core.decoding.rounds import ...
+    assert "pj_core.decoding.rounds" in graph["pj_core.decoding.speculative"]
     # engine.generate_batch imports pj_core.batch inside the function: an edge.
     assert "pj_core.batch" in graph["pj_core.engine"]
     # engine imports personas inside render_prompts only (and under TYPE_CHECKING): an edge.
@@ -279,19 +281,28 @@ def test_the_profile_store_imports_the_persona_models_only() -> None:
 
 
 def test_old_import_paths_are_the_moved_modules() -> None:
-    """``pj_core.store`` and ``pj_core.catalog`` (old paths, kept for one release) are the
-    moved modules themselves, so a patch through the old path reaches the real one."""
-    import pj_core.catalog
-    import pj_core.personas.catalog
-    import pj_core.personas.store
-    import pj_core.store
+    """Every old module path (kept for one release) is the moved module itself, so an
+    attribute patched through the old path is patched on the real one."""
+    import subprocess
+    import sys
 
-    assert pj_core.store is pj_core.personas.store
-    assert pj_core.catalog is pj_core.personas.catalog
-    from pj_core.store import ProfileStore, open_store
+    from pj_core._moved import MOVED
 
-    assert ProfileStore is pj_core.personas.store.ProfileStore
-    assert open_store is pj_core.personas.store.open_store
+    for old, new in MOVED.items():
+        assert importlib.import_module(old) is importlib.import_module(new), old
+        assert (ROOT / (new.replace(".", "/") + ".py")).exists(), new
+        assert not (ROOT / (old.replace(".", "/") + ".py")).exists(), f"{old} still has a file"
+    store = importlib.import_module("pj_core.store")
+    assert store.ProfileStore is importlib.import_module("pj_core.personas.store").ProfileStore
+    # In a fresh interpreter, with the old path imported first (as an old script does).
+    code = (
+        "import pj_core.kv as old, pj_core.backends.hf.kv as new; "
+        "from pj_core.models import load_model; "
+        "import pj_core.backends.hf.models as m; "
+        "assert old is new and load_model is m.load_model; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"
 
 
 def test_both_adapters_share_one_thread_bridge() -> None:

@@ -16,7 +16,10 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
+from pj_core.backends.hf.kv import BatchedContexts
+from pj_core.backends.hf.models import LoadedModel
 from pj_core.batch import BatchRequest, SharedRows, generate_batch
+from pj_core.decoding.logits import LogitTransform, Position
 from pj_core.engine import PersonaJudge
 from pj_core.errors import (
     ContextOverflowError,
@@ -24,9 +27,6 @@ from pj_core.errors import (
     InvalidPersonaError,
     PersonaJudgeError,
 )
-from pj_core.kv import BatchedContexts
-from pj_core.logits import LogitTransform, Position
-from pj_core.models import LoadedModel
 from pj_core.results import GenerationResult
 from pj_core.settings import PAPER
 

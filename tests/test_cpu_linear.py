@@ -1,4 +1,5 @@
-"""Linear layers packed for oneDNN (pj_core.cpu_linear): same results, one copy, reversible."""
+"""Linear layers packed for oneDNN (pj_core.backends.hf.cpu_linear): same results, one
+copy, reversible."""
 
 from __future__ import annotations
 
@@ -11,16 +12,16 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from pj_core import cpu_linear
-from pj_core.cpu_linear import (
+from pj_core.backends.hf import cpu_linear
+from pj_core.backends.hf.cpu_linear import (
     PackedLinear,
     PackedLinearGradientError,
     pack_linear_layers,
     packing_available,
     unpack_linear_layers,
 )
+from pj_core.backends.hf.models import LoadedModel, load_model
 from pj_core.engine import PersonaJudge
-from pj_core.models import LoadedModel, load_model
 from tests._tiny import make_tiny_model, make_tiny_tokenizer
 
 needs_packing = pytest.mark.skipif(

@@ -10,16 +10,16 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from pj_core.backends.hf.kv import BatchedContexts, forward_logits, prefill_split
+from pj_core.decoding.strategy_choice import StepTimings, choose_strategy, expected_tokens_per_round
 from pj_core.engine import PersonaJudge
 from pj_core.errors import (
     ContextOverflowError,
     InvalidGenerationConfigError,
     InvalidPromptError,
 )
-from pj_core.kv import BatchedContexts, forward_logits, prefill_split
 from pj_core.results import GenerationResult, StreamEvent
 from pj_core.settings import PAPER
-from pj_core.strategy_choice import StepTimings, choose_strategy, expected_tokens_per_round
 from tests._engine_reference import (
     PERSONA_TEXTS,
     TOKENIZER,

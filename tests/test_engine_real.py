@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from pj_core.backends.hf.kv import forward_logits, prefill_split
+from pj_core.backends.hf.models import LoadedModel
 from pj_core.engine import PersonaJudge
-from pj_core.kv import forward_logits, prefill_split
-from pj_core.models import LoadedModel
 from pj_core.personas import Persona
 from pj_core.settings import DEFAULTS, PAPER, Settings
 

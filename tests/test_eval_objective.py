@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pj_core.backends.hf.models import LoadedModel
 from pj_core.errors import EvaluationError
 from pj_core.eval.aspects import aspect_for
 from pj_core.eval.config import EvalConfig
@@ -25,7 +26,6 @@ from pj_core.eval.objective import (
 )
 from pj_core.eval.report import build_summary, markdown_table
 from pj_core.eval.runner import Backends, GeneratedAnswer, run_evaluation
-from pj_core.models import LoadedModel
 from pj_core.personas import get_preference
 from tests._tiny import make_tiny_model, make_tiny_tokenizer
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from pj_core.backends.hf.models import LoadedModel
 from pj_core.engine import PersonaJudge
 from pj_core.eval.aspects import aspect_for
 from pj_core.eval.backends import engine_generate_fn
@@ -18,7 +19,6 @@ from pj_core.eval.methods import resolve_dimensions
 from pj_core.eval.report import build_summary
 from pj_core.eval.reward import ImplicitRewardJudge, response_logprobs
 from pj_core.eval.runner import Backends, run_evaluation
-from pj_core.models import LoadedModel
 
 pytestmark = pytest.mark.real_model
 

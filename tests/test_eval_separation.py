@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from pj_core import cli
+from pj_core.backends.hf.models import LoadedModel
 from pj_core.errors import EvaluationError
 from pj_core.eval.methods import direct_prompt, resolve_dimensions
 from pj_core.eval.objective import Fluency, readability_grade, sentiment, word_count
@@ -26,7 +27,6 @@ from pj_core.eval.separation import (
     run_separation,
     write_report,
 )
-from pj_core.models import LoadedModel
 from pj_core.personas import compose
 
 # Hand-written answers per set: B's are longer, harder and ruder.

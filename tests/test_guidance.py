@@ -1,4 +1,4 @@
-"""Persona strength (pj_core.guidance): guided rows follow the judge's guided distribution.
+"""Persona strength (pj_core.decoding.guidance): guided rows follow the judge's guided distribution.
 
 The strength γ turns each persona row's logits l into l + γ (l - l_neutral), with l_neutral
 from the neutral row (the conversation with no persona text) at the same answer prefix. As for
@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 import torch
 
+from pj_core.decoding.guidance import Strength
+from pj_core.decoding.logits import Position
 from pj_core.engine import PersonaJudge
 from pj_core.errors import InvalidGenerationConfigError, InvalidPromptError
-from pj_core.guidance import Strength
-from pj_core.logits import Position
 from pj_core.personas import resolve_personas
 from pj_core.prompts import render_ids
 from pj_core.settings import PAPER
@@ -211,7 +211,7 @@ def test_the_neutral_row_costs_no_extra_forward_but_at_a_bonus(pj: PersonaJudge)
 def test_merged_rows_step_like_separate_caches(pj: PersonaJudge) -> None:
     """Two caches of different lengths, fed different numbers of tokens in one forward, give
     the logits and caches of separate single-row forwards."""
-    from pj_core.kv import MergedRows, forward_logits, prefill_split
+    from pj_core.backends.hf.kv import MergedRows, forward_logits, prefill_split
 
     prefixes = [[2, 5, 6, 7, 8, 9], [2, 10, 11]]
     feeds = [[[12], [13, 14]], [[15], [16]], [[17, 18, 19], [20]]]

@@ -8,7 +8,7 @@ import pytest
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableConfig
 
-from pj_core.models import LoadedModel
+from pj_core.backends.hf.models import LoadedModel
 from pj_core.personas import PersonaProfile, resolve_personas
 from pj_core.personas.store import open_store
 from pj_integrations.langchain import ChatPersonaJudge

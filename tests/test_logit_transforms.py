@@ -1,4 +1,4 @@
-"""Logit transforms (pj_core.logits) keep Persona-judge exact.
+"""Logit transforms (pj_core.decoding.logits) keep Persona-judge exact.
 
 Two test transforms, one stateless (a fixed bias vector) and one stateful (ban the token just
 before the position, kept in the transform's own state through ``advance``/``rollback``), run
@@ -23,10 +23,10 @@ from typing import Any
 import pytest
 import torch
 
+from pj_core.decoding.generation_config import GenerationConfig
+from pj_core.decoding.logits import LogitPipeline, LogitTransform, Position
 from pj_core.engine import PersonaJudge
 from pj_core.errors import InvalidGenerationConfigError
-from pj_core.generation_config import GenerationConfig
-from pj_core.logits import LogitPipeline, LogitTransform, Position
 from pj_core.personas import resolve_personas
 from pj_core.prompts import render_ids
 from pj_core.settings import PAPER
@@ -298,7 +298,7 @@ class BanEverything(LogitTransform):
     [
         ([Bias()], "give a factory"),
         (["not callable"], "give a factory"),
-        ([lambda: "no transform"], "not a pj_core.logits.LogitTransform"),
+        ([lambda: "no transform"], "not a pj_core.decoding.logits.LogitTransform"),
         ([WrongShape], "must return a tensor of the shape"),
         ([BanEverything], "no finite logit"),
     ],

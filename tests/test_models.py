@@ -14,14 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pj_core import model_cache, models
+from pj_core.backends.hf import model_cache, models
+from pj_core.backends.hf.models import LoadedModel, load_model, resolve_device, resolve_dtype
 from pj_core.errors import (
     InvalidModelOptionError,
     ModelLoadError,
     ModelNotFoundError,
     ModelPackageMissingError,
 )
-from pj_core.models import LoadedModel, load_model, resolve_device, resolve_dtype
 from tests._tiny import make_tiny_model, make_tiny_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -431,8 +431,8 @@ def test_gemma_base_loads_without_chat_template(gemma: LoadedModel) -> None:
 
 _CHILD = """
 import json, sys
-from pj_core import model_cache
-from pj_core.models import load_model
+from pj_core.backends.hf import model_cache
+from pj_core.backends.hf.models import load_model
 if sys.argv[1] == "warm":
     def refuse(*args):
         raise AssertionError("a warm load must not convert the GGUF file again")

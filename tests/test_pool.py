@@ -1,4 +1,5 @@
-"""The pool decoder (pj_core.pool): every token follows the log-linear pool of all personas.
+"""The pool decoder (pj_core.decoding.pool): every token follows the log-linear pool of all
+personas.
 
 As for Persona-judge's exactness tests, every 3-token answer of the tiny model with top-k 2 can
 be enumerated; here the exact distribution is the autoregressive one of the pool,
@@ -20,13 +21,13 @@ from typing import Any
 import pytest
 import torch
 
+from pj_core.decoding.logits import LogitTransform, Position
+from pj_core.decoding.pool import pooled_logits
+from pj_core.decoding.sampling import filtered_probs
 from pj_core.engine import PersonaJudge
 from pj_core.errors import InvalidGenerationConfigError
-from pj_core.logits import LogitTransform, Position
 from pj_core.personas import resolve_personas
-from pj_core.pool import pooled_logits
 from pj_core.prompts import render_ids
-from pj_core.sampling import filtered_probs
 from tests._engine_reference import TOKENIZER, total_variation, tv_tolerance
 from tests._tiny import make_tiny_model
 

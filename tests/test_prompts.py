@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from pj_core.backends.hf.models import LoadedModel
 from pj_core.errors import InvalidPersonaError, InvalidPromptError
-from pj_core.models import LoadedModel
 from pj_core.prompts import (
     CONTROL_TOKEN_BREAK,
     control_token_ids,

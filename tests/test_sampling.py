@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pj_core.sampling import accepts, filtered_probs, residual, sample_index
+from pj_core.decoding.sampling import accepts, filtered_probs, residual, sample_index
 
 # Midpoints of a fine grid of u in [0, 1): integrating a function of u over them is exact up
 # to one grid cell (1 / GRID) per threshold.

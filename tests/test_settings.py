@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 
 from pj_core import cli
+from pj_core.decoding.generation_config import GenerationConfig
 from pj_core.engine import PersonaJudge
 from pj_core.errors import InvalidGenerationConfigError, PersonaJudgeError
 from pj_core.eval.config import EvalConfig
-from pj_core.generation_config import GenerationConfig
 from pj_core.personas import GenerationDefaults, PersonaProfile
 from pj_core.results import StreamEvent
 from pj_core.settings import DEFAULTS, EVAL_MAX_NEW_TOKENS, SETTING_NAMES, check_settings

@@ -15,14 +15,17 @@ from __future__ import annotations
 import argparse
 import time
 
-from pj_core.model_cache import cache_root
+from pj_core.backends.hf.model_cache import cache_root
 
 DEFAULT_PROMPT = "Hello! What can you do?"
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``pj info`` to the ``pj`` command."""
-    from pj_core.models import BUILTIN_MODELS, DEFAULT_MODEL  # light: no weights are read
+    from pj_core.backends.hf.models import (  # light: no weights are read
+        BUILTIN_MODELS,
+        DEFAULT_MODEL,
+    )
 
     aliases = "\n".join(f"  {m.alias:24} {m.description}" for m in BUILTIN_MODELS.values())
     parser = subparsers.add_parser(
@@ -60,14 +63,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _kernels(packed_layers: int) -> str:
     if packed_layers:
-        return f"oneDNN, {packed_layers} layers with pre-packed weights (pj_core.cpu_linear)"
+        return (
+            f"oneDNN, {packed_layers} layers with pre-packed weights "
+            "(pj_core.backends.hf.cpu_linear)"
+        )
     return "PyTorch default"
 
 
 def run(args: argparse.Namespace) -> int:
     """Load the model, print its settings and one rendered prompt per persona."""
-    from pj_core.cpu_linear import weight_count
-    from pj_core.models import load_model
+    from pj_core.backends.hf.cpu_linear import weight_count
+    from pj_core.backends.hf.models import load_model
     from pj_core.prompts import has_chat_template, render_ids, render_text, supports_system_role
 
     start = time.perf_counter()

@@ -1,7 +1,8 @@
 """The real models behind an evaluation: the generator engine and the judges.
 
 Each is created on first use, so resuming a finished run loads nothing, and a run that only
-lacks judgments never loads the generator. Models come from :func:`pj_core.models.load_model`
+lacks judgments never loads the generator. Models come from
+:func:`pj_core.backends.hf.models.load_model`
 (packaged weights, no hub); the same spec shares one copy of the weights in a process, so a
 SmolLM2 generator and a SmolLM2 pairwise judge cost one model.
 
@@ -75,7 +76,7 @@ def default_backends(config: EvalConfig) -> Backends:
         return engine_generate_fn(engine(), config)(prompt, method, seed)
 
     def pairwise() -> PairwiseJudge:
-        from pj_core.models import load_model
+        from pj_core.backends.hf.models import load_model
 
         loaded = load_model(config.judge_model)
         return PairwiseJudge.from_model(
@@ -83,7 +84,7 @@ def default_backends(config: EvalConfig) -> Backends:
         )
 
     def reward() -> PointwiseJudge:
-        from pj_core.models import load_model
+        from pj_core.backends.hf.models import load_model
 
         loaded = load_model(config.reward_model)
         return ImplicitRewardJudge(

@@ -182,7 +182,7 @@ class PairwiseJudge:
         """A judge that asks ``model`` (rendered with our prompt builder).
 
         Example (needs the packaged SmolLM2):
-            >>> from pj_core.models import load_model  # doctest: +SKIP
+            >>> from pj_core.backends.hf.models import load_model  # doctest: +SKIP
             >>> loaded = load_model("smollm2-135m-instruct")  # doctest: +SKIP
             >>> judge = PairwiseJudge.from_model(loaded.model, loaded.tokenizer)  # doctest: +SKIP
         """

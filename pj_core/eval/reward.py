@@ -117,7 +117,7 @@ class ImplicitRewardJudge:
     """Pointwise judge: the implicit reward of each response for its aspect.
 
     Example (needs the packaged Gemma 3 270M):
-        >>> from pj_core.models import load_model  # doctest: +SKIP
+        >>> from pj_core.backends.hf.models import load_model  # doctest: +SKIP
         >>> gemma = load_model("gemma3-270m")  # doctest: +SKIP
         >>> judge = ImplicitRewardJudge(gemma.model, gemma.tokenizer)  # doctest: +SKIP
         >>> from pj_core.eval.judges import HUMOUR

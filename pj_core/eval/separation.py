@@ -26,11 +26,12 @@ Methods (all on the same engine, model, seeds and sampling settings):
   Persona-judge at strength 0, i.e. ``pj:one-per-preference``).
 
 ``pool`` and ``pool:<mode>`` decode the same personas as ``default`` and ``pj:<mode>`` with the
-pool decoder instead (every token from the log-linear pool of all personas, :mod:`pj_core.pool`).
+pool decoder instead (every token from the log-linear pool of all personas,
+:mod:`pj_core.decoding.pool`).
 
 Any method may carry a persona strength, ``<method>@<γ>`` (e.g. ``pool@1.5``, ``direct@1``):
-the same method decoded with ``strength=γ`` (:mod:`pj_core.guidance`); ``direct@γ`` is direct
-prompting with classifier-free guidance against the neutral row. Every method but ``default``
+the same method decoded with ``strength=γ`` (:mod:`pj_core.decoding.guidance`); ``direct@γ`` is
+direct prompting with classifier-free guidance against the neutral row. Every method but ``default``
 pins its decoder and (without ``@``) strength 0, so its rows do not move with the defaults.
 
 Example (a fake generator whose B answers are longer):
@@ -80,7 +81,7 @@ POOL_METHODS: tuple[str, ...] = (
     "pool:one-per-preference",
     "pool:full",
 )
-"""The pool decoder (:mod:`pj_core.pool`) over what ``default`` / ``pj:<mode>`` hand the
+"""The pool decoder (:mod:`pj_core.decoding.pool`) over what ``default`` / ``pj:<mode>`` hand the
 engine; opt-in (``--methods``), not in the default list."""
 SEPARATION_MAX_NEW_TOKENS = 96
 """Answers need room to differ in length; 96 tokens keeps 12 prompts x 5 methods x 2 sets

@@ -30,6 +30,7 @@ from langchain_core.runnables.config import get_config_list
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 from typing_extensions import Self
 
+from pj_core.backends.hf.models import DEFAULT_MODEL
 from pj_core.calls import (
     GENERATION_OPTIONS,
     AdapterSettings,
@@ -42,7 +43,6 @@ from pj_core.calls import (
     shared_engine,
 )
 from pj_core.engine import PersonaJudge
-from pj_core.models import DEFAULT_MODEL
 from pj_core.personas import PersonaProfile, PreferenceSpec, check_user_id
 from pj_integrations._threads import iterate_in_thread
 from pj_integrations.langchain.batching import abatch_invokes, batch_invokes, current_slot

@@ -22,6 +22,7 @@ from llama_index.core.bridge.pydantic import Field, field_serializer
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
+from pj_core.backends.hf.models import DEFAULT_MODEL
 from pj_core.calls import (
     GENERATION_OPTIONS,
     AdapterSettings,
@@ -33,7 +34,6 @@ from pj_core.calls import (
 )
 from pj_core.engine import PersonaJudge
 from pj_core.errors import InvalidPromptError, PersonaJudgeError
-from pj_core.models import DEFAULT_MODEL
 from pj_core.personas import PersonaProfile, PreferenceSpec
 from pj_core.results import GenerationResult, StreamEvent
 from pj_core.settings import DEFAULTS

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pj_core.decoding.sampling import accepts, residual, sample_index
 from pj_core.results import Outcome
-from pj_core.sampling import accepts, residual, sample_index
 
 
 @dataclass(frozen=True)

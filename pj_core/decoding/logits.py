@@ -6,11 +6,11 @@ the bonus position (p). The pipeline applies, in this order:
 
 1. the call's logit transforms (:class:`LogitTransform`), each seeing the position it is
    applied at (:class:`Position`);
-2. temperature, top-k and top-p (:func:`pj_core.sampling.filtered_probs`).
+2. temperature, top-k and top-p (:func:`pj_core.decoding.sampling.filtered_probs`).
 
 Because p and q go through the same function with the same transforms and filters, each
 round's output follows the judge's *transformed* distribution exactly (the accept test and the
-residual in :mod:`pj_core.sampling` hold for any pair of distributions).
+residual in :mod:`pj_core.decoding.sampling` hold for any pair of distributions).
 
 Terms:
     answer prefix: the tokens of the answer before a position: the tokens emitted before the
@@ -25,7 +25,7 @@ With no transforms the pipeline is exactly ``filtered_probs`` (no bookkeeping at
 
 Example:
     >>> import torch
-    >>> from pj_core.generation_config import GenerationConfig
+    >>> from pj_core.decoding.generation_config import GenerationConfig
     >>> pipeline = LogitPipeline(GenerationConfig.create(temperature=1.0, top_k=0, top_p=1.0))
     >>> at = Position(persona=0, role="draft", round=0, emitted=(), drafted=())
     >>> pipeline.probs(torch.tensor([0.0, 0.0]), [at])
@@ -40,11 +40,11 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from pj_core.decoding.sampling import filtered_probs
 from pj_core.errors import InvalidGenerationConfigError
-from pj_core.sampling import filtered_probs
 
 if TYPE_CHECKING:
-    from pj_core.generation_config import GenerationConfig
+    from pj_core.decoding.generation_config import GenerationConfig
 
 Role = Literal["draft", "judge"]
 
@@ -62,7 +62,7 @@ class Position:
         drafted: this round's drafted tokens before this position (empty at the first one).
         neutral: ``[vocab]`` raw logits of the call's *neutral row* at the same answer prefix
             (the conversation with no persona text), when the call has one (``strength > 0``,
-            see :mod:`pj_core.guidance`); else None.
+            see :mod:`pj_core.decoding.guidance`); else None.
     """
 
     persona: int
@@ -150,7 +150,7 @@ def build_transforms(factories: Sequence[TransformFactory]) -> tuple[LogitTransf
         if not isinstance(transform, LogitTransform):
             raise InvalidGenerationConfigError(
                 f"logit_transforms[{index}] returned a {type(transform).__name__}, not a "
-                "pj_core.logits.LogitTransform"
+                "pj_core.decoding.logits.LogitTransform"
             )
         built.append(transform)
     return tuple(built)
@@ -202,7 +202,8 @@ class LogitPipeline:
         return transformed[0] if logits.dim() == 1 else transformed
 
     def filtered(self, logits: torch.Tensor) -> torch.Tensor:
-        """Step 2 alone: temperature, top-k and top-p (:func:`pj_core.sampling.filtered_probs`)."""
+        """Step 2 alone: temperature, top-k and top-p
+        (:func:`pj_core.decoding.sampling.filtered_probs`)."""
         return filtered_probs(
             logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p
         )

@@ -11,7 +11,7 @@ the draft by one or two tokens, and personas outside the round (k > 2) by the wh
 Round with draft D and judge J, lookahead λ, drafted tokens d_0..d_{n-1} (n <= λ; fewer when
 the budget is nearly spent or the draft proposes EOS):
 
-Every q and p comes from the call's :class:`pj_core.logits.LogitPipeline` (transforms, then
+Every q and p comes from the call's :class:`pj_core.decoding.logits.LogitPipeline` (transforms, then
 temperature, top-k, top-p), identical for both roles.
 
 * D forwards pending_D, samples d_0 from q_0; forwards d_0, samples d_1 from q_1; ... (n forwards).
@@ -21,9 +21,10 @@ temperature, top-k, top-p), identical for both roles.
   from norm(max(0, p_i - q_i)) and the round ends; if all λ pass, a bonus token comes from p_λ.
 * Both caches are cropped back to the tokens that are still valid (the accepted prefix).
 
-With a neutral row (``strength > 0``, :mod:`pj_core.guidance`) the neutral prompt gets a cache
-of its own, prefilled with the personas', and it walks beside the draft: for the round the
-draft's and the neutral cache are merged into one 2-row batch (:class:`pj_core.kv.MergedRows`),
+With a neutral row (``strength > 0``, :mod:`pj_core.decoding.guidance`) the neutral prompt gets a
+cache of its own, prefilled with the personas', and it walks beside the draft: for the round the
+draft's and the neutral cache are merged into one 2-row batch
+(:class:`pj_core.backends.hf.kv.MergedRows`),
 each draft step is ONE forward of both rows (the neutral row is fed its pending tokens, then
 d_0, d_1, ...), giving q's row and the neutral logits at d_i's position, and the batch is split
 back into the two caches before the judge runs. The judge's positions 0..n-1 are the same
@@ -41,10 +42,10 @@ from collections.abc import Generator, Sequence
 import torch
 from transformers import PreTrainedModel
 
-from pj_core.generation_config import GenerationConfig
-from pj_core.kv import MergedRows, forward_logits, model_device, prefill_split
-from pj_core.logits import LogitPipeline, Position
-from pj_core.rounds import (
+from pj_core.backends.hf.kv import MergedRows, forward_logits, model_device, prefill_split
+from pj_core.decoding.generation_config import GenerationConfig
+from pj_core.decoding.logits import LogitPipeline, Position
+from pj_core.decoding.rounds import (
     Counters,
     Emission,
     bonus_token,
@@ -52,7 +53,7 @@ from pj_core.rounds import (
     judge_draft_token,
     round_roles,
 )
-from pj_core.sampling import sample_index
+from pj_core.decoding.sampling import sample_index
 
 
 def speculative_emissions(
@@ -72,7 +73,8 @@ def speculative_emissions(
     may stop iterating at any time (a stop string); nothing is left to clean up. ``pipeline``
     turns logits into p and q (default: ``config``'s filters and no transforms). ``neutral``
     is the neutral row's prompt when the call guides its personas (``config.strength > 0``):
-    every position then carries the neutral logits (:attr:`pj_core.logits.Position.neutral`).
+    every position then carries the neutral logits
+    (:attr:`pj_core.decoding.logits.Position.neutral`).
     """
     pipeline = pipeline or LogitPipeline(config)
     device = model_device(model)

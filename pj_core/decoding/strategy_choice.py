@@ -9,8 +9,8 @@ Their costs per emitted token are, with λ the lookahead and α the acceptance r
 
 Which is cheaper depends on the device and its kernels. SmolLM2-135M on the reference 2-core
 CPU with a 300-token context (``benchmarks/results/linear_kernels.md``): with the weights
-packed for oneDNN (the default, :mod:`pj_core.cpu_linear`) one row costs 52 ms, two rows 58 ms
-and a 5-token verify 68 ms, so lockstep (58 ms per token) beats speculative
+packed for oneDNN (the default, :mod:`pj_core.backends.hf.cpu_linear`) one row costs 52 ms, two rows
+58 ms and a 5-token verify 68 ms, so lockstep (58 ms per token) beats speculative
 ((4 · 52 + 68) / 4.3 ≈ 64 ms per token at α ≈ 0.92); with PyTorch's default kernels the same
 forwards cost 80, 115 and 140 ms, and speculative (≈ 108 ms) beat lockstep (115 ms). On a
 GPU a small batch costs about one row, so lockstep wins there. Rather than guess from the
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from pj_core.kv import BatchedContexts, forward_logits, model_device
+from pj_core.backends.hf.kv import BatchedContexts, forward_logits, model_device
 from pj_core.results import StrategyName
 
 # Two different persona prompts on SmolLM2 agree on ~93% of the probability mass per token at

@@ -7,7 +7,7 @@ acts on the rounds that prefix judges. The pool decoder instead samples each tok
     log p_pool(t) = Σ_i w_i log p_i(t) - log Z,   Σ_i w_i = 1, w_i > 0 (uniform by default)
 
 where p_i is persona i's distribution after the call's logit transforms (the persona
-strength among them, :mod:`pj_core.guidance`), and temperature, top-k and top-p then filter
+strength among them, :mod:`pj_core.decoding.guidance`), and temperature, top-k and top-p then filter
 p_pool like any distribution. All rows (and the neutral row, if the call is guided) advance in
 one batched forward per token, as in the lockstep strategy, so every step has every row's
 logits and the output follows p_pool exactly. One uniform per token comes from the call's
@@ -15,8 +15,8 @@ generator; every token is traced with the outcome ``"pooled"``.
 
 Example:
     >>> import torch
-    >>> from pj_core.generation_config import GenerationConfig
-    >>> from pj_core.rounds import Counters
+    >>> from pj_core.decoding.generation_config import GenerationConfig
+    >>> from pj_core.decoding.rounds import Counters
     >>> from tests._tiny import make_tiny_model
     >>> config = GenerationConfig.create(decoder="pool", max_new_tokens=3)
     >>> emissions = pool_emissions(
@@ -34,12 +34,12 @@ from collections.abc import Generator, Sequence
 import torch
 from transformers import PreTrainedModel
 
-from pj_core.generation_config import GenerationConfig
-from pj_core.kv import BatchedContexts
-from pj_core.lockstep import StepContexts
-from pj_core.logits import LogitPipeline, Position
-from pj_core.rounds import Counters, Emission, RoundRoles
-from pj_core.sampling import sample_index
+from pj_core.backends.hf.kv import BatchedContexts
+from pj_core.decoding.generation_config import GenerationConfig
+from pj_core.decoding.lockstep import StepContexts
+from pj_core.decoding.logits import LogitPipeline, Position
+from pj_core.decoding.rounds import Counters, Emission, RoundRoles
+from pj_core.decoding.sampling import sample_index
 
 
 def pooled_logits(guided: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -76,7 +76,7 @@ def pool_emissions(
 ) -> Generator[Emission, None, None]:
     """Yield tokens sampled from the pool of every persona, until EOS or the budget.
 
-    Same signature as :func:`pj_core.lockstep.lockstep_emissions` (``contexts`` holds the
+    Same signature as :func:`pj_core.decoding.lockstep.lockstep_emissions` (``contexts`` holds the
     persona rows and then the neutral row, prefilled with every prompt but its last token).
     """
     pipeline = pipeline or LogitPipeline(config)

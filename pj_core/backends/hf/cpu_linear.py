@@ -136,7 +136,7 @@ class PackedLinear(nn.Module):
         if x.requires_grad and torch.is_grad_enabled():
             raise PackedLinearGradientError(
                 "this layer's weight is packed for inference; call "
-                "pj_core.cpu_linear.unpack_linear_layers(model) before training"
+                "pj_core.backends.hf.cpu_linear.unpack_linear_layers(model) before training"
             )
         return _packed_linear(x, self.packed_weight, self.bias)
 

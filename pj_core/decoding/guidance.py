@@ -12,7 +12,7 @@ The guided logits are
 
 (classifier-free guidance with scale 1 + γ). γ = 0 is Persona-judge exactly; γ > 0 amplifies
 what each persona prefix changes about the next token, i.e. its preferences. :class:`Strength`
-is a :class:`pj_core.logits.LogitTransform`: the engine puts it first in the call's logit
+is a :class:`pj_core.decoding.logits.LogitTransform`: the engine puts it first in the call's logit
 pipeline, so it acts on raw logits, before any other transform and before temperature, top-k
 and top-p, and it guides q and p alike. Speculative sampling stays exact for any q, so each
 round still follows the judge's *guided* distribution exactly; guiding q too keeps the draft
@@ -20,7 +20,7 @@ close to the judge (a higher acceptance rate).
 
 Example:
     >>> import torch
-    >>> from pj_core.logits import Position
+    >>> from pj_core.decoding.logits import Position
     >>> at = Position(0, "judge", 0, (), (), neutral=torch.tensor([1.0, 1.0, 0.0]))
     >>> Strength(2.0)(torch.tensor([2.0, 1.0, 0.0]), at)
     tensor([4., 1., 0.])
@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import torch
 
+from pj_core.decoding.logits import LogitTransform, Position
 from pj_core.errors import InvalidGenerationConfigError
-from pj_core.logits import LogitTransform, Position
 from pj_core.settings import check_settings
 
 

@@ -1,4 +1,4 @@
-"""The on-disk cache behind :func:`pj_core.models.load_model`.
+"""The on-disk cache behind :func:`pj_core.backends.hf.models.load_model`.
 
 A GGUF file is quantised; transformers must dequantise every tensor and rebuild the fast
 tokenizer from the GGUF vocabulary, which takes tens of seconds. We do that once per GGUF

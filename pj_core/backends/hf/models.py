@@ -10,14 +10,15 @@
 - a hub id such as ``"HuggingFaceTB/SmolLM2-135M-Instruct"``, read only from the local
   Hugging Face cache: nothing is ever downloaded.
 
-GGUF files are dequantised once and cached as safetensors (see :mod:`pj_core.model_cache`),
+GGUF files are dequantised once and cached as safetensors (see
+:mod:`pj_core.backends.hf.model_cache`),
 so later loads in new processes skip the slow conversion. Within a process, loads of the same
 spec on the same device and dtype return the same :class:`LoadedModel` (one copy of the
 weights), also when several threads ask at once. Weights are only read from safetensors or
 GGUF (never unpickled), and ``trust_remote_code`` stays off unless the caller turns it on.
 
 Example:
-    >>> from pj_core.models import load_model
+    >>> from pj_core.backends.hf.models import load_model
     >>> m = load_model("smollm2-135m-instruct")  # doctest: +SKIP
     >>> m.name, m.context_window, m.eos_token_ids  # doctest: +SKIP
     ('smollm2-135m-instruct', 8192, (2, 0))
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pj_core import model_cache
+from pj_core.backends.hf import model_cache
 from pj_core.errors import (
     InvalidModelOptionError,
     ModelLoadError,
@@ -69,7 +70,7 @@ class LoadedModel:
         device: where the weights live.
         dtype: the floating-point type of the weights.
         packed_linear_layers: how many linear layers run on pre-packed oneDNN weights
-            (:mod:`pj_core.cpu_linear`; 0 on GPUs or with ``pack_cpu_weights=False``).
+            (:mod:`pj_core.backends.hf.cpu_linear`; 0 on GPUs or with ``pack_cpu_weights=False``).
     """
 
     model: PreTrainedModel
@@ -420,7 +421,7 @@ def load_model(
     The model is for inference: eval mode, no parameter requires gradients, and on a CPU in
     float32 its linear layers run on weights pre-packed for oneDNN, which makes the
     multi-token verify and batched forwards of Persona-judge about as cheap as one decode step
-    (:mod:`pj_core.cpu_linear`; ``unpack_linear_layers(model)`` undoes it).
+    (:mod:`pj_core.backends.hf.cpu_linear`; ``unpack_linear_layers(model)`` undoes it).
 
     Args:
         spec: a built-in alias, a model directory, a ``.gguf`` file, or a cached hub id.
@@ -500,7 +501,7 @@ def _load_uncached(
     model.to(device)  # type: ignore[arg-type]  # transformers' stub types `to` oddly
     model.eval()
     model.requires_grad_(False)  # inference only; also what lets the linear layers be packed
-    from pj_core.cpu_linear import pack_linear_layers
+    from pj_core.backends.hf.cpu_linear import pack_linear_layers
 
     packed = pack_linear_layers(model).layers if pack and device.type == "cpu" else 0
     if packed:

@@ -22,10 +22,10 @@ from typing import Protocol
 import torch
 from transformers import PreTrainedModel
 
-from pj_core.generation_config import GenerationConfig
-from pj_core.kv import BatchedContexts
-from pj_core.logits import LogitPipeline, Position
-from pj_core.rounds import (
+from pj_core.backends.hf.kv import BatchedContexts
+from pj_core.decoding.generation_config import GenerationConfig
+from pj_core.decoding.logits import LogitPipeline, Position
+from pj_core.decoding.rounds import (
     Counters,
     Emission,
     bonus_token,
@@ -33,7 +33,7 @@ from pj_core.rounds import (
     judge_draft_token,
     round_roles,
 )
-from pj_core.sampling import sample_index
+from pj_core.decoding.sampling import sample_index
 
 
 class StepContexts(Protocol):
@@ -61,7 +61,7 @@ def lockstep_emissions(
     """Yield the emitted tokens one by one until EOS or ``config.max_new_tokens``.
 
     Same contract and same output as
-    :func:`pj_core.speculative.speculative_emissions`.
+    :func:`pj_core.decoding.speculative.speculative_emissions`.
 
     ``contexts`` holds the persona rows (and the neutral row last, if any), already prefilled
     with every prompt but its last token; by default a :class:`BatchedContexts` of this call
@@ -71,7 +71,7 @@ def lockstep_emissions(
     ``neutral`` is the neutral row's prompt (the conversation with no persona text), when the
     call guides its personas (``config.strength > 0``): it becomes one more row of the batch,
     stepped with the persona rows, and every position carries its logits
-    (:attr:`pj_core.logits.Position.neutral`).
+    (:attr:`pj_core.decoding.logits.Position.neutral`).
     """
     pipeline = pipeline or LogitPipeline(config)
     rows = [*prompts, neutral] if neutral is not None else list(prompts)
