@@ -37,21 +37,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, overload
 
-import torch
-from transformers import PreTrainedModel
-
-from pj_core.backends.hf.kv import BatchedContexts
+from pj_core.decoding.batched import RequestRows, RunningRequest, decode_shared
 from pj_core.decoding.generation_config import GenerationConfig
 from pj_core.decoding.lockstep import lockstep_emissions
 from pj_core.decoding.logits import TransformFactory
 from pj_core.decoding.pool import pool_emissions
 from pj_core.errors import InvalidGenerationConfigError, PersonaJudgeError
-from pj_core.results import GenerationResult, StreamEvent
+from pj_core.results import GenerationResult
 
 if TYPE_CHECKING:
     from pj_core.engine import PersonaJudge
@@ -118,114 +114,6 @@ class BatchRequest:
                 f"request {index} lacks {' and '.join(missing)}; every request needs both"
             )
         return cls(**request)
-
-
-class SharedRows:
-    """The persona rows of every request in one left-padded batch cache.
-
-    Rows are grouped by request (a request is its position in ``prefixes``, or its key when
-    ``prefixes`` is a mapping); :meth:`step` appends one token per row of the requests
-    given and returns their logits; :meth:`drop` removes a finished request's rows (and
-    padding columns no remaining row needs).
-
-    Example:
-        >>> from tests._tiny import make_tiny_model
-        >>> rows = SharedRows(make_tiny_model(vocab_size=22), [[[5, 6], [7]], [[8, 9, 10], [11]]])
-        >>> {r: t.shape for r, t in rows.step({0: [3, 3], 1: [4, 4]}).items()}
-        {0: torch.Size([2, 22]), 1: torch.Size([2, 22])}
-        >>> rows.drop(1); rows.step({0: [5, 5]})[0].shape
-        torch.Size([2, 22])
-    """
-
-    def __init__(
-        self,
-        model: PreTrainedModel,
-        prefixes: Sequence[Sequence[Sequence[int]]] | Mapping[int, Sequence[Sequence[int]]],
-    ) -> None:
-        self._requests: list[int] = []  # request of each row, in row order
-        flat: list[Sequence[int]] = []
-        by_request = prefixes if isinstance(prefixes, Mapping) else dict(enumerate(prefixes))
-        for request, rows in by_request.items():
-            self._requests += [request] * len(rows)
-            flat += list(rows)
-        self._contexts = BatchedContexts(model, flat)
-
-    @property
-    def forward_passes(self) -> int:
-        """Batched forwards run so far, the prefill included."""
-        return self._contexts.forward_passes
-
-    def rows_of(self, request: int) -> list[int]:
-        """The batch rows that belong to ``request`` now."""
-        return [row for row, owner in enumerate(self._requests) if owner == request]
-
-    def step(self, tokens: Mapping[int, Sequence[int]]) -> dict[int, torch.Tensor]:
-        """Append ``tokens[request]`` (one per row) to the rows of every request given and
-        return each one's next-token logits ``[rows, vocab]``. Every request still in the
-        batch must be given: rows advance together."""
-        order = list(dict.fromkeys(self._requests))
-        if sorted(tokens) != sorted(order):
-            raise ValueError(f"step needs tokens for requests {order}, got {sorted(tokens)}")
-        flat = [t for request in order for t in tokens[request]]
-        if len(flat) != len(self._requests):
-            raise ValueError("step needs one token per row of every request")
-        logits = self._contexts.step(flat)
-        return {request: logits[self.rows_of(request)] for request in order}
-
-    def drop(self, request: int) -> None:
-        """Remove the rows of a finished request from the batch."""
-        keep = [row for row, owner in enumerate(self._requests) if owner != request]
-        if len(keep) == len(self._requests):
-            return
-        self._requests = [self._requests[row] for row in keep]
-        self._contexts.keep_rows(keep)
-
-
-class _RequestRows:
-    """One request's view of :class:`SharedRows`, in the shape lockstep_emissions expects.
-
-    The batch driver runs the shared step *before* it advances the request, and hands the
-    request its logits together with the tokens it fed; :meth:`step` checks that the request
-    asks for exactly those tokens (lockstep feeds the last emitted token to every row)."""
-
-    def __init__(self) -> None:
-        self.forward_passes = 1  # the shared prefill
-        self._fed: list[int] | None = None
-        self._logits: torch.Tensor | None = None
-
-    def ready(self, fed: list[int], logits: torch.Tensor) -> None:
-        self._fed, self._logits = fed, logits
-
-    def step(self, tokens: Sequence[int]) -> torch.Tensor:
-        if self._logits is None or list(tokens) != self._fed:
-            raise RuntimeError(
-                f"batched lockstep fell out of step (fed {self._fed}, asked for {list(tokens)}); "
-                "this is a bug in pj_core.batch, please report it"
-            )
-        logits, self._logits, self._fed = self._logits, None, None
-        self.forward_passes += 1
-        return logits
-
-
-@dataclass
-class _Running:
-    """Book-keeping of one request while the batch runs."""
-
-    events: Iterator[StreamEvent]
-    rows: _RequestRows
-    config: GenerationConfig
-    eos_ids: frozenset[int]
-    next_inputs: list[int]
-    emitted: int = 0
-    last_token: int | None = None
-    last_token_time: float = 0.0
-
-    def ends_without_step(self) -> bool:
-        """True when the next event is the final one without another forward (the last
-        token was EOS or used up the budget; lockstep_emissions stops on the same test)."""
-        return self.emitted > 0 and (
-            self.last_token in self.eos_ids or self.emitted >= self.config.max_new_tokens
-        )
 
 
 def _prepare(
@@ -341,9 +229,9 @@ def generate_batch(
         failed[index] = exc
 
     prepared: dict[int, list[list[int]]] = {}
-    running: dict[int, _Running] = {}
+    running: dict[int, RunningRequest] = {}
     for index, raw in enumerate(requests):
-        view = _RequestRows()
+        view = RequestRows()
         try:
             request = BatchRequest.coerce(raw, index)
             prompts, names, config, neutral = _prepare(engine, request)
@@ -364,7 +252,7 @@ def generate_batch(
         # The request's rows: its personas, then its neutral row when it is guided.
         rows = [*prompts, neutral] if neutral is not None else prompts
         prepared[index] = rows
-        running[index] = _Running(
+        running[index] = RunningRequest(
             events=events,
             rows=view,
             config=config,
@@ -373,74 +261,11 @@ def generate_batch(
         )
     results: dict[int, GenerationResult] = {}
     if running:
-        results = _decode(engine, prepared, running, fail)
+        results = decode_shared(engine.model, prepared, running, fail)
     outcomes: list[GenerationResult | PersonaJudgeError] = []
     for index in range(len(requests)):
         outcomes.append(failed[index] if index in failed else results[index])
     return outcomes
-
-
-def _decode(
-    engine: PersonaJudge,
-    prepared: Mapping[int, list[list[int]]],
-    running: dict[int, _Running],
-    fail: Callable[[int, PersonaJudgeError], None],
-) -> dict[int, GenerationResult]:
-    """Decode the prepared requests in one shared batch until every one has finished or
-    failed; ``fail`` records (or raises) a request's own error."""
-    started = time.perf_counter()
-    with torch.inference_mode():
-        shared = SharedRows(
-            engine.model, {index: [p[:-1] for p in rows] for index, rows in prepared.items()}
-        )
-    prefill_seconds = time.perf_counter() - started
-    results: dict[int, GenerationResult] = {}
-
-    def finish(index: int, event: StreamEvent) -> None:
-        state = running.pop(index)
-        assert event.result is not None
-        stats = dataclasses.replace(
-            event.result.stats,
-            prefill_seconds=prefill_seconds,
-            decode_seconds=max(state.last_token_time - started - prefill_seconds, 0.0),
-        )
-        results[index] = dataclasses.replace(event.result, stats=stats)
-        shared.drop(index)
-
-    def next_event(index: int, final: bool) -> StreamEvent | None:
-        """The request's next event, or None when it failed (and has left the batch)."""
-        try:
-            events = running[index].events
-            return _next_final(events) if final else next(events)
-        except PersonaJudgeError as exc:
-            running.pop(index)
-            shared.drop(index)
-            fail(index, exc)
-            return None
-
-    while running:
-        for index in [i for i, s in running.items() if s.ends_without_step()]:
-            event = next_event(index, final=True)
-            if event is not None:
-                finish(index, event)
-        if not running:
-            break
-        with torch.inference_mode():
-            logits = shared.step({i: s.next_inputs for i, s in running.items()})
-        for index, state in list(running.items()):
-            state.rows.ready(state.next_inputs, logits[index])
-            event = next_event(index, final=False)
-            if event is None:
-                continue
-            if event.done:  # ended by a stop string on its previous token: row unused
-                finish(index, event)
-                continue
-            token = event.token_ids[0]
-            state.emitted += 1
-            state.last_token = token
-            state.last_token_time = time.perf_counter()
-            state.next_inputs = [token] * len(state.next_inputs)
-    return results
 
 
 def _name_request(exc: PersonaJudgeError, index: int) -> None:
@@ -449,13 +274,3 @@ def _name_request(exc: PersonaJudgeError, index: int) -> None:
     already_named = str(exc.args[0]).startswith(f"request {index} ") if exc.args else False
     if exc.args and isinstance(exc.args[0], str) and not already_named:
         exc.args = (f"request {index}: {exc.args[0]}", *exc.args[1:])
-
-
-def _next_final(events: Iterator[StreamEvent]) -> StreamEvent:
-    event = next(events)
-    if not event.done:
-        raise RuntimeError(
-            "a batched request emitted a token after its budget or EOS; this is a bug in "
-            "pj_core.batch, please report it"
-        )
-    return event

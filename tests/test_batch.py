@@ -18,7 +18,8 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from pj_core.backends.hf.kv import BatchedContexts
 from pj_core.backends.hf.models import LoadedModel
-from pj_core.batch import BatchRequest, SharedRows, generate_batch
+from pj_core.batch import BatchRequest, generate_batch
+from pj_core.decoding.batched import SharedRows
 from pj_core.decoding.logits import LogitTransform, Position
 from pj_core.engine import PersonaJudge
 from pj_core.errors import (

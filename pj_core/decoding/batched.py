@@ -1,0 +1,215 @@
+"""The batched lockstep loop: the persona rows of many requests stepped as one batch.
+
+Used by :func:`pj_core.batch.generate_batch` (which validates requests, builds each one's
+event stream with the engine and gathers the results). Here: :class:`SharedRows` (every
+request's rows in one left-padded batch cache), :class:`RequestRows` (one request's view of
+a shared step, in the shape :func:`~pj_core.decoding.lockstep.lockstep_emissions` expects) and
+:func:`decode_shared` (step until every request has finished, dropping finished rows).
+
+Example:
+    >>> from tests._tiny import make_tiny_model
+    >>> rows = SharedRows(make_tiny_model(vocab_size=22), [[[5, 6], [7]], [[8, 9]]])
+    >>> rows.rows_of(1)
+    [2]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from pj_core.backends.hf.kv import BatchedContexts
+from pj_core.decoding.generation_config import GenerationConfig
+from pj_core.errors import PersonaJudgeError
+from pj_core.results import GenerationResult, StreamEvent
+
+
+class SharedRows:
+    """The persona rows of every request in one left-padded batch cache.
+
+    Rows are grouped by request (a request is its position in ``prefixes``, or its key when
+    ``prefixes`` is a mapping); :meth:`step` appends one token per row of the requests
+    given and returns their logits; :meth:`drop` removes a finished request's rows (and
+    padding columns no remaining row needs).
+
+    Example:
+        >>> from tests._tiny import make_tiny_model
+        >>> rows = SharedRows(make_tiny_model(vocab_size=22), [[[5, 6], [7]], [[8, 9, 10], [11]]])
+        >>> {r: t.shape for r, t in rows.step({0: [3, 3], 1: [4, 4]}).items()}
+        {0: torch.Size([2, 22]), 1: torch.Size([2, 22])}
+        >>> rows.drop(1); rows.step({0: [5, 5]})[0].shape
+        torch.Size([2, 22])
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        prefixes: Sequence[Sequence[Sequence[int]]] | Mapping[int, Sequence[Sequence[int]]],
+    ) -> None:
+        self._requests: list[int] = []  # request of each row, in row order
+        flat: list[Sequence[int]] = []
+        by_request = prefixes if isinstance(prefixes, Mapping) else dict(enumerate(prefixes))
+        for request, rows in by_request.items():
+            self._requests += [request] * len(rows)
+            flat += list(rows)
+        self._contexts = BatchedContexts(model, flat)
+
+    @property
+    def forward_passes(self) -> int:
+        """Batched forwards run so far, the prefill included."""
+        return self._contexts.forward_passes
+
+    def rows_of(self, request: int) -> list[int]:
+        """The batch rows that belong to ``request`` now."""
+        return [row for row, owner in enumerate(self._requests) if owner == request]
+
+    def step(self, tokens: Mapping[int, Sequence[int]]) -> dict[int, torch.Tensor]:
+        """Append ``tokens[request]`` (one per row) to the rows of every request given and
+        return each one's next-token logits ``[rows, vocab]``. Every request still in the
+        batch must be given: rows advance together."""
+        order = list(dict.fromkeys(self._requests))
+        if sorted(tokens) != sorted(order):
+            raise ValueError(f"step needs tokens for requests {order}, got {sorted(tokens)}")
+        flat = [t for request in order for t in tokens[request]]
+        if len(flat) != len(self._requests):
+            raise ValueError("step needs one token per row of every request")
+        logits = self._contexts.step(flat)
+        return {request: logits[self.rows_of(request)] for request in order}
+
+    def drop(self, request: int) -> None:
+        """Remove the rows of a finished request from the batch."""
+        keep = [row for row, owner in enumerate(self._requests) if owner != request]
+        if len(keep) == len(self._requests):
+            return
+        self._requests = [self._requests[row] for row in keep]
+        self._contexts.keep_rows(keep)
+
+
+class RequestRows:
+    """One request's view of :class:`SharedRows`, in the shape lockstep_emissions expects.
+
+    The batch driver runs the shared step *before* it advances the request, and hands the
+    request its logits together with the tokens it fed; :meth:`step` checks that the request
+    asks for exactly those tokens (lockstep feeds the last emitted token to every row)."""
+
+    def __init__(self) -> None:
+        self.forward_passes = 1  # the shared prefill
+        self._fed: list[int] | None = None
+        self._logits: torch.Tensor | None = None
+
+    def ready(self, fed: list[int], logits: torch.Tensor) -> None:
+        self._fed, self._logits = fed, logits
+
+    def step(self, tokens: Sequence[int]) -> torch.Tensor:
+        if self._logits is None or list(tokens) != self._fed:
+            raise RuntimeError(
+                f"batched lockstep fell out of step (fed {self._fed}, asked for {list(tokens)}); "
+                "this is a bug in pj_core.decoding.batched, please report it"
+            )
+        logits, self._logits, self._fed = self._logits, None, None
+        self.forward_passes += 1
+        return logits
+
+
+@dataclass
+class RunningRequest:
+    """Book-keeping of one request while the batch runs."""
+
+    events: Iterator[StreamEvent]
+    rows: RequestRows
+    config: GenerationConfig
+    eos_ids: frozenset[int]
+    next_inputs: list[int]
+    emitted: int = 0
+    last_token: int | None = None
+    last_token_time: float = 0.0
+
+    def ends_without_step(self) -> bool:
+        """True when the next event is the final one without another forward (the last
+        token was EOS or used up the budget; lockstep_emissions stops on the same test)."""
+        return self.emitted > 0 and (
+            self.last_token in self.eos_ids or self.emitted >= self.config.max_new_tokens
+        )
+
+
+def decode_shared(
+    model: PreTrainedModel,
+    prepared: Mapping[int, list[list[int]]],
+    running: dict[int, RunningRequest],
+    fail: Callable[[int, PersonaJudgeError], None],
+) -> dict[int, GenerationResult]:
+    """Decode the prepared requests in one shared batch until every one has finished or
+    failed; ``fail`` records (or raises) a request's own error.
+
+    ``prepared[i]`` holds request ``i``'s rows (its persona prompts, then its neutral prompt
+    when it is guided); ``running[i]`` its event stream, whose emission source reads its
+    rows of each shared step through ``running[i].rows``. Returns each finished request's
+    result, with the shared prefill and its own decode time in ``stats``."""
+    started = time.perf_counter()
+    with torch.inference_mode():
+        shared = SharedRows(
+            model, {index: [p[:-1] for p in rows] for index, rows in prepared.items()}
+        )
+    prefill_seconds = time.perf_counter() - started
+    results: dict[int, GenerationResult] = {}
+
+    def finish(index: int, event: StreamEvent) -> None:
+        state = running.pop(index)
+        assert event.result is not None
+        stats = dataclasses.replace(
+            event.result.stats,
+            prefill_seconds=prefill_seconds,
+            decode_seconds=max(state.last_token_time - started - prefill_seconds, 0.0),
+        )
+        results[index] = dataclasses.replace(event.result, stats=stats)
+        shared.drop(index)
+
+    def next_event(index: int, final: bool) -> StreamEvent | None:
+        """The request's next event, or None when it failed (and has left the batch)."""
+        try:
+            events = running[index].events
+            return next_final(events) if final else next(events)
+        except PersonaJudgeError as exc:
+            running.pop(index)
+            shared.drop(index)
+            fail(index, exc)
+            return None
+
+    while running:
+        for index in [i for i, s in running.items() if s.ends_without_step()]:
+            event = next_event(index, final=True)
+            if event is not None:
+                finish(index, event)
+        if not running:
+            break
+        with torch.inference_mode():
+            logits = shared.step({i: s.next_inputs for i, s in running.items()})
+        for index, state in list(running.items()):
+            state.rows.ready(state.next_inputs, logits[index])
+            event = next_event(index, final=False)
+            if event is None:
+                continue
+            if event.done:  # ended by a stop string on its previous token: row unused
+                finish(index, event)
+                continue
+            token = event.token_ids[0]
+            state.emitted += 1
+            state.last_token = token
+            state.last_token_time = time.perf_counter()
+            state.next_inputs = [token] * len(state.next_inputs)
+    return results
+
+
+def next_final(events: Iterator[StreamEvent]) -> StreamEvent:
+    event = next(events)
+    if not event.done:
+        raise RuntimeError(
+            "a batched request emitted a token after its budget or EOS; this is a bug in "
+            "pj_core.decoding.batched, please report it"
+        )
+    return event
