@@ -12,7 +12,8 @@ from __future__ import annotations
 import ast
 import importlib
 import itertools
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,8 +116,9 @@ def _resolve(statement: Import, modules: dict[str, Path]) -> list[str]:
 
 
 def _import_graph() -> tuple[dict[str, dict[str, int]], dict[str, Path]]:
-    """module -> {imported pj_core module: line of the first such import}."""
-    modules = _module_files(CORE)
+    """module -> {imported module of ours: line of the first such import}, over ``pj_core``
+    and ``pj_integrations``."""
+    modules = {**_module_files(CORE), **_module_files(ROOT / "pj_integrations")}
     graph: dict[str, dict[str, int]] = {name: {} for name in modules}
     for name, path in modules.items():
         for statement in _imports(path, name):
@@ -220,7 +222,7 @@ def test_the_import_graph_sees_the_imports_it_should() -> None:
     assert _a_cycle(planted, components[0]) == ["a", "b", "c", "a"]
 
 
-def test_pj_core_has_no_import_cycle() -> None:
+def test_no_import_cycle_in_pj_core_or_pj_integrations() -> None:
     graph, modules = _import_graph()
     cycles = [c for c in _strongly_connected(graph) if len(c) > 1 and c not in KNOWN_CYCLES]
     lines = []
@@ -234,7 +236,7 @@ def test_pj_core_has_no_import_cycle() -> None:
             f"  cycle {' -> '.join(path)} (component of {len(component)}: "
             f"{', '.join(component)}):\n" + "\n".join(steps)
         )
-    assert not cycles, "import cycles in pj_core:\n" + "\n".join(lines)
+    assert not cycles, "import cycles:\n" + "\n".join(lines)
 
 
 def test_known_cycles_are_still_cycles() -> None:
@@ -442,3 +444,82 @@ def test_no_adapter_file_is_over_500_lines() -> None:
         for path in (ROOT / "pj_integrations").rglob("*.py")
     }
     assert {name: n for name, n in sizes.items() if n > 500} == {}
+
+
+# ----------------------------------------------------------------------------- layering
+
+
+def _layer_table() -> dict[str, set[str]]:
+    """unit -> units it may import, read from the table in docs/architecture.md."""
+    table: dict[str, set[str]] = {}
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    for line in text.splitlines():
+        if not line.startswith("| `pj_"):
+            continue
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        unit = cells[0].strip("`")
+        allowed = cells[-1]
+        table[unit] = set() if allowed == "nothing" else set(re.findall(r"`([\w.]+)`", allowed))
+    return table
+
+
+def _unit_of(module: str, units: Iterable[str]) -> str | None:
+    """The table row a module belongs to: the longest unit that is the module or a package
+    above it."""
+    matches = [u for u in units if module == u or module.startswith(u + ".")]
+    return max(matches, key=len) if matches else None
+
+
+def test_the_layer_table_parses() -> None:
+    table = _layer_table()
+    assert table["pj_core.errors"] == set()
+    assert "pj_core.backends" in table["pj_core.decoding"]
+    assert "pj_core.personas" not in table["pj_core.decoding"]
+    for unit, allowed in table.items():
+        assert allowed <= set(table), f"{unit} may import unknown units {allowed - set(table)}"
+
+
+def test_every_import_follows_the_layer_table() -> None:
+    """The table in docs/architecture.md is the rule: a module imports (at module level or
+    inside a function; TYPE_CHECKING aside) only modules of its own unit or of a unit its
+    row allows, e.g. decoding never imports personas or prompts."""
+    table = _layer_table()
+    graph, modules = _import_graph()
+    unplaced = sorted(m for m in modules if _unit_of(m, table) is None)
+    assert not unplaced, f"modules with no row in docs/architecture.md: {unplaced}"
+    wrong = []
+    for module, targets in graph.items():
+        unit = _unit_of(module, table)
+        assert unit is not None
+        for target, line in targets.items():
+            target_unit = _unit_of(target, table)
+            if target_unit != unit and target_unit not in table[unit]:
+                where = f"{modules[module].relative_to(ROOT)}:{line}"
+                wrong.append(f"{where}: {unit} imports {target} ({target_unit})")
+    assert not wrong, "imports the table in docs/architecture.md forbids:\n" + "\n".join(wrong)
+
+
+def test_the_layer_check_catches_a_forbidden_import() -> None:
+    table = _layer_table()
+    assert _unit_of("pj_core.decoding.lockstep", table) == "pj_core.decoding"
+    assert _unit_of("pj_core.personas.store", table) == "pj_core.personas"
+    assert _unit_of("pj_core._moved", table) == "pj_core"
+    # what test_every_import_follows_the_layer_table would flag
+    assert "pj_core.personas" not in table["pj_core.decoding"]
+    assert "pj_core.prompts" not in table["pj_core.decoding"]
+    assert "pj_core.engine" not in table["pj_core.batch"]
+
+
+def test_pj_core_is_framework_neutral() -> None:
+    """No pj_core module imports LangChain, LlamaIndex or the adapters, even lazily."""
+    found = []
+    for name, path in _module_files(CORE).items():
+        for statement in _imports(path, name):
+            if statement.target.split(".")[0] in {
+                "langchain",
+                "langchain_core",
+                "llama_index",
+                "pj_integrations",
+            }:
+                found.append(f"{path.relative_to(ROOT)}:{statement.line}: {statement.target}")
+    assert not found, found
