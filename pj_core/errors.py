@@ -76,6 +76,12 @@ class InvalidGenerationConfigError(PersonaJudgeError, ValueError):
     """A generation setting is out of range (lookahead, temperature, top-k, ...)."""
 
 
+class InvalidConstraintError(InvalidGenerationConfigError):
+    """A ``response_format`` (JSON schema, regex, grammar or choice) that cannot constrain
+    decoding: the wrong type, an empty choice, a schema or pattern the grammar engine cannot
+    compile, or a tokenizer it cannot read. Raised before any decoding."""
+
+
 class ContextOverflowError(PersonaJudgeError, ValueError):
     """The prompt plus the token budget do not fit in the model's context window.
 
