@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import torch
 
+from pj_core.decoding.constraints import ConstraintMask
 from pj_core.decoding.generation_config import GenerationConfig
 from pj_core.decoding.logits import LogitPipeline, LogitTransform, Position
 from pj_core.engine import PersonaJudge
@@ -97,9 +98,57 @@ def reference_ban_previous(logits: torch.Tensor, prefix: tuple[int, ...]) -> tor
     return banned
 
 
+def parity_allowed(prefix: tuple[int, ...]) -> torch.Tensor:
+    """A hand-written constraint over token ids: each token's parity differs from the one
+    before it, and EOS may come only after two tokens."""
+    ids = torch.arange(VOCAB)
+    allowed = torch.ones(VOCAB, dtype=torch.bool) if not prefix else ids % 2 != prefix[-1] % 2
+    for eos in EOS:
+        allowed[eos] = len(prefix) >= 2
+    return allowed
+
+
+class ParityMatcher:
+    """A :class:`pj_core.decoding.constraints.Matcher` for :func:`parity_allowed`; it
+    counts rollbacks and refuses a forbidden token, as a grammar matcher does."""
+
+    rollbacks = 0
+
+    def __init__(self, tokens: tuple[int, ...] = ()) -> None:
+        self.tokens = list(tokens)
+
+    @property
+    def vocab_size(self) -> int:
+        return VOCAB
+
+    def allowed(self) -> torch.Tensor:
+        return parity_allowed(tuple(self.tokens))
+
+    def consume(self, token: int) -> None:
+        assert bool(self.allowed()[token]), (self.tokens, token)
+        self.tokens.append(token)
+
+    def rollback(self, count: int) -> None:
+        assert 0 < count <= len(self.tokens)
+        del self.tokens[-count:]
+        ParityMatcher.rollbacks += 1
+
+    def copy(self) -> ParityMatcher:
+        return ParityMatcher(tuple(self.tokens))
+
+    def is_finished(self) -> bool:
+        return len(self.tokens) >= 2
+
+
+def reference_parity(logits: torch.Tensor, prefix: tuple[int, ...]) -> torch.Tensor:
+    return logits.masked_fill(~parity_allowed(prefix), float("-inf"))
+
+
 TRANSFORMS: dict[str, tuple[Callable[[], LogitTransform], PrefixTransform]] = {
     "bias": (Bias, reference_bias),
     "ban_previous": (BanPrevious, reference_ban_previous),
+    # A constraint (what a grammar does): its matcher follows the answer through the rounds.
+    "constraint": (lambda: ConstraintMask(ParityMatcher()), reference_parity),
 }
 
 
@@ -215,11 +264,16 @@ def test_fixed_roles_give_the_judges_own_transformed_distribution(
 
 
 def test_strategies_and_batch_emit_identical_tokens_with_transforms(pj: PersonaJudge) -> None:
-    factories: list[Callable[[], LogitTransform]] = [Bias, BanPrevious]
+    factories: list[Callable[[], LogitTransform]] = [
+        Bias,
+        BanPrevious,
+        lambda: ConstraintMask(ParityMatcher()),
+    ]
     settings = {"max_new_tokens": 16, "lookahead": 3, "top_k": 0, "top_p": 0.95}
-    BanPrevious.rollbacks = 0
+    BanPrevious.rollbacks = ParityMatcher.rollbacks = 0
     speculative = _answers(pj, factories, "speculative", range(40), **settings)
     assert BanPrevious.rollbacks > 0  # rejected tails were rolled back and re-advanced
+    assert ParityMatcher.rollbacks > 0  # ... and so was the matcher
     lockstep = _answers(pj, factories, "lockstep", range(40), **settings)
     batched = _answers(pj, factories, "batch", range(40), **settings)
     assert speculative == lockstep
@@ -227,6 +281,8 @@ def test_strategies_and_batch_emit_identical_tokens_with_transforms(pj: PersonaJ
     assert differing <= 2  # batched forwards may flip a rare token (see test_batch.py)
     for answer in speculative + lockstep + batched:
         assert all(a != b for a, b in itertools.pairwise(answer)), answer
+        body = [t for t in answer if t not in EOS]
+        assert all(a % 2 != b % 2 for a, b in itertools.pairwise(body)), answer
 
 
 def test_without_transforms_the_pipeline_is_the_plain_filter(pj: PersonaJudge) -> None:

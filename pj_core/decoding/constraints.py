@@ -43,6 +43,7 @@ from typing import Any, ClassVar, Literal, Protocol
 import torch
 from pydantic import BaseModel
 
+from pj_core.decoding.logits import LogitTransform, Position
 from pj_core.errors import InvalidConstraintError
 
 ConstraintKind = Literal["json_schema", "regex", "grammar", "choice"]
@@ -408,3 +409,73 @@ def _summary(message: str, limit: int = 400) -> str:
     """An engine message on one line (its layout is for terminals), cut to ``limit``."""
     text = " ".join(line.strip() for line in message.strip().splitlines() if line.strip())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ----------------------------------------------------------------------------- the transform
+
+
+class ConstraintMask(LogitTransform):
+    """The constraint as a logit transform: every token the matcher forbids gets ``-inf``.
+
+    One instance follows one answer (the engine builds one per call, or per request of a
+    batch); both personas continue the same answer, so one matcher serves every row. The
+    pipeline keeps the transform at each position's answer prefix (``advance`` and
+    ``rollback``); the matcher itself only moves when a mask is not cached yet, so the judge
+    reuses the masks the draft computed at the same positions, and a rejected draft tail
+    costs a rollback, not a recomputation. Place it last among the call's transforms, so no
+    later transform can make a forbidden token possible again.
+
+    Example:
+        >>> import torch
+        >>> from pj_core.decoding.logits import Position
+        >>> class OnlyZero:  # a hand-written Matcher: token 0 only
+        ...     vocab_size = 3
+        ...     def allowed(self): return torch.tensor([True, False, False])
+        ...     def consume(self, token): pass
+        ...     def rollback(self, count): pass
+        ...     def copy(self): return self
+        ...     def is_finished(self): return True
+        >>> at = Position(persona=0, role="draft", round=0, emitted=(), drafted=())
+        >>> ConstraintMask(OnlyZero())(torch.zeros(3), at)
+        tensor([0., -inf, -inf])
+    """
+
+    def __init__(self, matcher: Matcher) -> None:
+        self.matcher = matcher
+        self.tokens: list[int] = []  # the answer prefix the pipeline moved this transform to
+        self._consumed = 0  # how many of self.tokens the matcher has consumed
+        self._masks: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def __call__(self, logits: torch.Tensor, position: Position) -> torch.Tensor:
+        key = position.tokens
+        mask = self._masks.get(key)
+        if mask is None:
+            for token in self.tokens[self._consumed :]:
+                self.matcher.consume(token)
+            self._consumed = len(self.tokens)
+            mask = _fit(self.matcher.allowed(), logits.shape[-1])
+            # Masks before the emitted answer are never asked for again.
+            final = len(position.emitted)
+            for old in [k for k in self._masks if len(k) < final]:
+                del self._masks[old]
+            self._masks[key] = mask
+        return logits.masked_fill(~mask, float("-inf"))
+
+    def advance(self, token: int) -> None:
+        self.tokens.append(int(token))
+
+    def rollback(self, count: int) -> None:
+        del self.tokens[len(self.tokens) - count :]
+        surplus = self._consumed - len(self.tokens)
+        if surplus > 0:
+            self.matcher.rollback(surplus)
+            self._consumed = len(self.tokens)
+
+
+def _fit(mask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``mask`` at the logits' length: rows the matcher does not know are forbidden."""
+    if mask.shape[-1] == vocab:
+        return mask
+    if mask.shape[-1] > vocab:
+        return mask[:vocab]
+    return torch.cat([mask, torch.zeros(vocab - mask.shape[-1], dtype=torch.bool)])
