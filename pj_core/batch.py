@@ -87,6 +87,9 @@ class BatchRequest:
     logit_transforms: Sequence[TransformFactory] = ()
     """Factories of this request's logit transforms (see :mod:`pj_core.decoding.logits`); each is
     called once for the request."""
+    response_format: Any = None
+    """This request's constraint (as ``generate``'s ``response_format``); each request of a
+    batch gets its own matcher."""
 
     @classmethod
     def coerce(cls, request: BatchRequest | Mapping[str, Any], index: int) -> BatchRequest:
@@ -245,6 +248,7 @@ def generate_batch(
                 emission_source=source,
                 logit_transforms=request.logit_transforms,
                 neutral_prompt=neutral,
+                constraint=engine.compile_constraint(request.response_format),
             )
         except PersonaJudgeError as exc:
             fail(index, exc)

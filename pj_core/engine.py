@@ -27,6 +27,12 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pj_core.backends.hf.models import DEFAULT_MODEL
+from pj_core.decoding.constraints import (
+    CompiledConstraint,
+    ConstraintMask,
+    ResponseFormat,
+    compile_constraint,
+)
 from pj_core.decoding.generation_config import GenerationConfig
 from pj_core.decoding.guidance import Strength
 from pj_core.decoding.lockstep import lockstep_emissions
@@ -178,6 +184,7 @@ class PersonaJudge:
         seed: int | None = None,
         stop: Sequence[str] | None = None,
         logit_transforms: Sequence[TransformFactory] = (),
+        response_format: ResponseFormat | None = None,
     ) -> GenerationResult:
         """Generate one answer in which every token follows a persona's judgement.
 
@@ -218,12 +225,20 @@ class PersonaJudge:
             logit_transforms: factories of :class:`pj_core.decoding.logits.LogitTransform`, each
                 called once for this call; the transforms change p and q alike, before
                 temperature, top-k and top-p (see :mod:`pj_core.decoding.logits`).
+            response_format: constrain the answer so it parses, by construction: a JSON
+                schema dict, a pydantic model class, or a
+                :mod:`pj_core.decoding.constraints` ``JsonSchema``/``Regex``/``Grammar``/
+                ``Choice``. Tokens the constraint forbids are masked in p and q alike (after
+                every other transform), and EOS is allowed exactly where the answer may end.
 
         Returns:
-            A :class:`GenerationResult` with text, token ids, stats and trace.
+            A :class:`GenerationResult` with text, token ids, stats and trace; with a
+            ``response_format`` that the answer completed (``finish_reason == "eos"``),
+            ``parsed`` holds it as data (a pydantic instance, the JSON value, or the text).
 
         Raises:
             InvalidGenerationConfigError: a setting is out of range.
+            InvalidConstraintError: a ``response_format`` that cannot be compiled.
             InvalidPersonaError: fewer than two personas or an invalid persona.
             InvalidPromptError: the conversation is malformed.
             ContextOverflowError: prompt plus ``max_new_tokens`` exceed the context window.
@@ -248,6 +263,7 @@ class PersonaJudge:
                 seed=seed,
                 stop=stop,
                 logit_transforms=logit_transforms,
+                response_format=response_format,
             )
         )
 
@@ -269,6 +285,7 @@ class PersonaJudge:
         seed: int | None = None,
         stop: Sequence[str] | None = None,
         logit_transforms: Sequence[TransformFactory] = (),
+        response_format: ResponseFormat | None = None,
     ) -> Iterator[StreamEvent]:
         """Like :meth:`generate`, but yield one :class:`StreamEvent` per emitted token, then a
         final event (``done=True``) carrying the :class:`GenerationResult`.
@@ -293,6 +310,7 @@ class PersonaJudge:
             seed=seed,
             stop=stop,
         )
+        constraint = self.compile_constraint(response_format)
         prompts, names = self.render_prompts(conversation, personas)
         neutral = (
             self.render_neutral_prompt(conversation, neutral_system)
@@ -300,8 +318,35 @@ class PersonaJudge:
             else None
         )
         return self.stream_prepared(
-            prompts, names, config, logit_transforms=logit_transforms, neutral_prompt=neutral
+            prompts,
+            names,
+            config,
+            logit_transforms=logit_transforms,
+            neutral_prompt=neutral,
+            constraint=constraint,
         )
+
+    def compile_constraint(
+        self, response_format: ResponseFormat | None
+    ) -> CompiledConstraint | None:
+        """``response_format`` compiled for this model's tokenizer (None stays None).
+
+        Raises:
+            InvalidConstraintError: see :func:`pj_core.decoding.constraints.compile_constraint`.
+
+        Example:
+            >>> pj.compile_constraint({"type": "integer"}).constraint.kind  # doctest: +SKIP
+            'json_schema'
+        """
+        if response_format is None:
+            return None
+        with self._tokenizer_lock:  # the bridge reads the tokenizer once, then is cached
+            return compile_constraint(
+                response_format,
+                self.tokenizer,
+                vocab_size=self.vocab_size,
+                eos_token_ids=sorted(self.eos_token_ids),
+            )
 
     def render_prompts(
         self, conversation: str | Sequence[dict[str, str]], personas: PersonasInput
@@ -353,6 +398,7 @@ class PersonaJudge:
         persona_names: Sequence[str] | None = None,
         logit_transforms: Sequence[TransformFactory] = (),
         neutral_prompt_ids: Sequence[int] | None = None,
+        response_format: ResponseFormat | None = None,
         **settings: Any,
     ) -> GenerationResult:
         """Persona-judge decoding from already rendered prompts, one token-id list per persona.
@@ -374,6 +420,7 @@ class PersonaJudge:
                 persona_names=persona_names,
                 logit_transforms=logit_transforms,
                 neutral_prompt_ids=neutral_prompt_ids,
+                response_format=response_format,
                 **settings,
             )
         )
@@ -385,6 +432,7 @@ class PersonaJudge:
         persona_names: Sequence[str] | None = None,
         logit_transforms: Sequence[TransformFactory] = (),
         neutral_prompt_ids: Sequence[int] | None = None,
+        response_format: ResponseFormat | None = None,
         **settings: Any,
     ) -> Iterator[StreamEvent]:
         """The streaming form of :meth:`generate_from_ids`."""
@@ -393,6 +441,7 @@ class PersonaJudge:
             # from bare ids with no neutral prompt, leaving strength unset means 0.
             settings = {**settings, "strength": 0.0}
         config = GenerationConfig.create(**settings, defaults=self.defaults)
+        constraint = self.compile_constraint(response_format)
         prompts = self._checked_prompt_ids(prompt_ids)
         names = (
             [str(n) for n in persona_names]
@@ -409,7 +458,12 @@ class PersonaJudge:
             else None
         )
         return self.stream_prepared(
-            prompts, names, config, logit_transforms=logit_transforms, neutral_prompt=neutral
+            prompts,
+            names,
+            config,
+            logit_transforms=logit_transforms,
+            neutral_prompt=neutral,
+            constraint=constraint,
         )
 
     @overload
@@ -506,6 +560,7 @@ class PersonaJudge:
         emission_source: EmissionSource | None = None,
         logit_transforms: Sequence[TransformFactory] = (),
         neutral_prompt: list[int] | None = None,
+        constraint: CompiledConstraint | None = None,
     ) -> Iterator[StreamEvent]:
         """The low-level entry every stream goes through: rendered ``prompts`` (from
         :meth:`render_prompts`), persona ``names`` and a validated :class:`GenerationConfig`.
@@ -520,8 +575,12 @@ class PersonaJudge:
         ``neutral_prompt`` (from :meth:`render_neutral_prompt`) is required when
         ``config.strength > 0`` and ignored otherwise; the emission source then gets it as
         ``neutral=`` (an ``emission_source`` must accept that keyword to serve guided calls).
+        ``constraint`` (from :meth:`compile_constraint`) adds a fresh matcher for this answer
+        as the last transform, and the final result's ``parsed``.
         """
         transforms = build_transforms(logit_transforms)
+        if constraint is not None:  # last: no other transform may unmask a forbidden token
+            transforms = (*transforms, ConstraintMask(constraint.matcher()))
         if config.strength > 0:
             if neutral_prompt is None:
                 raise InvalidGenerationConfigError(
@@ -563,7 +622,14 @@ class PersonaJudge:
         else:
             strategy = config.strategy
         return self._events(
-            prompts, names, config, strategy, emission_source, transforms, neutral_prompt
+            prompts,
+            names,
+            config,
+            strategy,
+            emission_source,
+            transforms,
+            neutral_prompt,
+            constraint,
         )
 
     def _events(
@@ -575,6 +641,7 @@ class PersonaJudge:
         emission_source: EmissionSource | None = None,
         transforms: Sequence[LogitTransform] = (),
         neutral_prompt: list[int] | None = None,
+        constraint: CompiledConstraint | None = None,
     ) -> Iterator[StreamEvent]:
         generator = torch.Generator(device="cpu")
         if config.seed is None:
@@ -654,6 +721,7 @@ class PersonaJudge:
             trace=trace,
             finish_reason=finish,
             prompt_tokens=max(len(p) for p in prompts),
+            parsed=_parsed(constraint, finish, matcher.text),
         )
         yield StreamEvent(text=tail, done=True, result=result)
 
@@ -715,3 +783,14 @@ def _default_eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase)
     if tokenizer.eos_token_id is not None:
         ids.append(int(tokenizer.eos_token_id))
     return sorted(set(ids))
+
+
+def _parsed(constraint: CompiledConstraint | None, finish: FinishReason, text: str) -> Any:
+    """The answer as data when a constraint shaped it and the answer completed it (EOS);
+    None otherwise (no constraint, or the budget or a stop string cut the answer)."""
+    if constraint is None or finish != "eos":
+        return None
+    try:
+        return constraint.parse(text)
+    except ValueError:  # json/pydantic errors: a schema rule the grammar engine does not check
+        return None

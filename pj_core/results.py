@@ -11,7 +11,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 Outcome = Literal["accepted", "resampled", "bonus", "pooled"]
 FinishReason = Literal["eos", "stop", "length"]
@@ -98,6 +98,9 @@ class GenerationResult:
         trace: one :class:`TokenTrace` per emitted token.
         finish_reason: "eos", "stop" (a stop string) or "length" (``max_new_tokens``).
         prompt_tokens: tokens in the longest persona prompt.
+        parsed: with a ``response_format``, the completed answer as data (an instance of the
+            pydantic model, the JSON value, or the text); None without one, or when the budget
+            or a stop string ended the answer first.
     """
 
     text: str
@@ -106,6 +109,7 @@ class GenerationResult:
     trace: list[TokenTrace]
     finish_reason: FinishReason
     prompt_tokens: int
+    parsed: Any = None
 
 
 @dataclass(frozen=True)

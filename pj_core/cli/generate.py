@@ -6,22 +6,33 @@ Examples::
     pj generate "Explain DNS." --preference expert --preference concise --seed 0
     pj generate "Tell me a story." --persona "..." --persona "..." --explain
     pj generate "Hi" --persona A --persona B --model gemma3-270m --strategy lockstep
+    pj generate "Weather in Paris as JSON" --persona A --persona B --json-schema weather.json
+    pj generate "Is this review positive?" --persona A --persona B --choice yes --choice no
+    pj generate "A phone number" --persona A --persona B --regex "[0-9]{3}-[0-9]{4}"
 
 The answer is streamed to stdout as it is generated. ``--explain`` then prints which persona
 drafted and which judged each token (coloured on a terminal: green accepted, yellow
 resampled by the judge, cyan bonus from the judge) and the statistics, on stderr.
+
+``--json-schema FILE``, ``--regex R``, ``--grammar FILE`` (Lark) or ``--choice A --choice B``
+constrain the answer so it parses, by construction (see :mod:`pj_core.decoding.constraints`);
+at most one of them. A JSON answer is printed as the model wrote it: one line of JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from pj_core.errors import InvalidPersonaError
+from pj_core.errors import InvalidConstraintError, InvalidPersonaError
 from pj_core.results import GenerationResult, TokenTrace
 from pj_core.settings import DECODERS, DEFAULTS, STRATEGIES
+
+if TYPE_CHECKING:  # the constraints module imports torch; the pj command starts without it
+    from pj_core.decoding.constraints import ResponseFormat
 
 # ANSI colours per outcome, used only when the stream is a terminal and NO_COLOR is unset.
 OUTCOME_COLOURS = {
@@ -109,6 +120,29 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--stop", action="append", default=None, metavar="TEXT", help="stop string; repeatable"
     )
+    shape = parser.add_mutually_exclusive_group()
+    shape.add_argument(
+        "--json-schema",
+        metavar="FILE",
+        default=None,
+        help="constrain the answer to JSON valid against the schema in FILE",
+    )
+    shape.add_argument(
+        "--regex", metavar="R", default=None, help="constrain the answer to match R in full"
+    )
+    shape.add_argument(
+        "--grammar",
+        metavar="FILE",
+        default=None,
+        help="constrain the answer to the Lark grammar in FILE (start rule: start)",
+    )
+    shape.add_argument(
+        "--choice",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        help="constrain the answer to one of these texts; repeatable",
+    )
     parser.add_argument(
         "--explain",
         action="store_true",
@@ -156,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
     load_kwargs = {"device": args.device} if args.device else {}
     engine = PersonaJudge.from_pretrained(args.model, **load_kwargs)
     result: GenerationResult | None = None
-    for event in engine.stream(args.prompt, personas, **settings):
+    response_format = response_format_from_args(args)
+    for event in engine.stream(args.prompt, personas, response_format=response_format, **settings):
         sys.stdout.write(event.text)
         sys.stdout.flush()
         result = event.result or result
@@ -164,6 +199,47 @@ def run(args: argparse.Namespace) -> int:
     if args.explain and result is not None:
         print_explanation(result, [p.name or p.text for p in personas], sys.stderr)
     return 0
+
+
+def response_format_from_args(args: argparse.Namespace) -> ResponseFormat | None:
+    """The constraint the command line asks for (at most one option), or None.
+
+    Raises:
+        InvalidConstraintError: a schema or grammar file that cannot be read, or a schema
+            file that is not a JSON object.
+    """
+    from pj_core.decoding.constraints import Choice, Grammar, JsonSchema, Regex
+
+    if args.json_schema is not None:
+        text = _read(args.json_schema, "--json-schema")
+        try:
+            schema = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InvalidConstraintError(
+                f"--json-schema {args.json_schema} is not JSON ({exc.msg} at line {exc.lineno}, "
+                f"column {exc.colno})"
+            ) from None
+        if not isinstance(schema, dict):
+            raise InvalidConstraintError(
+                f"--json-schema {args.json_schema} holds a {type(schema).__name__}; a JSON "
+                'schema is an object, e.g. {"type": "object", "properties": {...}}'
+            )
+        return JsonSchema(schema)
+    if args.regex is not None:
+        return Regex(args.regex)
+    if args.grammar is not None:
+        return Grammar(_read(args.grammar, "--grammar"))
+    if args.choice is not None:
+        return Choice(args.choice)
+    return None
+
+
+def _read(path: str, option: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise InvalidConstraintError(f"{option} {path}: {exc.strerror or exc}") from None
 
 
 def _use_colour(stream: TextIO) -> bool:

@@ -38,7 +38,7 @@ import threading
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol, cast
 
 import torch
 from pydantic import BaseModel
@@ -47,6 +47,15 @@ from pj_core.decoding.logits import LogitTransform, Position
 from pj_core.errors import InvalidConstraintError
 
 ConstraintKind = Literal["json_schema", "regex", "grammar", "choice"]
+
+JSON_LAYOUT: dict[str, Any] = {
+    "whitespace_flexible": False,
+    "item_separator": ", ",
+    "key_separator": ": ",
+}
+"""How JSON answers are laid out: one line, ``", "`` between items and ``": "`` after keys.
+Flexible whitespace would let a model pad an answer with blank lines until its budget runs
+out; a schema's own ``"x-guidance"`` options override these."""
 
 
 @dataclass(frozen=True)
@@ -85,7 +94,8 @@ class JsonSchema:
 @dataclass(frozen=True)
 class Regex:
     """The answer fully matches the regular expression ``pattern`` (Rust ``regex`` syntax,
-    which covers Python's common syntax; no look-around or back-references).
+    which covers Python's common syntax; no look-around or back-references). As in Python,
+    ``\\d`` and ``\\w`` are Unicode classes: write ``[0-9]`` for ASCII digits only.
 
     Example:
         >>> Regex(r"\\d{3}-\\d{4}").pattern
@@ -212,7 +222,9 @@ def grammar_of(constraint: Constraint) -> str:
 
     if isinstance(constraint, JsonSchema):
         try:
-            return LLMatcher.grammar_from_json_schema(dict(constraint.schema))
+            return LLMatcher.grammar_from_json_schema(
+                dict(constraint.schema), defaults=cast(Any, JSON_LAYOUT)
+            )
         except ValueError as exc:
             raise InvalidConstraintError(f"the JSON schema cannot be compiled: {exc}") from None
     if isinstance(constraint, Regex):
