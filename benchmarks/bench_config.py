@@ -28,6 +28,7 @@ METHODS: tuple[str, ...] = (
     "lockstep",
     "auto",
     "defaults",
+    "constrained",
 )
 # The no-cache baselines: O(n²) work, so they get fewer samples.
 REFERENCE_METHODS: frozenset[str] = frozenset({"reference", "authors"})
@@ -39,6 +40,7 @@ METHOD_TITLES: dict[str, str] = {
     "lockstep": "engine: lockstep",
     "auto": "engine: auto",
     "defaults": "engine: shipped defaults (strength, decoder, strategy)",
+    "constrained": "engine: shipped defaults + a tool-call JSON schema",
 }
 # λ does not change how these methods compute.
 LOOKAHEAD_FREE: frozenset[str] = frozenset({"plain", "lockstep"})

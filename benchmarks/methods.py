@@ -28,6 +28,8 @@ from transformers.generation.streamers import BaseStreamer
 
 from benchmarks.bench_config import BenchConfig, Cell
 from benchmarks.reference_loop import reference_generate
+from pj_core.decoding.constraints import ConstraintMask
+from pj_core.decoding.logits import Position
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ class Sample:
         drafted, accepted: draft tokens tested and accepted (None for plain ``generate``).
         strategy: the engine strategy that ran (``auto`` resolves to one), else None.
         token_ids: the generated tokens (to check that methods agree for the same seed).
+        constraint_seconds: for method ``constrained``, the time spent in the constraint's
+            mask (computing it, applying it, moving the matcher); else None.
     """
 
     tokens: int
@@ -52,6 +56,7 @@ class Sample:
     accepted: int | None
     strategy: str | None
     token_ids: list[int]
+    constraint_seconds: float | None = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -200,12 +205,64 @@ def run_reference(
     )
 
 
+TOOL_CALLS_SCHEMA: dict[str, Any] = {
+    "type": "array",
+    "minItems": 20,
+    "items": {
+        "type": "object",
+        "properties": {
+            "name": {"enum": ["web_search", "get_weather", "calculator", "send_email"]},
+            "arguments": {
+                "type": "object",
+                "properties": {
+                    "query": {"type": "string"},
+                    "limit": {"type": "integer"},
+                    "urgent": {"type": "boolean"},
+                },
+                "required": ["query"],
+                "additionalProperties": False,
+            },
+        },
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    },
+}
+"""The constraint of method ``constrained``: a list of tool calls, an agent's output shape.
+At least 20 calls, so no answer can finish before the budget: every method does the same
+amount of work."""
+
+
+class TimedConstraintMask(ConstraintMask):
+    """:class:`~pj_core.decoding.constraints.ConstraintMask` that adds the time it spends
+    (mask, matcher moves) to ``seconds``."""
+
+    def __init__(self, matcher: Any, seconds: list[float]) -> None:
+        super().__init__(matcher)
+        self.seconds = seconds
+
+    def __call__(self, logits: torch.Tensor, position: Position) -> torch.Tensor:
+        started = time.perf_counter()
+        try:
+            return super().__call__(logits, position)
+        finally:
+            self.seconds[0] += time.perf_counter() - started
+
+    def rollback(self, count: int) -> None:
+        started = time.perf_counter()
+        try:
+            super().rollback(count)
+        finally:
+            self.seconds[0] += time.perf_counter() - started
+
+
 def run_engine(
     engine: Any, conversation: str, cell: Cell, config: BenchConfig, seed: int
 ) -> Sample:
     """One ``PersonaJudge.stream`` call with ``strategy=cell.method``, at strength 0 with the
     Persona-judge decoder (the paper exactly); method ``defaults`` instead leaves strategy,
-    strength and decoder to :data:`pj_core.settings.DEFAULTS`, i.e. what a user gets.
+    strength and decoder to :data:`pj_core.settings.DEFAULTS`, i.e. what a user gets, and
+    ``constrained`` is ``defaults`` with :data:`TOOL_CALLS_SCHEMA` as the response format
+    (its mask timed: ``Sample.constraint_seconds``).
 
     The engine must be built with ``eos_token_ids=()`` so that, like the other methods, it
     runs to the full budget. Streaming gives the time to first token; the final event's
@@ -214,9 +271,15 @@ def run_engine(
     assert cell.lookahead is not None or cell.method == "lockstep"
     settings: dict[str, Any] = (
         {}
-        if cell.method == "defaults"
+        if cell.method in ("defaults", "constrained")
         else {"strategy": cell.method, "strength": 0.0, "decoder": "persona-judge"}
     )
+    constraint_seconds = [0.0]
+    if cell.method == "constrained":
+        compiled = engine.compile_constraint(TOOL_CALLS_SCHEMA)  # before the clock starts
+        settings["logit_transforms"] = [
+            lambda: TimedConstraintMask(compiled.matcher(), constraint_seconds)
+        ]
     device = next(engine.model.parameters()).device
     with ForwardCounter([engine.model]) as counter:
         _sync(device)
@@ -250,4 +313,5 @@ def run_engine(
         accepted=result.stats.accepted,
         strategy=result.stats.strategy,
         token_ids=list(result.token_ids),
+        constraint_seconds=constraint_seconds[0] if cell.method == "constrained" else None,
     )

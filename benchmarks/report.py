@@ -22,6 +22,7 @@ COLORS = {
     "lockstep": "tab:green",
     "auto": "tab:orange",
     "defaults": "tab:brown",
+    "constrained": "tab:pink",
 }
 
 
@@ -110,6 +111,18 @@ def markdown_table(report: dict[str, Any]) -> str:
         strategies = ", ".join(f"{k} {v}" for k, v in sorted(c["strategies"].items()))
         row += f" {c['samples']}{f' ({strategies})' if c['method'] == 'auto' else ''} |"
         lines.append(row)
+    masks = [c for c in report["cells"] if c.get("constraint_ms_per_token") is not None]
+    if masks:
+        lines += [
+            "",
+            "Constraint mask (compute, apply, move the matcher), per token: "
+            + "; ".join(
+                f"λ={_lookahead(c)} n={c['max_new_tokens']}: "
+                f"{format_number(c['constraint_ms_per_token'])} ms"
+                for c in masks
+            )
+            + ".",
+        ]
     if report["agreement"]:
         lines += [
             "",

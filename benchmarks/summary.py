@@ -31,6 +31,8 @@ SPEED_VS_REFERENCE = 10.0
 RSS_VS_PLAIN = 1.2
 # The shipped defaults (persona strength, decoder) against the paper's strength 0.
 DEFAULTS_VS_STRENGTH_ZERO = 0.8
+# Constrained decoding (a tool-call JSON schema) against the same decoding unconstrained.
+CONSTRAINED_VS_UNCONSTRAINED = 0.85
 ENGINE_METHODS = ("speculative", "lockstep", "auto")
 # The no-cache baselines the ≥ 10x target is checked against, with their names in the table.
 REFERENCE_BASELINES = {
@@ -67,6 +69,13 @@ def _cell_summary(
         "process_peak_rss_mb": process_peak,
         "peak_gpu_mb": max(gpu) if gpu else None,
         "strategies": dict(Counter(s["strategy"] for s in samples if s["strategy"])),
+        "constraint_ms_per_token": _median(
+            [
+                1000 * s["constraint_seconds"] / s["tokens"]
+                for s in samples
+                if s.get("constraint_seconds") is not None and s["tokens"]
+            ]
+        ),
     }
 
 
@@ -102,6 +111,20 @@ def _targets(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "value": speed,
                     "threshold": DEFAULTS_VS_STRENGTH_ZERO,
                     "met": speed is not None and speed >= DEFAULTS_VS_STRENGTH_ZERO,
+                }
+            )
+    for budget in sorted({c["max_new_tokens"] for c in cells}):
+        constrained = _find(cells, "constrained", TARGET_LOOKAHEAD, budget)
+        free = _find(cells, "defaults", TARGET_LOOKAHEAD, budget)
+        if constrained is not None and free is not None:
+            speed = _ratio(constrained["tokens_per_second"], free["tokens_per_second"])
+            out.append(
+                {
+                    "target": f"tokens/s with a tool-call JSON schema vs without (λ=4, n={budget})",
+                    "engine": "constrained",
+                    "value": speed,
+                    "threshold": CONSTRAINED_VS_UNCONSTRAINED,
+                    "met": speed is not None and speed >= CONSTRAINED_VS_UNCONSTRAINED,
                 }
             )
     for engine in ENGINE_METHODS:
@@ -160,7 +183,7 @@ def _agreement(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     }
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for s in samples:
-        if s["method"] in ("speculative", "plain", "defaults"):
+        if s["method"] in ("speculative", "plain", "defaults", "constrained"):
             continue  # defaults decode other distributions (strength, decoder): other tokens
         lookahead = TARGET_LOOKAHEAD if s["lookahead"] is None else s["lookahead"]
         theirs = speculative.get((lookahead, s["max_new_tokens"], s["prompt_index"], s["round"]))

@@ -30,6 +30,7 @@ from pj_core.cli import main
 from pj_core.engine import PersonaJudge
 from pj_core.errors import InvalidGenerationConfigError, InvalidPromptError
 from pj_core.settings import PAPER
+from tests._tiny import make_tiny_model
 
 
 def test_presets_and_cells() -> None:
@@ -257,6 +258,43 @@ def test_engine_methods_pin_strength_zero_and_defaults_leave_it_to_the_engine() 
     assert seen[0]["strength"] == 0.0 and seen[0]["decoder"] == "persona-judge"
     assert seen[0]["strategy"] == "speculative"
     assert not {"strength", "decoder", "strategy"} & set(seen[1])
+
+
+def test_constrained_is_compared_with_the_same_decoding_unconstrained() -> None:
+    config = BenchConfig.preset("targets", methods=("defaults", "constrained"))
+    constrained = _worker("constrained", 18.0, 1000.0, 4, 128)  # 0.9x: met
+    constrained["samples"][0]["constraint_seconds"] = 0.256  # 2 ms per token
+    workers = [_worker("defaults", 20.0, 1000.0, 4, 128), constrained]
+    summary = summarise(config, workers)
+    (target,) = [t for t in summary["targets"] if t["engine"] == "constrained"]
+    assert target["value"] == pytest.approx(0.9) and target["met"]
+    assert target["threshold"] == 0.85
+    cell = next(c for c in summary["cells"] if c["method"] == "constrained")
+    assert cell["constraint_ms_per_token"] == pytest.approx(2.0)
+    plain = next(c for c in summary["cells"] if c["method"] == "defaults")
+    assert plain["constraint_ms_per_token"] is None
+
+
+def test_the_constrained_method_times_its_mask_and_runs_the_full_budget() -> None:
+    """On a tiny model whose tokenizer the grammar engine reads: the tool-call schema cannot
+    finish within the budget, every token parses as a prefix of it, and the mask is timed."""
+    from benchmarks.bench_config import Cell
+    from benchmarks.methods import TOOL_CALLS_SCHEMA, run_engine
+    from pj_core.engine import PersonaJudge
+    from tests._bpe import make_bpe_tokenizer
+
+    tokenizer = make_bpe_tokenizer()
+    engine = PersonaJudge(make_tiny_model(len(tokenizer), seed=4), tokenizer, eos_token_ids=())
+    config = BenchConfig.preset("quick")
+    sample = run_engine(engine, "hello", Cell("constrained", 4, 24), config, 0)
+    assert sample.tokens == 24
+    assert sample.constraint_seconds is not None and 0 < sample.constraint_seconds < sample.seconds
+    text = str(tokenizer.decode(sample.token_ids))
+    assert text.startswith('[{"name": "')
+    matcher = engine.compile_constraint(TOOL_CALLS_SCHEMA).matcher()  # type: ignore[union-attr]
+    for token in sample.token_ids:
+        matcher.consume(token)  # raises if any token broke the schema
+    assert not matcher.is_finished()
 
 
 def test_report_files(tmp_path: Path) -> None:

@@ -57,8 +57,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--methods",
         nargs="+",
         default=None,
-        help="subset of: plain reference authors speculative lockstep auto defaults "
-        "(defaults: the shipped strength and decoder; the engine methods run at strength 0)",
+        help="subset of: plain reference authors speculative lockstep auto defaults constrained "
+        "(defaults: the shipped strength and decoder; constrained: defaults with a tool-call "
+        "JSON schema; the other engine methods run at strength 0)",
     )
     parser.add_argument("--lookaheads", nargs="+", type=int, default=None, help="λ values")
     parser.add_argument("--tokens", nargs="+", type=int, default=None, help="new-token budgets")
