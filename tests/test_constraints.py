@@ -80,6 +80,8 @@ def test_bad_response_formats_raise_typed_errors(response_format: Any, fragment:
         (Grammar("start: missing_rule"), "missing_rule"),
         ({"type": "string", "format": "no-such-format"}, "no-such-format"),
         ({"type": "object", "properties": {"a": {"$ref": "#/defs/none"}}}, "defs"),
+        ({"type": "array", "uniqueItems": True}, "Unimplemented keys"),  # unsupported feature
+        ({"not": {"type": "string"}}, "Unimplemented keys"),
     ],
 )
 def test_what_the_engine_cannot_compile_fails_before_decoding(
