@@ -42,12 +42,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 from pj_core.decoding.batched import RequestRows, RunningRequest, decode_shared
+from pj_core.decoding.constraints import CompiledConstraint
 from pj_core.decoding.generation_config import GenerationConfig
 from pj_core.decoding.lockstep import lockstep_emissions
 from pj_core.decoding.logits import TransformFactory
 from pj_core.decoding.pool import pool_emissions
 from pj_core.errors import InvalidGenerationConfigError, PersonaJudgeError
 from pj_core.results import GenerationResult
+from pj_core.tools import Tool
 
 if TYPE_CHECKING:
     from pj_core.engine import PersonaJudge
@@ -90,6 +92,12 @@ class BatchRequest:
     response_format: Any = None
     """This request's constraint (as ``generate``'s ``response_format``); each request of a
     batch gets its own matcher."""
+    tools: Sequence[Any] | None = None
+    """Tools this request's answer may call (as ``generate``'s ``tools``)."""
+    tool_choice: str | None = None
+    """As ``generate``'s ``tool_choice``."""
+    parallel_tool_calls: bool | None = None
+    """As ``generate``'s ``parallel_tool_calls``."""
 
     @classmethod
     def coerce(cls, request: BatchRequest | Mapping[str, Any], index: int) -> BatchRequest:
@@ -119,9 +127,17 @@ class BatchRequest:
         return cls(**request)
 
 
-def _prepare(
-    engine: PersonaJudge, request: BatchRequest
-) -> tuple[list[list[int]], list[str], GenerationConfig, list[int] | None]:
+@dataclass(frozen=True)
+class _Prepared:
+    prompts: list[list[int]]
+    names: list[str]
+    config: GenerationConfig
+    neutral: list[int] | None
+    constraint: CompiledConstraint | None
+    tools: list[Tool] | None
+
+
+def _prepare(engine: PersonaJudge, request: BatchRequest) -> _Prepared:
     """Validate a request and render its persona prompts (and its neutral prompt when it is
     guided), as ``PersonaJudge.stream`` does."""
     config = GenerationConfig.create(
@@ -139,13 +155,20 @@ def _prepare(
         stop=request.stop,
     )
     config = dataclasses.replace(config, strategy="lockstep")
-    prompts, names = engine.render_prompts(request.conversation, request.personas)
+    conversation, constraint, tools = engine.prepare_output(
+        request.conversation,
+        request.response_format,
+        request.tools,
+        request.tool_choice,
+        request.parallel_tool_calls,
+    )
+    prompts, names = engine.render_prompts(conversation, request.personas)
     neutral = (
-        engine.render_neutral_prompt(request.conversation, request.neutral_system)
+        engine.render_neutral_prompt(conversation, request.neutral_system)
         if config.strength > 0
         else None
     )
-    return prompts, names, config, neutral
+    return _Prepared(prompts, names, config, neutral, constraint, tools)
 
 
 @overload
@@ -237,18 +260,20 @@ def generate_batch(
         view = RequestRows()
         try:
             request = BatchRequest.coerce(raw, index)
-            prompts, names, config, neutral = _prepare(engine, request)
+            ready = _prepare(engine, request)
+            prompts, config, neutral = ready.prompts, ready.config, ready.neutral
             # The engine's own checks and event stream; only the rows come from the batch.
             decode = pool_emissions if config.decoder == "pool" else lockstep_emissions
             source = functools.partial(decode, contexts=view)
             events = engine.stream_prepared(
                 prompts,
-                names,
+                ready.names,
                 config,
                 emission_source=source,
                 logit_transforms=request.logit_transforms,
                 neutral_prompt=neutral,
-                constraint=engine.compile_constraint(request.response_format),
+                constraint=ready.constraint,
+                tools=ready.tools,
             )
         except PersonaJudgeError as exc:
             fail(index, exc)

@@ -30,6 +30,7 @@ from pj_core.backends.hf.models import DEFAULT_MODEL
 from pj_core.decoding.constraints import (
     CompiledConstraint,
     ConstraintMask,
+    JsonSchema,
     ResponseFormat,
     compile_constraint,
 )
@@ -54,8 +55,10 @@ from pj_core.decoding.strategy_choice import (
 )
 from pj_core.errors import (
     ContextOverflowError,
+    InvalidConstraintError,
     InvalidGenerationConfigError,
     InvalidPromptError,
+    InvalidToolError,
     PersonaJudgeError,
 )
 from pj_core.results import (
@@ -65,8 +68,18 @@ from pj_core.results import (
     StrategyName,
     StreamEvent,
     TokenTrace,
+    ToolCall,
 )
 from pj_core.settings import DEFAULTS, Settings
+from pj_core.tools import (
+    Tool,
+    ToolLike,
+    as_tools,
+    check_tool_choice,
+    parse_tool_calls,
+    tool_grammar,
+    tools_system_text,
+)
 
 if TYPE_CHECKING:
     from pj_core.batch import BatchRequest
@@ -185,6 +198,9 @@ class PersonaJudge:
         stop: Sequence[str] | None = None,
         logit_transforms: Sequence[TransformFactory] = (),
         response_format: ResponseFormat | None = None,
+        tools: Sequence[ToolLike] | None = None,
+        tool_choice: str | None = None,
+        parallel_tool_calls: bool | None = None,
     ) -> GenerationResult:
         """Generate one answer in which every token follows a persona's judgement.
 
@@ -230,11 +246,20 @@ class PersonaJudge:
                 :mod:`pj_core.decoding.constraints` ``JsonSchema``/``Regex``/``Grammar``/
                 ``Choice``. Tokens the constraint forbids are masked in p and q alike (after
                 every other transform), and EOS is allowed exactly where the answer may end.
+            tools: tools the model may call (:class:`pj_core.tools.Tool` or dicts, OpenAI's
+                function layout included): described in the system text, and the answer
+                constrained so every call names a tool and has valid arguments
+                (:mod:`pj_core.tools`). Not together with ``response_format``.
+            tool_choice: "auto" (text or a call; default), "required"/"any" (a call), a
+                tool's name (one call of it), or "none" (text only).
+            parallel_tool_calls: True allows several calls in one answer (default: one).
 
         Returns:
             A :class:`GenerationResult` with text, token ids, stats and trace; with a
             ``response_format`` that the answer completed (``finish_reason == "eos"``),
             ``parsed`` holds it as data (a pydantic instance, the JSON value, or the text).
+            With ``tools``, ``tool_calls`` holds the answer's calls (``text`` keeps the answer
+            as written, call markup included).
 
         Raises:
             InvalidGenerationConfigError: a setting is out of range.
@@ -264,6 +289,9 @@ class PersonaJudge:
                 stop=stop,
                 logit_transforms=logit_transforms,
                 response_format=response_format,
+                tools=tools,
+                tool_choice=tool_choice,
+                parallel_tool_calls=parallel_tool_calls,
             )
         )
 
@@ -286,6 +314,9 @@ class PersonaJudge:
         stop: Sequence[str] | None = None,
         logit_transforms: Sequence[TransformFactory] = (),
         response_format: ResponseFormat | None = None,
+        tools: Sequence[ToolLike] | None = None,
+        tool_choice: str | None = None,
+        parallel_tool_calls: bool | None = None,
     ) -> Iterator[StreamEvent]:
         """Like :meth:`generate`, but yield one :class:`StreamEvent` per emitted token, then a
         final event (``done=True``) carrying the :class:`GenerationResult`.
@@ -310,7 +341,9 @@ class PersonaJudge:
             seed=seed,
             stop=stop,
         )
-        constraint = self.compile_constraint(response_format)
+        conversation, constraint, checked_tools = self.prepare_output(
+            conversation, response_format, tools, tool_choice, parallel_tool_calls
+        )
         prompts, names = self.render_prompts(conversation, personas)
         neutral = (
             self.render_neutral_prompt(conversation, neutral_system)
@@ -324,7 +357,56 @@ class PersonaJudge:
             logit_transforms=logit_transforms,
             neutral_prompt=neutral,
             constraint=constraint,
+            tools=checked_tools,
         )
+
+    def prepare_output(
+        self,
+        conversation: str | Sequence[dict[str, Any]],
+        response_format: ResponseFormat | None,
+        tools: Sequence[ToolLike] | None,
+        tool_choice: str | None,
+        parallel_tool_calls: bool | None = None,
+    ) -> tuple[str | Sequence[dict[str, Any]], CompiledConstraint | None, list[Tool] | None]:
+        """What a call's output must look like: its conversation (with the tools' system
+        text when it has tools), its compiled constraint, and its checked tools.
+
+        Raises:
+            InvalidConstraintError: see :meth:`compile_constraint`.
+            InvalidToolError: bad tools or tool_choice, or a tool whose parameters cannot be
+                compiled (naming it); ``tool_choice`` without tools.
+            InvalidGenerationConfigError: both ``tools`` and ``response_format``.
+        """
+        if tools is None:
+            if tool_choice is not None or parallel_tool_calls is not None:
+                given = "tool_choice" if tool_choice is not None else "parallel_tool_calls"
+                raise InvalidToolError(f"{given} was given without tools")
+            return conversation, self.compile_constraint(response_format), None
+        if response_format is not None:
+            raise InvalidGenerationConfigError(
+                "give tools= or response_format=, not both: a tool call's arguments are "
+                "already constrained by the tool's schema"
+            )
+        checked = as_tools(tools)
+        choice = check_tool_choice(tool_choice, checked)
+        if parallel_tool_calls is not None and not isinstance(parallel_tool_calls, bool):
+            raise InvalidToolError(
+                f"parallel_tool_calls must be True or False, got {parallel_tool_calls!r}"
+            )
+        parallel = bool(parallel_tool_calls)
+        for tool in checked:  # name the tool whose schema the grammar engine rejects
+            try:
+                self.compile_constraint(JsonSchema(tool.parameters))
+            except InvalidConstraintError as exc:
+                raise InvalidToolError(f"tool {tool.name!r}: {exc}") from None
+        system = {"role": "system", "content": tools_system_text(checked, choice, parallel)}
+        turns: list[dict[str, Any]] = (
+            [{"role": "user", "content": conversation}]
+            if isinstance(conversation, str)
+            else list(conversation)
+        )
+        constraint = self.compile_constraint(tool_grammar(checked, choice, parallel))
+        return [system, *turns], constraint, checked
 
     def compile_constraint(
         self, response_format: ResponseFormat | None
@@ -561,6 +643,7 @@ class PersonaJudge:
         logit_transforms: Sequence[TransformFactory] = (),
         neutral_prompt: list[int] | None = None,
         constraint: CompiledConstraint | None = None,
+        tools: Sequence[Tool] | None = None,
     ) -> Iterator[StreamEvent]:
         """The low-level entry every stream goes through: rendered ``prompts`` (from
         :meth:`render_prompts`), persona ``names`` and a validated :class:`GenerationConfig`.
@@ -576,7 +659,8 @@ class PersonaJudge:
         ``config.strength > 0`` and ignored otherwise; the emission source then gets it as
         ``neutral=`` (an ``emission_source`` must accept that keyword to serve guided calls).
         ``constraint`` (from :meth:`compile_constraint`) adds a fresh matcher for this answer
-        as the last transform, and the final result's ``parsed``.
+        as the last transform, and the final result's ``parsed``; with ``tools`` (from
+        :meth:`prepare_output`) the final result's ``tool_calls`` instead.
         """
         transforms = build_transforms(logit_transforms)
         if constraint is not None:  # last: no other transform may unmask a forbidden token
@@ -630,6 +714,7 @@ class PersonaJudge:
             transforms,
             neutral_prompt,
             constraint,
+            tools,
         )
 
     def _events(
@@ -642,6 +727,7 @@ class PersonaJudge:
         transforms: Sequence[LogitTransform] = (),
         neutral_prompt: list[int] | None = None,
         constraint: CompiledConstraint | None = None,
+        tools: Sequence[Tool] | None = None,
     ) -> Iterator[StreamEvent]:
         generator = torch.Generator(device="cpu")
         if config.seed is None:
@@ -721,7 +807,8 @@ class PersonaJudge:
             trace=trace,
             finish_reason=finish,
             prompt_tokens=max(len(p) for p in prompts),
-            parsed=_parsed(constraint, finish, matcher.text),
+            parsed=None if tools else _parsed(constraint, finish, matcher.text),
+            tool_calls=_tool_calls(tools, finish, matcher.text),
         )
         yield StreamEvent(text=tail, done=True, result=result)
 
@@ -794,3 +881,10 @@ def _parsed(constraint: CompiledConstraint | None, finish: FinishReason, text: s
         return constraint.parse(text)
     except ValueError:  # json/pydantic errors: a schema rule the grammar engine does not check
         return None
+
+
+def _tool_calls(tools: Sequence[Tool] | None, finish: FinishReason, text: str) -> list[ToolCall]:
+    """The answer's tool calls when it had tools and completed (EOS); else none."""
+    if not tools or finish != "eos":
+        return []
+    return parse_tool_calls(text, tools)[1]

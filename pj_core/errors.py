@@ -82,6 +82,13 @@ class InvalidConstraintError(InvalidGenerationConfigError):
     compile, or a tokenizer it cannot read. Raised before any decoding."""
 
 
+class InvalidToolError(InvalidConstraintError):
+    """``tools`` or ``tool_choice`` that cannot be used: not a list of tools, a tool without
+    a valid name or with arguments that are not an object schema (or that the grammar engine
+    cannot compile), two tools with one name, a ``tool_choice`` that names no tool. Raised
+    before any decoding."""
+
+
 class ContextOverflowError(PersonaJudgeError, ValueError):
     """The prompt plus the token budget do not fit in the model's context window.
 

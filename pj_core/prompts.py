@@ -42,6 +42,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
@@ -51,9 +52,14 @@ from transformers import PreTrainedTokenizerBase
 
 from pj_core.errors import InvalidPersonaError, InvalidPromptError
 
-Conversation = str | Sequence[Mapping[str, str]]
+Conversation = str | Sequence[Mapping[str, Any]]
 
 ROLES = ("system", "user", "assistant")
+TOOL_CALL_OPEN = "<tool_call>"
+TOOL_CALL_CLOSE = "</tool_call>"
+"""How a tool call is written in an answer: ``<tool_call>``, a newline, one line of JSON
+``{"name": ..., "arguments": {...}}``, a newline, ``</tool_call>`` (the layout of Hermes- and
+Qwen-style templates; :mod:`pj_core.tools` constrains answers to it)."""
 CONTROL_TOKEN_BREAK = "\u2060"  # WORD JOINER: invisible, and splits a control token's text
 BASE_USER_LABEL = "User:"
 BASE_ASSISTANT_LABEL = "Assistant:"
@@ -75,9 +81,14 @@ def normalize_conversation(conversation: Conversation) -> list[dict[str, str]]:
     """Validate a conversation and merge consecutive messages of the same role.
 
     A plain string is one user message. Each message is a mapping with ``"role"`` (one of
-    ``system``, ``user``, ``assistant``) and a string ``"content"``; other keys are ignored.
-    There must be at least one user message, and no message may be empty. Tool messages are
-    rejected: put tool results into a user message yourself, in the words the model should see.
+    ``system``, ``user``, ``assistant``, ``tool``) and a string ``"content"``; other keys are
+    ignored, except for tool calling: an assistant message's ``"tool_calls"`` (each with
+    ``"name"`` and ``"arguments"``, a dict or its JSON text; or OpenAI's ``{"function": ...}``
+    shape) are written after its content as :func:`tool_call_block` s, and a ``tool`` message
+    (a tool's result, with an optional ``"name"``) becomes a user turn saying which tool
+    returned what, since small models' chat templates have no tool role. There must be at least
+    one user message, and no message may be empty (an assistant message that only calls tools
+    may have empty content).
 
     Example:
         >>> normalize_conversation([{"role": "user", "content": "Hi."},
@@ -115,6 +126,42 @@ def normalize_conversation(conversation: Conversation) -> list[dict[str, str]]:
     return merged
 
 
+def tool_call_block(name: str, arguments: Mapping[str, Any]) -> str:
+    """One tool call as the model writes it (see :data:`TOOL_CALL_OPEN`).
+
+    Example:
+        >>> print(tool_call_block("add", {"a": 1, "b": 2}))
+        <tool_call>
+        {"name": "add", "arguments": {"a": 1, "b": 2}}
+        </tool_call>
+    """
+    call = json.dumps({"name": name, "arguments": dict(arguments)}, ensure_ascii=False)
+    return f"{TOOL_CALL_OPEN}\n{call}\n{TOOL_CALL_CLOSE}"
+
+
+def _tool_calls_text(index: int, calls: object) -> str:
+    if isinstance(calls, str | bytes) or not isinstance(calls, Sequence):
+        raise InvalidPromptError(f"message {index}: tool_calls must be a list of calls")
+    blocks = []
+    for number, call in enumerate(calls):
+        if isinstance(call, Mapping) and isinstance(call.get("function"), Mapping):
+            call = call["function"]  # OpenAI's shape
+        name = call.get("name") if isinstance(call, Mapping) else None
+        arguments = call.get("arguments", {}) if isinstance(call, Mapping) else None
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError:
+                arguments = None
+        if not isinstance(name, str) or not name or not isinstance(arguments, Mapping):
+            raise InvalidPromptError(
+                f"message {index}: tool call {number} needs a 'name' and 'arguments' (a dict or "
+                "its JSON text)"
+            )
+        blocks.append(tool_call_block(name, arguments))
+    return "\n".join(blocks)
+
+
 def _check_message(index: int, message: object) -> tuple[str, str]:
     if not isinstance(message, Mapping):
         raise InvalidPromptError(
@@ -122,11 +169,18 @@ def _check_message(index: int, message: object) -> tuple[str, str]:
             "with 'role' and 'content' (convert framework message objects first)"
         )
     role, content = message.get("role"), message.get("content")
+    if role == "assistant" and message.get("tool_calls"):
+        calls = _tool_calls_text(index, message["tool_calls"])
+        text = content.strip() if isinstance(content, str) else ""
+        content = f"{text}\n{calls}" if text else calls
     if role == "tool":
-        raise InvalidPromptError(
-            f"message {index} has role 'tool', which persona-judge does not render; put the "
-            "tool result into a user message, e.g. 'Tool result: ...'"
-        )
+        if not isinstance(content, str) or not content.strip():
+            raise InvalidPromptError(
+                f"message {index} (tool) needs the tool's result as non-empty text"
+            )
+        name = message.get("name")
+        who = f"Tool {name}" if isinstance(name, str) and name else "The tool"
+        return "user", f"{who} returned: {content}"
     if role not in ROLES:
         raise InvalidPromptError(
             f"message {index} has role {role!r}; use one of {', '.join(ROLES)}"

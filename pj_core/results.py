@@ -88,6 +88,21 @@ class TokenTrace:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """One tool call in an answer (see :mod:`pj_core.tools`).
+
+    Attributes:
+        name: the tool's name.
+        arguments: its arguments, parsed from the answer's JSON.
+        id: a fresh id, ``call_<hex>``, to match the tool's result to the call.
+    """
+
+    name: str
+    arguments: dict[str, Any]
+    id: str
+
+
+@dataclass(frozen=True)
 class GenerationResult:
     """The answer of :meth:`pj_core.PersonaJudge.generate`.
 
@@ -101,6 +116,8 @@ class GenerationResult:
         parsed: with a ``response_format``, the completed answer as data (an instance of the
             pydantic model, the JSON value, or the text); None without one, or when the budget
             or a stop string ended the answer first.
+        tool_calls: with ``tools``, the completed answer's tool calls (name, arguments, id);
+            empty without tools, for a text answer, or when the answer did not complete.
     """
 
     text: str
@@ -110,6 +127,7 @@ class GenerationResult:
     finish_reason: FinishReason
     prompt_tokens: int
     parsed: Any = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

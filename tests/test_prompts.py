@@ -95,7 +95,7 @@ def test_normalize_does_not_modify_the_input() -> None:
         ([{"role": "system", "content": "x"}], "no user message"),
         ({"role": "user", "content": "x"}, "list of messages"),
         ([("user", "x")], "mapping"),
-        ([{"role": "tool", "content": "42"}], "tool"),
+        ([{"role": "tool", "content": " "}], "(tool) needs the tool's result"),
         ([{"role": "robot", "content": "x"}], "'robot'"),
         ([{"role": "user"}], "NoneType"),
         ([{"role": "user", "content": [{"type": "text", "text": "x"}]}], "list"),
