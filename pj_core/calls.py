@@ -80,7 +80,11 @@ the frameworks' name for the engine's ``max_new_tokens``)."""
 PERSONA_OPTIONS: tuple[str, ...] = ("preferences", "persona", "profile_id", "user_id")
 """Per-call option names that choose the personas."""
 
-CALL_OPTIONS: tuple[str, ...] = (*GENERATION_OPTIONS, *PERSONA_OPTIONS, "model")
+TOOL_OPTIONS: tuple[str, ...] = ("tools", "tool_choice", "parallel_tool_calls", "response_format")
+"""Per-call options that shape the answer (``PersonaJudge.generate``'s names); a framework
+binds them to a call (LangChain's ``bind_tools``, ``with_structured_output``)."""
+
+CALL_OPTIONS: tuple[str, ...] = (*GENERATION_OPTIONS, *PERSONA_OPTIONS, *TOOL_OPTIONS, "model")
 """Every per-call option an adapter accepts (``model``: another model spec for this call)."""
 
 _ENGINE_NAMES = {"max_tokens": "max_new_tokens"}
@@ -549,7 +553,7 @@ def build_call(
         >>> call.generate_kwargs, call.persona_source
         ({'temperature': 0.5, 'seed': 1}, 'preferences')
     """
-    check_call_options(options, extra_allowed=("model",))
+    check_call_options(options, extra_allowed=("model", *TOOL_OPTIONS))
     model = options.get("model")
     if model is not None:
         if not isinstance(model, str | os.PathLike):
@@ -579,6 +583,7 @@ def build_call(
         profile_defaults=choice.generation_defaults,
         overrides={name: options[name] for name in GENERATION_OPTIONS if name in options},
     )
+    kwargs.update({name: options[name] for name in TOOL_OPTIONS if options.get(name) is not None})
     engine = settings.engine if settings.engine is not None else shared_engine(spec).engine
     layout_stops = stop_strings(engine.tokenizer)
     if layout_stops:

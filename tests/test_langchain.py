@@ -142,7 +142,7 @@ def test_construction_is_lazy_and_cheap(tmp_path: Path) -> None:
     assert len(models) == 10
     assert not is_loaded(spec)
     assert "max_input_tokens" not in (models[0].profile or {})
-    assert models[0].profile is not None and models[0].profile["tool_calling"] is False
+    assert models[0].profile is not None and models[0].profile["tool_calling"] is True
 
 
 def test_bad_settings_raise_typed_errors() -> None:

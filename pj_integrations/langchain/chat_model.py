@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, Literal
 
 from langchain_core.callbacks import (
@@ -25,7 +25,7 @@ from langchain_core.messages import (
     BaseMessage,
 )
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import get_config_list
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 from typing_extensions import Self
@@ -38,12 +38,12 @@ from pj_core.calls import (
     PersonaSources,
     build_call,
     counting_tokenizer,
-    is_loaded,
     settings_error,
     shared_engine,
 )
 from pj_core.engine import PersonaJudge
 from pj_core.personas import PersonaProfile, PreferenceSpec, check_user_id
+from pj_core.tools import as_tools, check_tool_choice
 from pj_integrations._threads import iterate_in_thread
 from pj_integrations.langchain.batching import abatch_invokes, batch_invokes, current_slot
 from pj_integrations.langchain.config import reads_config_user, with_config_user
@@ -53,6 +53,12 @@ from pj_integrations.langchain.messages import (
     response_metadata,
     to_conversation,
     usage,
+)
+from pj_integrations.langchain.metadata import langsmith_params, model_profile
+from pj_integrations.langchain.tools import (
+    format_tools,
+    message_tool_call_chunks,
+    resolve_tool_choice,
 )
 
 # ----------------------------------------------------------------------------- the chat model
@@ -239,48 +245,12 @@ class ChatPersonaJudge(BaseChatModel):
         return params
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        model = kwargs.get("model")
-        params = LangSmithParams(
-            ls_provider="persona_judge",
-            ls_model_name=model if isinstance(model, str) else self.model,
-            ls_model_type="chat",
+        return langsmith_params(
+            self.model, self.temperature, self.max_tokens, self.stop, stop, kwargs
         )
-        temperature = kwargs.get("temperature", self.temperature)
-        if temperature is not None:
-            params["ls_temperature"] = temperature
-        max_tokens = kwargs.get("max_tokens", self.max_tokens)
-        if max_tokens is not None:
-            params["ls_max_tokens"] = max_tokens
-        stops = stop if stop is not None else self.stop
-        if stops:
-            params["ls_stop"] = list(stops)
-        return params
 
     def _resolve_model_profile(self) -> ModelProfile | None:
-        profile = ModelProfile(
-            name=self.model,
-            open_weights=True,
-            text_inputs=True,
-            image_inputs=False,
-            image_url_inputs=False,
-            pdf_inputs=False,
-            audio_inputs=False,
-            video_inputs=False,
-            text_outputs=True,
-            image_outputs=False,
-            audio_outputs=False,
-            video_outputs=False,
-            tool_calling=False,
-            tool_choice=False,
-            structured_output=False,
-            reasoning_output=False,
-            temperature=True,
-        )
-        # The context window is known once the model is loaded; loading it here would make
-        # constructing an instance cost seconds, so a cold instance learns it on first use.
-        if is_loaded(self.model):
-            profile["max_input_tokens"] = shared_engine(self.model).engine.context_window
-        return profile
+        return model_profile(self.model)
 
     def load(self) -> Self:
         """Load the model now (normally the first call does) and fill ``profile``.
@@ -319,6 +289,41 @@ class ChatPersonaJudge(BaseChatModel):
     stream_events = reads_config_user(BaseChatModel.stream_events)
     astream_events = reads_config_user(BaseChatModel.astream_events)
 
+    # ------------------------------------------------------------------ tools
+
+    def bind_tools(
+        self,
+        tools: Sequence[Any],
+        *,
+        tool_choice: Any = None,
+        parallel_tool_calls: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools (``BaseTool``, functions, pydantic models or dict schemas) to every call.
+
+        Answers are constrained so that every call names one of ``tools`` and has arguments
+        valid against its schema (``AIMessage.tool_calls``, with ids). ``tool_choice``:
+        "auto" (default: text or a call), "required"/"any"/True (a call), a tool's name or
+        ``{"type": "function", "function": {"name": ...}}`` (one call of it), "none" (text).
+        One call per answer unless ``parallel_tool_calls=True``.
+
+        Raises:
+            InvalidToolError: a tool LangChain cannot describe, duplicate names, an unknown
+                ``tool_choice`` (before any decoding).
+
+        Example:
+            >>> llm.bind_tools([add], tool_choice="add").invoke("2 + 3?")  # doctest: +SKIP
+        """
+        formatted = format_tools(tools)
+        choice = resolve_tool_choice(tool_choice)
+        check_tool_choice(choice, as_tools(formatted))  # fail at bind time, not per call
+        bound: dict[str, Any] = {"tools": formatted, **kwargs}
+        if choice is not None:
+            bound["tool_choice"] = choice
+        if parallel_tool_calls is not None:
+            bound["parallel_tool_calls"] = parallel_tool_calls
+        return self.bind(**bound)
+
     # ------------------------------------------------------------------ batches
 
     def batch(
@@ -332,23 +337,15 @@ class ChatPersonaJudge(BaseChatModel):
         """Answer many inputs, each with its own user, personas and prompt, in ONE batched
         decode (:meth:`pj_core.engine.PersonaJudge.generate_batch`) instead of one call each.
 
-        Every input goes through :meth:`invoke` exactly as on its own: ``config`` may be a
-        list, one per input, whose ``configurable["user_id"]`` picks that input's user;
-        keyword arguments (``stop``, ``seed``, ``preferences``, ... and those bound with
-        ``bind``) apply to every input; callbacks, cache, rate limiter and message ids are
-        LangChain's own. Only the decoding is shared: the inputs' requests meet in one
-        ``generate_batch`` (see :mod:`pj_integrations.langchain.batching`). Each answer is
-        invoke's with the same seed (up to rare float rounding differences between batched
-        and single forwards); ``stats`` describe the batched run (``strategy`` ``"lockstep"``).
-        An input that streams (``streaming=True``, or a streaming callback handler such as
-        ``astream_events``'s) decodes on its own, as invoke streams it.
-
-        An input that fails (no human message, unknown user, prompt too long for the context
-        window, ...) gets its typed :class:`~pj_core.errors.PersonaJudgeError`. With
-        ``return_exceptions=True`` the error takes its place in the list and the other inputs
-        are answered; otherwise it is raised, before anything is decoded when the adapter can
-        tell from the input alone. ``config["max_concurrency"]`` decodes the inputs that many
-        at a time.
+        Every input goes through :meth:`invoke` exactly as on its own (per-input ``config``
+        and its ``configurable["user_id"]``, keyword arguments and ``bind`` for all inputs,
+        LangChain's callbacks, cache, rate limiter and message ids); only the decoding is
+        shared (:mod:`pj_integrations.langchain.batching`). Each answer is invoke's with the
+        same seed (up to rare float rounding differences); ``stats`` describe the batched
+        run. A streamed input decodes on its own. An input that fails gets its typed error:
+        in its slot with ``return_exceptions=True``, else raised (before anything is decoded
+        when the input alone shows it). ``config["max_concurrency"]`` decodes that many at
+        a time.
 
         Example:
             >>> users = [{"configurable": {"user_id": u}} for u in ("alice", "bob")]
@@ -456,19 +453,25 @@ class ChatPersonaJudge(BaseChatModel):
         if slot is not None:  # a streamed input of a batch decodes on its own
             slot.gather.leave(slot)
         request = self._request(messages, stop, kwargs)
+        calling = False  # the answer is tool calls: they come whole, in the last chunk
         for event in request.stream():
             if event.done:
                 assert event.result is not None  # the engine's final event carries it
+                ai_message(request, event.result)  # raises for a call cut short by the budget
                 yield ChatGenerationChunk(
                     message=AIMessageChunk(
-                        content=event.text,
+                        content="" if calling else event.text,
+                        tool_call_chunks=message_tool_call_chunks(event.result),
                         usage_metadata=usage(event.result),
                         response_metadata=response_metadata(request, event.result),
                         chunk_position="last",
                     )
                 )
             elif event.text:
-                yield ChatGenerationChunk(message=AIMessageChunk(content=event.text))
+                tools = bool(request.generate_kwargs.get("tools"))
+                calling = calling or (tools and event.text.startswith("<"))
+                if not calling:
+                    yield ChatGenerationChunk(message=AIMessageChunk(content=event.text))
 
     def _request(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]

@@ -26,6 +26,7 @@ from langchain_core.prompt_values import PromptValue, StringPromptValue
 
 from pj_core.calls import CallRequest, stats_dict
 from pj_core.errors import InvalidPromptError
+from pj_core.prompts import tool_call_block
 from pj_core.results import GenerationResult
 
 
@@ -34,9 +35,10 @@ def to_conversation(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
 
     - System messages, wherever they are, are joined into one system message placed first;
       the persona text is later combined with it in each persona prefix.
-    - Human messages become ``user`` turns, AI messages ``assistant`` turns; a tool (or
-      function) result becomes a ``user`` turn that says which tool answered, because small
-      models' chat templates have no tool role.
+    - Human messages become ``user`` turns, AI messages ``assistant`` turns (their tool
+      calls written after the text as the model writes them); a tool (or function) result
+      becomes a ``user`` turn that says which tool answered, because small models' chat
+      templates have no tool role.
     - Runs of the same role are merged into one turn (chat templates expect alternation);
       messages without text are left out.
     - Only text is read; images, audio and files raise :class:`InvalidPromptError`.
@@ -53,8 +55,12 @@ def to_conversation(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
     for index, message in enumerate(messages):
         role = _role_of(message, index)
         text = _text_of(message, index)
+        if isinstance(message, AIMessage) and message.tool_calls:
+            # The model's own earlier calls, written as it writes them, so it sees what it did.
+            calls = "\n".join(tool_call_block(c["name"], c["args"]) for c in message.tool_calls)
+            text = f"{text.strip()}\n{calls}" if text.strip() else calls
         if not text.strip():
-            continue  # e.g. an AI turn that only held tool calls: nothing to show the model
+            continue
         if role == "system":
             system_parts.append(text)
             continue
@@ -151,8 +157,17 @@ def messages_of(input_: Any) -> list[BaseMessage]:
 
 
 def ai_message(request: CallRequest, result: GenerationResult) -> AIMessage:
+    """The answer as an ``AIMessage``: its text, or its tool calls (with empty content).
+
+    Raises:
+        OutputParserException: the answer ran out of budget inside a tool call.
+    """
+    from pj_integrations.langchain.tools import check_complete, message_tool_calls
+
+    check_complete(result, request.generate_kwargs)
     return AIMessage(
-        content=result.text,
+        content="" if result.tool_calls else result.text,
+        tool_calls=message_tool_calls(result),
         usage_metadata=usage(result),
         response_metadata=response_metadata(request, result),
     )
