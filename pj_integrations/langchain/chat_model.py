@@ -43,7 +43,6 @@ from pj_core.calls import (
 )
 from pj_core.engine import PersonaJudge
 from pj_core.personas import PersonaProfile, PreferenceSpec, check_user_id
-from pj_core.tools import as_tools, check_tool_choice
 from pj_integrations._threads import iterate_in_thread
 from pj_integrations.langchain.batching import abatch_invokes, batch_invokes, current_slot
 from pj_integrations.langchain.config import reads_config_user, with_config_user
@@ -55,11 +54,8 @@ from pj_integrations.langchain.messages import (
     usage,
 )
 from pj_integrations.langchain.metadata import langsmith_params, model_profile
-from pj_integrations.langchain.tools import (
-    format_tools,
-    message_tool_call_chunks,
-    resolve_tool_choice,
-)
+from pj_integrations.langchain.structured import structured_output
+from pj_integrations.langchain.tools import message_tool_call_chunks, tool_bindings
 
 # ----------------------------------------------------------------------------- the chat model
 
@@ -131,8 +127,8 @@ class ChatPersonaJudge(BaseChatModel):
         ``"persona"`` or ``"profile:<user id>"``). ``usage_metadata`` counts tokens with the
         model's tokenizer; ``input_tokens`` is the longest persona prompt.
 
-    Not supported (and flagged so): tool calling, structured output, JSON mode, images and
-    other non-text inputs.
+    Tools: :meth:`bind_tools`; objects: :meth:`with_structured_output`; both valid by
+    construction. Not supported: images and other non-text inputs.
     """
 
     model: str = DEFAULT_MODEL
@@ -299,30 +295,25 @@ class ChatPersonaJudge(BaseChatModel):
         parallel_tool_calls: bool | None = None,
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, AIMessage]:
-        """Bind tools (``BaseTool``, functions, pydantic models or dict schemas) to every call.
+        """Bind tools (``BaseTool``, functions, pydantic models, dict schemas) to every call:
+        each ``AIMessage.tool_calls`` entry names one of them with valid arguments, by
+        construction. ``tool_choice``: "auto", "required"/"any"/True, a tool's name (or
+        OpenAI's dict), "none"; bad tools or choices raise ``InvalidToolError`` here (see
+        :mod:`pj_integrations.langchain.tools`)."""
+        return self.bind(**tool_bindings(tools, tool_choice, parallel_tool_calls), **kwargs)
 
-        Answers are constrained so that every call names one of ``tools`` and has arguments
-        valid against its schema (``AIMessage.tool_calls``, with ids). ``tool_choice``:
-        "auto" (default: text or a call), "required"/"any"/True (a call), a tool's name or
-        ``{"type": "function", "function": {"name": ...}}`` (one call of it), "none" (text).
-        One call per answer unless ``parallel_tool_calls=True``.
-
-        Raises:
-            InvalidToolError: a tool LangChain cannot describe, duplicate names, an unknown
-                ``tool_choice`` (before any decoding).
-
-        Example:
-            >>> llm.bind_tools([add], tool_choice="add").invoke("2 + 3?")  # doctest: +SKIP
-        """
-        formatted = format_tools(tools)
-        choice = resolve_tool_choice(tool_choice)
-        check_tool_choice(choice, as_tools(formatted))  # fail at bind time, not per call
-        bound: dict[str, Any] = {"tools": formatted, **kwargs}
-        if choice is not None:
-            bound["tool_choice"] = choice
-        if parallel_tool_calls is not None:
-            bound["parallel_tool_calls"] = parallel_tool_calls
-        return self.bind(**bound)
+    def with_structured_output(
+        self,
+        schema: Any = None,
+        *,
+        include_raw: bool = False,
+        method: str = "json_schema",
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, Any]:
+        """Answers as objects valid against ``schema`` (a pydantic class or a JSON schema
+        dict), by construction; methods "json_schema" (default), "function_calling",
+        "json_mode"; see :mod:`pj_integrations.langchain.structured`."""
+        return structured_output(self, schema, method=method, include_raw=include_raw)
 
     # ------------------------------------------------------------------ batches
 

@@ -63,7 +63,7 @@ def model_profile(model: str) -> ModelProfile:
         video_outputs=False,
         tool_calling=True,
         tool_choice=True,
-        structured_output=False,
+        structured_output=True,
         reasoning_output=False,
         temperature=True,
     )

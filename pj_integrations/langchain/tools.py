@@ -30,6 +30,28 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pj_core.errors import InvalidToolError
 from pj_core.prompts import TOOL_CALL_OPEN
 from pj_core.results import GenerationResult
+from pj_core.tools import as_tools, check_tool_choice
+
+
+def tool_bindings(
+    tools: Sequence[Any], tool_choice: object, parallel_tool_calls: bool | None
+) -> dict[str, Any]:
+    """What ``bind_tools`` binds: the tools as dicts, the resolved ``tool_choice`` and
+    ``parallel_tool_calls``, checked now (not at the first call).
+
+    Raises:
+        InvalidToolError: a tool LangChain cannot describe, duplicate names, an unknown or
+            malformed ``tool_choice``.
+    """
+    formatted = format_tools(tools)
+    choice = resolve_tool_choice(tool_choice)
+    check_tool_choice(choice, as_tools(formatted))
+    bound: dict[str, Any] = {"tools": formatted}
+    if choice is not None:
+        bound["tool_choice"] = choice
+    if parallel_tool_calls is not None:
+        bound["parallel_tool_calls"] = parallel_tool_calls
+    return bound
 
 
 def format_tools(tools: Sequence[Any]) -> list[dict[str, Any]]:
