@@ -89,7 +89,8 @@ def as_tools(tools: Sequence[ToolLike]) -> list[Tool]:
 
     Raises:
         InvalidToolError: not a list, an empty list, a tool without a valid name, a
-            ``parameters`` that is not an object schema, or two tools with one name.
+            ``parameters`` that is not an object schema, or two different tools with one
+            name (the same tool given twice, annotations aside, is kept once).
 
     Example:
         >>> [t.name for t in as_tools([{"type": "function", "function": {"name": "now"}}])]
@@ -105,10 +106,29 @@ def as_tools(tools: Sequence[ToolLike]) -> list[Tool]:
     out: list[Tool] = []
     for index, item in enumerate(tools):
         tool = _as_tool(index, item)
-        if any(t.name == tool.name for t in out):
-            raise InvalidToolError(f"two tools are called {tool.name!r}; tool names must be unique")
-        out.append(tool)
+        same_name = next((t for t in out if t.name == tool.name), None)
+        if same_name is None:
+            out.append(tool)
+        elif _meaning(same_name.parameters) != _meaning(tool.parameters):
+            raise InvalidToolError(
+                f"two different tools are called {tool.name!r}; give each tool its own name"
+            )
+        # else: the same tool twice (e.g. a pydantic class and its JSON schema): kept once
     return out
+
+
+def _meaning(schema: object) -> object:
+    """A schema without its annotations (``title``, ``description``, ``examples``), to tell
+    the same tool given twice from two tools that share a name."""
+    if isinstance(schema, Mapping):
+        return {
+            k: _meaning(v)
+            for k, v in schema.items()
+            if k not in ("title", "description", "examples")
+        }
+    if isinstance(schema, list):
+        return [_meaning(v) for v in schema]
+    return schema
 
 
 def _as_tool(index: int, item: ToolLike) -> Tool:

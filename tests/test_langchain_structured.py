@@ -76,6 +76,8 @@ def test_pydantic_and_dict_schemas_give_valid_objects(llm: ChatPersonaJudge, met
 def test_json_mode_gives_a_json_object(llm: ChatPersonaJudge) -> None:
     data = llm.with_structured_output(None, method="json_mode").invoke("hello", max_tokens=200)
     assert isinstance(data, dict)
+    # Given a schema, json_mode constrains to it too: no field left out.
+    assert isinstance(llm.with_structured_output(Flag, method="json_mode").invoke("hi"), Flag)
 
 
 def test_include_raw(llm: ChatPersonaJudge) -> None:

@@ -119,6 +119,12 @@ def test_the_tool_message_round_trip(llm: ChatPersonaJudge) -> None:
     assert turns[1]["role"] == "assistant" and turns[1]["content"].startswith("<tool_call>")
     assert '"name": "add"' in turns[1]["content"]
     assert turns[2]["content"].startswith("Result of tool add:")
+    # Anthropic-style content blocks of a call are not text: the call is in tool_calls.
+    anthropic = AIMessage(
+        content=[{"type": "tool_use", "id": call["id"], "name": "add", "input": call["args"]}],
+        tool_calls=first.tool_calls,
+    )
+    assert to_conversation([HumanMessage("2 + 3?"), anthropic])[1] == turns[1]
     answer = bound.invoke(history)
     assert isinstance(answer, AIMessage)
     assert answer.tool_calls or isinstance(answer.content, str)
@@ -127,8 +133,9 @@ def test_the_tool_message_round_trip(llm: ChatPersonaJudge) -> None:
 def test_bad_tools_and_choices_fail_at_bind_time(llm: ChatPersonaJudge) -> None:
     with pytest.raises(InvalidToolError, match="names no tool"):
         llm.bind_tools([add], tool_choice="subtract")
-    with pytest.raises(InvalidToolError, match="two tools are called 'add'"):
-        llm.bind_tools([add, add])
+    with pytest.raises(InvalidToolError, match="two different tools are called 'add'"):
+        llm.bind_tools([add, {"name": "add", "parameters": {"type": "object"}}])
+    assert llm.bind_tools([add, add])  # the same tool twice is kept once
     with pytest.raises(InvalidToolError, match="not understood"):
         llm.bind_tools([add], tool_choice=3)
 

@@ -186,7 +186,7 @@ def test_calls_and_results_render_back_into_the_conversation() -> None:
     [
         ([], "empty list"),
         ("add", "must be a list"),
-        ([ADD, ADD], "two tools are called 'add'"),
+        ([ADD, Tool("add", "", {"type": "object"})], "two different tools are called 'add'"),
         ([{"name": "bad name!"}], "has name 'bad name!'"),
         ([{"name": "x", "parameters": {"type": "array"}}], "object"),
         ([3], "tool 0 is a int"),
@@ -195,6 +195,21 @@ def test_calls_and_results_render_back_into_the_conversation() -> None:
 def test_bad_tools_are_typed_errors(tools: Any, fragment: str) -> None:
     with pytest.raises(InvalidToolError, match=re.escape(fragment)):
         as_tools(tools)
+
+
+def test_the_same_tool_twice_is_kept_once() -> None:
+    titled = Tool(
+        "add",
+        "Adds.",
+        {
+            **ADD.parameters,
+            "title": "Add",
+            "properties": {
+                k: {**v, "title": k.upper()} for k, v in ADD.parameters["properties"].items()
+            },
+        },
+    )
+    assert as_tools([ADD, titled]) == [ADD]
 
 
 def test_bad_tool_choices_and_combinations_fail_before_decoding(pj: PersonaJudge) -> None:

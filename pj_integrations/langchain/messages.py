@@ -118,7 +118,11 @@ def _text_of(message: BaseMessage, index: int) -> str:
             parts.append(block)
         elif isinstance(block, Mapping) and block.get("type") == "text":
             parts.append(str(block.get("text", "")))
-        elif isinstance(block, Mapping) and block.get("type") in ("reasoning", "tool_call"):
+        elif isinstance(block, Mapping) and block.get("type") in (
+            "reasoning",
+            "tool_call",
+            "tool_use",  # Anthropic's form of a call; the calls themselves are in tool_calls
+        ):
             continue  # another model's reasoning or tool request: not part of the dialogue
         else:
             kind = block.get("type") if isinstance(block, Mapping) else type(block).__name__

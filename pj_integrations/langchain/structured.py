@@ -7,8 +7,9 @@ Three methods, as LangChain's providers name them:
   else a dict;
 - ``"function_calling"``: the schema as a tool the answer must call (``bind_tools`` with
   that tool as ``tool_choice``), its arguments parsed;
-- ``"json_mode"``: any JSON object, parsed to a dict (or into the pydantic class, if one
-  is given).
+- ``"json_mode"``: any JSON object, parsed to a dict; given a schema, the object is
+  constrained to it as with ``"json_schema"`` (LangChain's providers only parse with it, and
+  a small model then often leaves out a field).
 
 ``include_raw=True`` returns ``{"raw": AIMessage, "parsed": ..., "parsing_error": ...}``
 instead, as LangChain's providers do. An answer cut short by its budget is never returned as
@@ -77,7 +78,7 @@ def structured_output(
             else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
         )
     else:
-        if method == "json_schema":
+        if schema is not None:  # json_mode with a schema: constrained to it all the same
             response_format: Any = schema if is_model else convert_to_json_schema(schema)
         else:
             response_format = {"type": "object"}
