@@ -242,3 +242,22 @@ def test_parse_tool_calls_rejects_what_the_decoder_would_never_write() -> None:
         parse_tool_calls('<tool_call>\n{"name": "x", "arguments": {}}\n</tool_call>', tools)
     with pytest.raises(InvalidToolError, match="none complete"):
         parse_tool_calls('<tool_call>\n{"name": "add"', tools)
+
+
+def test_arguments_admit_no_undeclared_keys(pj: PersonaJudge) -> None:
+    """A schema without additionalProperties is closed, as strict structured output is: a
+    small model would otherwise copy the schema's own keys into its arguments."""
+    open_tool = Tool("f", "", {"type": "object", "properties": {"x": {"type": "integer"}}})
+    compiled = pj.compile_constraint(tool_grammar([open_tool], "required"))
+    assert compiled is not None
+
+    def accepts(text: str) -> bool:
+        matcher = compiled.matcher()
+        for token in pj.tokenizer.encode(text):
+            if not bool(matcher.allowed()[token]):
+                return False
+            matcher.consume(token)
+        return matcher.is_finished()
+
+    assert accepts(tool_call_block("f", {"x": 1}))
+    assert not accepts(tool_call_block("f", {"x": 1, "type": "integer"}))
