@@ -399,13 +399,16 @@ class PersonaJudge:
                 self.compile_constraint(JsonSchema(tool.parameters))
             except InvalidConstraintError as exc:
                 raise InvalidToolError(f"tool {tool.name!r}: {exc}") from None
-        system = {"role": "system", "content": tools_system_text(checked, choice, parallel)}
         turns: list[dict[str, Any]] = (
             [{"role": "user", "content": conversation}]
             if isinstance(conversation, str)
             else list(conversation)
         )
         constraint = self.compile_constraint(tool_grammar(checked, choice, parallel))
+        if choice == "none":
+            # No catalogue when no call may be made: a small model shown one imitates it.
+            return turns, constraint, checked
+        system = {"role": "system", "content": tools_system_text(checked, choice, parallel)}
         return [system, *turns], constraint, checked
 
     def compile_constraint(

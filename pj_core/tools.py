@@ -15,7 +15,8 @@ and an agent loop gets the next call in the next turn anyway.
 
 A tool call is written as :func:`pj_core.prompts.tool_call_block` lays it out, and its
 arguments are constrained by the tool's own JSON schema, so every call the engine returns
-names a real tool and has valid arguments. Plain text may not start with ``<`` (so it can
+names a real tool and has valid arguments (no keys beyond its declared parameters, unless
+its schema allows them). Plain text may not start with ``<`` (so it can
 never be mistaken for a call). :func:`parse_tool_calls` turns a finished answer into
 :class:`ToolCall` objects with fresh ids. Tool results come back as ``{"role": "tool",
 "content": ..., "name": ...}`` messages and the assistant's calls as its message's
@@ -23,7 +24,8 @@ never be mistaken for a call). :func:`parse_tool_calls` turns a finished answer 
 
 The shipped models' chat templates take no ``tools`` argument, so the description is the
 system text above for every model; it is the same for both persona prefixes, so both
-personas argue over the same calls.
+personas argue over the same calls. With ``tool_choice="none"`` the tools are not described
+at all: a small model shown a catalogue it may not use imitates it in its text.
 
 Example:
     >>> add = Tool("add", "Add two integers.", {"type": "object",
@@ -44,7 +46,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pj_core.decoding.constraints import JSON_LAYOUT, Grammar
+from pj_core.decoding.constraints import JSON_LAYOUT, Grammar, closed_schema
 from pj_core.errors import InvalidToolError
 from pj_core.prompts import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from pj_core.results import ToolCall
@@ -242,7 +244,10 @@ def tool_grammar(
         "anyOf": [
             {
                 "type": "object",
-                "properties": {"name": {"const": t.name}, "arguments": dict(t.parameters)},
+                "properties": {
+                    "name": {"const": t.name},
+                    "arguments": closed_schema(dict(t.parameters)),
+                },
                 "required": ["name", "arguments"],
                 "additionalProperties": False,
             }

@@ -135,6 +135,9 @@ def test_the_tools_are_described_in_every_persona_prompt(pj: PersonaJudge) -> No
     for prompt in prompts:
         text = pj.tokenizer.decode(prompt)
         assert '"name": "add"' in text and '"name": "paint"' in text and "<tool_call>" in text
+    # No catalogue when no call may be made (a small model would imitate it).
+    quiet, _, _ = pj.prepare_output("hello", None, TOOLS, "none")
+    assert quiet == [{"role": "user", "content": "hello"}]
 
 
 def test_batches_give_each_request_its_own_tools(pj: PersonaJudge) -> None:

@@ -60,7 +60,9 @@ out; a schema's own ``"x-guidance"`` options override these."""
 
 @dataclass(frozen=True)
 class JsonSchema:
-    """The answer is a JSON value valid against ``schema``.
+    """The answer is a JSON value valid against ``schema``; objects that list their
+    ``properties`` admit no other keys unless the schema says ``additionalProperties``
+    (:func:`closed_schema`, as strict structured output does).
 
     Attributes:
         schema: the JSON schema (a dict).
@@ -212,6 +214,25 @@ def _checked(constraint: Constraint) -> Constraint:
     return constraint
 
 
+def closed_schema(schema: Any) -> Any:
+    """``schema`` with ``"additionalProperties": false`` on every object schema that lists
+    its ``properties`` and says nothing about other keys, as strict structured output does:
+    a small model otherwise pads objects with keys it copied from the schema.
+
+    Example:
+        >>> closed_schema({"type": "object", "properties": {"a": {"type": "integer"}}})
+        {'type': 'object', 'properties': {'a': {'type': 'integer'}}, 'additionalProperties': False}
+    """
+    if isinstance(schema, Mapping):
+        out = {key: closed_schema(value) for key, value in schema.items()}
+        if "properties" in out and "additionalProperties" not in out:
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [closed_schema(item) for item in schema]
+    return schema
+
+
 def grammar_of(constraint: Constraint) -> str:
     """The constraint as a grammar for the engine (llguidance's format).
 
@@ -223,7 +244,7 @@ def grammar_of(constraint: Constraint) -> str:
     if isinstance(constraint, JsonSchema):
         try:
             return LLMatcher.grammar_from_json_schema(
-                dict(constraint.schema), defaults=cast(Any, JSON_LAYOUT)
+                closed_schema(dict(constraint.schema)), defaults=cast(Any, JSON_LAYOUT)
             )
         except ValueError as exc:
             raise InvalidConstraintError(f"the JSON schema cannot be compiled: {exc}") from None
