@@ -7,6 +7,7 @@ rejects it; this one covers every byte, so any JSON, regex or grammar text can b
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -33,3 +34,17 @@ def make_bpe_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
     )
     tokenizer.train_from_iterator(CORPUS * 20, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<pad>")
+
+
+def save_tiny_bpe_model(folder: Path, seed: int) -> str:
+    """A tiny random Llama with :func:`make_bpe_tokenizer`, saved where an adapter can load
+    it by path. Its window is long (the tiny Llama's rotary positions go beyond its nominal
+    256): a tools' description is long in this small vocabulary."""
+    from tests._tiny import make_tiny_model
+
+    tokenizer = make_bpe_tokenizer()
+    model = make_tiny_model(len(tokenizer), seed=seed)
+    model.config.max_position_embeddings = 4096
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

@@ -3,7 +3,6 @@ byte-level BPE tokenizer: every returned object is valid, every method, batch in
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,8 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pj_core.errors import InvalidConstraintError
 from pj_integrations.langchain import ChatPersonaJudge
-from tests._bpe import make_bpe_tokenizer
-from tests._tiny import make_tiny_model
+from tests._bpe import save_tiny_bpe_model
 
 
 class Flag(BaseModel):
@@ -39,13 +37,7 @@ FLAG_SCHEMA: dict[str, Any] = {
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    folder: Path = tmp_path_factory.mktemp("tiny_bpe_structured")
-    tokenizer = make_bpe_tokenizer()
-    model = make_tiny_model(len(tokenizer), seed=7)
-    model.config.max_position_embeddings = 4096  # room for a tool's description
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return save_tiny_bpe_model(tmp_path_factory.mktemp("tiny_bpe_structured"), seed=7)
 
 
 @pytest.fixture()

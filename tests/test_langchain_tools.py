@@ -3,7 +3,6 @@ model with a byte-level BPE tokenizer (one the grammar engine reads)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,8 +20,7 @@ from pydantic import BaseModel, Field
 from pj_core.calls import shared_engine
 from pj_core.errors import InvalidToolError
 from pj_integrations.langchain import ChatPersonaJudge, to_conversation
-from tests._bpe import make_bpe_tokenizer
-from tests._tiny import make_tiny_model
+from tests._bpe import save_tiny_bpe_model
 
 
 @tool
@@ -47,15 +45,7 @@ NAMES = {"add", "Paint", "multiply"}
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    folder: Path = tmp_path_factory.mktemp("tiny_bpe_lc")
-    tokenizer = make_bpe_tokenizer()
-    model = make_tiny_model(len(tokenizer), seed=6)
-    # The tools' description is long in this small vocabulary: a longer window (the tiny
-    # Llama's rotary positions go beyond its nominal 256).
-    model.config.max_position_embeddings = 4096
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return save_tiny_bpe_model(tmp_path_factory.mktemp("tiny_bpe_lc"), seed=6)
 
 
 @pytest.fixture()

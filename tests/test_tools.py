@@ -67,6 +67,18 @@ def _valid(call: Any) -> bool:
     return call.name == "paint" and call.arguments in ({"colour": "red"}, {"colour": "blue"})
 
 
+def _accepts(pj: PersonaJudge, grammar: Any, text: str) -> bool:
+    """Whether the constraint lets ``text`` through, token by token, to a finished answer."""
+    compiled = pj.compile_constraint(grammar)
+    assert compiled is not None
+    matcher = compiled.matcher()
+    for token in pj.tokenizer.encode(text):
+        if not bool(matcher.allowed()[token]):
+            return False
+        matcher.consume(token)
+    return matcher.is_finished()
+
+
 def _generate(pj: PersonaJudge, seed: int, **options: Any) -> Any:
     return pj.generate("hello", PERSONAS, seed=seed, max_new_tokens=80, tools=TOOLS, **options)
 
@@ -90,14 +102,7 @@ def test_parallel_tool_calls_allow_several_calls(pj: PersonaJudge) -> None:
     )
 
     def accepts(parallel: bool) -> bool:
-        compiled = pj.compile_constraint(tool_grammar(as_tools(TOOLS), "required", parallel))
-        assert compiled is not None
-        matcher = compiled.matcher()
-        for token in pj.tokenizer.encode(two):
-            if not bool(matcher.allowed()[token]):
-                return False
-            matcher.consume(token)
-        return matcher.is_finished()
+        return _accepts(pj, tool_grammar(as_tools(TOOLS), "required", parallel), two)
 
     assert accepts(parallel=True) and not accepts(parallel=False)
     for seed in range(4):
@@ -251,16 +256,10 @@ def test_arguments_admit_no_undeclared_keys(pj: PersonaJudge) -> None:
     """A schema without additionalProperties is closed, as strict structured output is: a
     small model would otherwise copy the schema's own keys into its arguments."""
     open_tool = Tool("f", "", {"type": "object", "properties": {"x": {"type": "integer"}}})
-    compiled = pj.compile_constraint(tool_grammar([open_tool], "required"))
-    assert compiled is not None
+    grammar = tool_grammar([open_tool], "required")
 
     def accepts(text: str) -> bool:
-        matcher = compiled.matcher()
-        for token in pj.tokenizer.encode(text):
-            if not bool(matcher.allowed()[token]):
-                return False
-            matcher.consume(token)
-        return matcher.is_finished()
+        return _accepts(pj, grammar, text)
 
     assert accepts(tool_call_block("f", {"x": 1}))
     assert not accepts(tool_call_block("f", {"x": 1, "type": "integer"}))
