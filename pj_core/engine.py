@@ -394,22 +394,33 @@ class PersonaJudge:
                 f"parallel_tool_calls must be True or False, got {parallel_tool_calls!r}"
             )
         parallel = bool(parallel_tool_calls)
-        for tool in checked:  # name the tool whose schema the grammar engine rejects
-            try:
-                self.compile_constraint(JsonSchema(tool.parameters))
-            except InvalidConstraintError as exc:
-                raise InvalidToolError(f"tool {tool.name!r}: {exc}") from None
         turns: list[dict[str, Any]] = (
             [{"role": "user", "content": conversation}]
             if isinstance(conversation, str)
             else list(conversation)
         )
-        constraint = self.compile_constraint(tool_grammar(checked, choice, parallel))
+        grammar = tool_grammar(checked, choice, parallel)
+        try:
+            if choice not in ("auto", "required"):  # the grammar leaves some tools out
+                self.compile_constraint(tool_grammar(checked, "required", parallel))
+            constraint = self.compile_constraint(grammar)
+        except InvalidConstraintError as exc:
+            raise self._tool_at_fault(checked) or exc from None
         if choice == "none":
             # No catalogue when no call may be made: a small model shown one imitates it.
             return turns, constraint, checked
         system = {"role": "system", "content": tools_system_text(checked, choice, parallel)}
         return [system, *turns], constraint, checked
+
+    def _tool_at_fault(self, tools: Sequence[Tool]) -> InvalidToolError | None:
+        """The error naming the first tool whose schema the grammar engine rejects, if any
+        (asked only once the grammar of all tools has failed)."""
+        for tool in tools:
+            try:
+                self.compile_constraint(JsonSchema(tool.parameters))
+            except InvalidConstraintError as exc:
+                return InvalidToolError(f"tool {tool.name!r}: {exc}")
+        return None
 
     def compile_constraint(
         self, response_format: ResponseFormat | None

@@ -232,6 +232,9 @@ def test_bad_tool_choices_and_combinations_fail_before_decoding(pj: PersonaJudge
     unsupported = {"name": "odd", "parameters": {"type": "object", "not": {"required": ["a"]}}}
     with pytest.raises(InvalidToolError, match=r"tool 'odd'.*Unimplemented"):
         pj.generate("hello", PERSONAS, tools=[unsupported])
+    for choice in ("add", "none"):  # a tool the answer's grammar leaves out is checked too
+        with pytest.raises(InvalidToolError, match=r"tool 'odd'.*Unimplemented"):
+            pj.generate("hello", PERSONAS, tools=[ADD, unsupported], tool_choice=choice)
     with pytest.raises(InvalidToolError, match=r"^request 1: "):
         pj.generate_batch(
             [

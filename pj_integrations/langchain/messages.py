@@ -28,6 +28,7 @@ from pj_core.calls import CallRequest, stats_dict
 from pj_core.errors import InvalidPromptError
 from pj_core.prompts import tool_call_block
 from pj_core.results import GenerationResult
+from pj_integrations.langchain.tools import check_complete, message_tool_calls
 
 
 def to_conversation(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
@@ -166,8 +167,6 @@ def ai_message(request: CallRequest, result: GenerationResult) -> AIMessage:
     Raises:
         OutputParserException: the answer ran out of budget inside a tool call.
     """
-    from pj_integrations.langchain.tools import check_complete, message_tool_calls
-
     check_complete(result, request.generate_kwargs)
     return AIMessage(
         content="" if result.tool_calls else result.text,
