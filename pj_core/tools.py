@@ -49,7 +49,7 @@ from typing import Any
 from pj_core.decoding.constraints import JSON_LAYOUT, Grammar, closed_schema
 from pj_core.errors import InvalidToolError
 from pj_core.prompts import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
-from pj_core.results import ToolCall
+from pj_core.results import GenerationResult, ToolCall
 
 TOOL_CHOICES = ("auto", "required", "any", "none")
 """The ``tool_choice`` values besides a tool's name (``"any"`` is ``"required"``)."""
@@ -296,3 +296,37 @@ def parse_tool_calls(text: str, tools: Sequence[Tool]) -> tuple[str, list[ToolCa
     if not calls:
         raise InvalidToolError(f"the answer starts a tool call but holds none complete: {text!r}")
     return "", calls
+
+
+def unfinished_call(result: GenerationResult, options: Mapping[str, Any]) -> str | None:
+    """Why an answer with tools is not a whole answer, or None when it is.
+
+    An answer that had to call a tool (``tool_choice`` "required"/"any" or a tool's name),
+    or that started a call, and then ran out of budget (or met a stop string) before the
+    call was finished holds no usable call. The adapters raise their framework's parsing
+    error with this text, so an incomplete call is never returned as a success. (Plain text
+    never starts with ``<``, so a text answer cut short is still a text answer.)
+
+    Args:
+        result: the engine's answer.
+        options: the call's ``generate`` keyword arguments (``tools``, ``tool_choice``).
+
+    Example:
+        >>> from pj_core.results import GenerationResult, GenerationStats
+        >>> stats = GenerationStats(3, 1, 0, 0, 0, 0, 2, 0.0, 0.0, "lockstep")
+        >>> cut = GenerationResult(text='<tool_call>\\n{"na', token_ids=[1, 2, 3],
+        ...     stats=stats, trace=[], finish_reason="length", prompt_tokens=9)
+        >>> print(unfinished_call(cut, {"tools": [Tool("now")]}))
+        the answer ended (length) inside a tool call after 3 tokens; raise max_tokens
+        >>> unfinished_call(cut, {}) is None
+        True
+    """
+    if not options.get("tools") or result.finish_reason == "eos":
+        return None
+    must_call = options.get("tool_choice") not in (None, "auto", "none")
+    if must_call or result.text.startswith(TOOL_CALL_OPEN[0]):
+        return (
+            f"the answer ended ({result.finish_reason}) inside a tool call after "
+            f"{len(result.token_ids)} tokens; raise max_tokens"
+        )
+    return None

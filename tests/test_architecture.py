@@ -329,6 +329,8 @@ DOCUMENTED_HOOKS = {
     "_identifying_params",
     "_get_ls_params",
     "_resolve_model_profile",
+    # FunctionCallingLLM's one abstract method: how an integration turns tools into a chat call.
+    "_prepare_chat_with_tools",
 }
 FRAMEWORKS = ("langchain", "langchain_core", "llama_index")
 

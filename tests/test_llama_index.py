@@ -150,7 +150,7 @@ def test_chat_passes_roles_through_for_the_chat_template(
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": "hello"},
         {"role": "assistant", "content": "yes"},
-        {"role": "user", "content": "the cat"},
+        {"role": "tool", "content": "the cat"},  # the engine shows it as a user turn
         {"role": "user", "content": "why"},
     ]
     assert response.message.role == MessageRole.ASSISTANT

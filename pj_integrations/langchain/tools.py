@@ -28,9 +28,8 @@ from langchain_core.messages.tool import ToolCall, ToolCallChunk, tool_call, too
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
 from pj_core.errors import InvalidToolError
-from pj_core.prompts import TOOL_CALL_OPEN
 from pj_core.results import GenerationResult
-from pj_core.tools import as_tools, check_tool_choice
+from pj_core.tools import as_tools, check_tool_choice, unfinished_call
 
 
 def tool_bindings(
@@ -119,12 +118,6 @@ def check_complete(result: GenerationResult, options: dict[str, Any]) -> None:
     Raises:
         OutputParserException: with the partial answer as ``llm_output``.
     """
-    if not options.get("tools") or result.finish_reason == "eos":
-        return
-    must_call = options.get("tool_choice") not in (None, "auto", "none")
-    if must_call or result.text.startswith(TOOL_CALL_OPEN[0]):
-        raise OutputParserException(
-            f"the answer ended ({result.finish_reason}) inside a tool call after "
-            f"{len(result.token_ids)} tokens; raise max_tokens",
-            llm_output=result.text,
-        )
+    problem = unfinished_call(result, options)
+    if problem is not None:
+        raise OutputParserException(problem, llm_output=result.text)

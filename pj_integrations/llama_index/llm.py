@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -16,11 +16,11 @@ from llama_index.core.base.llms.types import (
     CompletionResponseAsyncGen,
     CompletionResponseGen,
     LLMMetadata,
-    MessageRole,
 )
 from llama_index.core.bridge.pydantic import Field, field_serializer
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
-from llama_index.core.llms.custom import CustomLLM
+from llama_index.core.llms.function_calling import FunctionCallingLLM
+from llama_index.core.llms.llm import ToolSelection
 
 from pj_core.backends.hf.models import DEFAULT_MODEL
 from pj_core.calls import (
@@ -38,10 +38,20 @@ from pj_core.personas import PersonaProfile, PreferenceSpec
 from pj_core.results import GenerationResult, StreamEvent
 from pj_core.settings import DEFAULTS
 from pj_integrations._threads import iterate_in_thread
-from pj_integrations.llama_index.messages import chunk_to_chat, message_to_dict
+from pj_integrations.llama_index.messages import (
+    chat_chunks,
+    chat_response,
+    completion_chunks,
+    completion_response,
+    to_conversation,
+)
+from pj_integrations.llama_index.tools import tool_options, tool_selections
+
+if TYPE_CHECKING:
+    from llama_index.core.tools.types import BaseTool
 
 
-class PersonaJudgeLLM(CustomLLM):
+class PersonaJudgeLLM(FunctionCallingLLM):
     """A LlamaIndex LLM that answers with Persona-judge decoding on a local model.
 
     Personas come from exactly one of ``preferences`` (catalog names or free-text
@@ -131,6 +141,12 @@ class PersonaJudgeLLM(CustomLLM):
     max_tokens: int | None = Field(default=None, description="Most new tokens per answer.")
     stop: list[str] | None = Field(default=None, description="Strings that end the answer.")
     seed: int | None = Field(default=None, description="Seed for reproducible sampling.")
+    parallel_tool_calls: bool | None = Field(
+        default=None,
+        description="Let one answer hold several tool calls where the caller allows them "
+        "(allow_parallel_tool_calls). Off by default: small models given the choice repeat one "
+        "call until the budget runs out, and an agent makes its next call in its next step.",
+    )
     engine: PersonaJudge | None = Field(
         default=None,
         exclude=True,
@@ -164,11 +180,11 @@ class PersonaJudgeLLM(CustomLLM):
             context_window=engine.context_window,
             num_output=self.max_tokens or DEFAULTS.max_new_tokens,
             is_chat_model=True,
-            is_function_calling_model=False,
+            is_function_calling_model=True,
             model_name=engine.name,
         )
 
-    def _plan(self, conversation: list[dict[str, str]], options: Mapping[str, Any]) -> CallRequest:
+    def _plan(self, conversation: list[dict[str, Any]], options: Mapping[str, Any]) -> CallRequest:
         settings = AdapterSettings(
             model=self.model,
             generation={name: getattr(self, name) for name in GENERATION_OPTIONS},
@@ -181,8 +197,8 @@ class PersonaJudgeLLM(CustomLLM):
 
     # ------------------------------------------------------------------ prompts
 
-    def _chat_conversation(self, messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
-        conversation = [message_to_dict(message) for message in messages]
+    def _chat_conversation(self, messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+        conversation = to_conversation(messages)
         # LlamaIndex's predict() already prepends system_prompt as a system message; add it
         # only when a caller handed us messages without it, so it is never said twice.
         if self.system_prompt and not any(
@@ -219,38 +235,6 @@ class PersonaJudgeLLM(CustomLLM):
     def _events(plan: CallRequest) -> Iterator[StreamEvent]:
         return plan.stream()
 
-    @staticmethod
-    def _completion(result: GenerationResult, plan: CallRequest) -> CompletionResponse:
-        return CompletionResponse(text=result.text, raw=result, additional_kwargs=plan.info(result))
-
-    @staticmethod
-    def _chat(result: GenerationResult, plan: CallRequest) -> ChatResponse:
-        return ChatResponse(
-            message=ChatMessage(role=MessageRole.ASSISTANT, content=result.text),
-            raw=result,
-            additional_kwargs=plan.info(result),
-        )
-
-    @staticmethod
-    def _completion_chunks(
-        events: Iterator[StreamEvent], plan: CallRequest
-    ) -> CompletionResponseGen:
-        text = ""
-        for event in events:
-            text += event.text
-            if event.done and event.result is not None:
-                info = plan.info(event.result)
-                yield CompletionResponse(
-                    text=text, delta=event.text, raw=event.result, additional_kwargs=info
-                )
-            elif event.text:  # an empty piece is text held back to check for a stop string
-                yield CompletionResponse(text=text, delta=event.text, raw=event)
-
-    @staticmethod
-    def _chat_chunks(chunks: CompletionResponseGen) -> ChatResponseGen:
-        for chunk in chunks:
-            yield chunk_to_chat(chunk)
-
     # ------------------------------------------------------------------ sync API
 
     @llm_completion_callback()
@@ -263,7 +247,7 @@ class PersonaJudgeLLM(CustomLLM):
             'Hello there, sunshine!'
         """
         plan = self._plan(self._completion_conversation(prompt, formatted), kwargs)
-        return self._completion(self._generate(plan), plan)
+        return completion_response(self._generate(plan), plan)
 
     @llm_completion_callback()
     def stream_complete(
@@ -271,19 +255,77 @@ class PersonaJudgeLLM(CustomLLM):
     ) -> CompletionResponseGen:
         """Stream an answer: each chunk's ``text`` is cumulative and ``delta`` the new piece."""
         plan = self._plan(self._completion_conversation(prompt, formatted), kwargs)
-        return self._completion_chunks(self._events(plan), plan)
+        return completion_chunks(self._events(plan), plan)
 
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         """Answer a conversation rendered with the model's chat template."""
         plan = self._plan(self._chat_conversation(messages), kwargs)
-        return self._chat(self._generate(plan), plan)
+        return chat_response(self._generate(plan), plan)
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         """Stream a chat answer; ``message.content`` is cumulative, ``delta`` the new piece."""
         plan = self._plan(self._chat_conversation(messages), kwargs)
-        return self._chat_chunks(self._completion_chunks(self._events(plan), plan))
+        return chat_chunks(self._events(plan), plan)
+
+    # ------------------------------------------------------------------ tools
+    # FunctionCallingLLM's chat_with_tools / achat_with_tools / stream_chat_with_tools call
+    # this hook, then chat / achat / stream_chat with what it returns.
+
+    def _prepare_chat_with_tools(
+        self,
+        tools: Sequence[BaseTool],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        tool_choice: str | dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """The ``chat`` arguments of a call with ``tools``: the messages, the tools as
+        OpenAI-style dicts and ``tool_choice`` ("auto", "required" (also when
+        ``tool_required``), "none" or a tool's name); the answer is then text or calls that
+        name one of the tools with valid arguments, by construction. Several calls in one
+        answer need both ``allow_parallel_tool_calls`` and the ``parallel_tool_calls`` field.
+
+        Raises:
+            InvalidToolError: a tool LlamaIndex cannot describe, or an unknown ``tool_choice``.
+        """
+        messages = list(chat_history or [])
+        if user_msg is not None:
+            messages.append(
+                user_msg if isinstance(user_msg, ChatMessage) else ChatMessage(content=user_msg)
+            )
+        options = tool_options(
+            tools,
+            tool_choice=tool_choice,
+            tool_required=tool_required,
+            parallel=allow_parallel_tool_calls and bool(self.parallel_tool_calls),
+        )
+        return {"messages": messages, **options, **kwargs}
+
+    def get_tool_calls_from_response(
+        self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
+    ) -> list[ToolSelection]:
+        """The tool calls of a ``chat_with_tools`` response (its message's ``ToolCallBlock`` s).
+
+        Raises:
+            ValueError: no call in the response, with ``error_on_no_tool_call``.
+
+        Example:
+            >>> from llama_index.core.tools import FunctionTool
+            >>> def add(a: int, b: int) -> int:
+            ...     '''Add two integers.'''
+            ...     return a + b
+            >>> llm = PersonaJudgeLLM(preferences=["concise", "expert"], max_tokens=64)
+            >>> reply = llm.chat_with_tools([FunctionTool.from_defaults(add)],
+            ...                             "What is 2 + 3?", tool_required=True)  # doctest: +SKIP
+            >>> llm.get_tool_calls_from_response(reply)[0].tool_kwargs  # doctest: +SKIP
+            {'a': 2, 'b': 3}
+        """
+        return tool_selections(response, error_on_no_tool_call)
 
     # ------------------------------------------------------------------ batches
     # LlamaIndex's LLM interface has no batch call; these serve many prompts (e.g. many
@@ -321,7 +363,9 @@ class PersonaJudgeLLM(CustomLLM):
             for index, prompt in enumerate(prompts)
         ]
         results = self._generate_batch(plans)
-        return [self._completion(result, plan) for result, plan in zip(results, plans, strict=True)]
+        return [
+            completion_response(result, plan) for result, plan in zip(results, plans, strict=True)
+        ]
 
     def chat_batch(
         self, messages_list: Sequence[Sequence[ChatMessage]], **kwargs: Any
@@ -351,12 +395,12 @@ class PersonaJudgeLLM(CustomLLM):
             for index, messages in enumerate(messages_list)
         ]
         results = self._generate_batch(plans)
-        return [self._chat(result, plan) for result, plan in zip(results, plans, strict=True)]
+        return [chat_response(result, plan) for result, plan in zip(results, plans, strict=True)]
 
     def _batch_plan(
         self,
         index: int,
-        conversation: Callable[[], list[dict[str, str]]],
+        conversation: Callable[[], list[dict[str, Any]]],
         options: Mapping[str, Any],
     ) -> CallRequest:
         """The plan of one batch item; its error names the item, as generate_batch's do."""
@@ -391,7 +435,7 @@ class PersonaJudgeLLM(CustomLLM):
 
         def run() -> CompletionResponse:
             plan = self._plan(self._completion_conversation(prompt, formatted), kwargs)
-            return self._completion(self._generate(plan), plan)
+            return completion_response(self._generate(plan), plan)
 
         return await asyncio.to_thread(run)
 
@@ -404,7 +448,7 @@ class PersonaJudgeLLM(CustomLLM):
         plan = await asyncio.to_thread(self._plan, conversation, kwargs)
 
         async def chunks() -> CompletionResponseAsyncGen:
-            stream = iterate_in_thread(lambda: self._completion_chunks(self._events(plan), plan))
+            stream = iterate_in_thread(lambda: completion_chunks(self._events(plan), plan))
             async for chunk in stream:
                 yield chunk
 
@@ -416,7 +460,7 @@ class PersonaJudgeLLM(CustomLLM):
 
         def run() -> ChatResponse:
             plan = self._plan(self._chat_conversation(messages), kwargs)
-            return self._chat(self._generate(plan), plan)
+            return chat_response(self._generate(plan), plan)
 
         return await asyncio.to_thread(run)
 
@@ -429,8 +473,8 @@ class PersonaJudgeLLM(CustomLLM):
         plan = await asyncio.to_thread(self._plan, conversation, kwargs)
 
         async def chunks() -> ChatResponseAsyncGen:
-            stream = iterate_in_thread(lambda: self._completion_chunks(self._events(plan), plan))
+            stream = iterate_in_thread(lambda: chat_chunks(self._events(plan), plan))
             async for chunk in stream:
-                yield chunk_to_chat(chunk)
+                yield chunk
 
         return chunks()
