@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -48,3 +49,13 @@ def save_tiny_bpe_model(folder: Path, seed: int) -> str:
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+class Flag(BaseModel):
+    """A flag and a digit."""
+
+    # Bounded and closed, so a random tiny model finishes it well within its budget.
+    model_config = ConfigDict(extra="forbid")
+
+    ok: bool
+    n: int = Field(ge=0, le=9)

@@ -8,22 +8,10 @@ from typing import Any
 import pytest
 from langchain_core.exceptions import OutputParserException
 from langchain_core.messages import AIMessage
-from pydantic import BaseModel, ConfigDict, Field
 
 from pj_core.errors import InvalidConstraintError
 from pj_integrations.langchain import ChatPersonaJudge
-from tests._bpe import save_tiny_bpe_model
-
-
-class Flag(BaseModel):
-    """A flag and a digit."""
-
-    # Bounded and closed, so a random tiny model finishes it well within its budget.
-    model_config = ConfigDict(extra="forbid")
-
-    ok: bool
-    n: int = Field(ge=0, le=9)
-
+from tests._bpe import Flag, save_tiny_bpe_model
 
 FLAG_SCHEMA: dict[str, Any] = {
     "title": "flag",

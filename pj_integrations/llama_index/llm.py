@@ -19,7 +19,6 @@ from llama_index.core.base.llms.types import (
 )
 from llama_index.core.bridge.pydantic import Field, field_serializer
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
-from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 
 from pj_core.backends.hf.models import DEFAULT_MODEL
@@ -45,13 +44,14 @@ from pj_integrations.llama_index.messages import (
     completion_response,
     to_conversation,
 )
+from pj_integrations.llama_index.structured import ConstrainedStructuredLLM
 from pj_integrations.llama_index.tools import tool_options, tool_selections
 
 if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool
 
 
-class PersonaJudgeLLM(FunctionCallingLLM):
+class PersonaJudgeLLM(ConstrainedStructuredLLM):
     """A LlamaIndex LLM that answers with Persona-judge decoding on a local model.
 
     Personas come from exactly one of ``preferences`` (catalog names or free-text
