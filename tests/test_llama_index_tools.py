@@ -16,6 +16,7 @@ from pj_core.calls import shared_engine
 from pj_core.errors import InvalidToolError
 from pj_integrations.llama_index import PersonaJudgeLLM
 from tests._bpe import save_tiny_bpe_model
+from tests.test_llama_index import record_engine_calls
 
 
 def add(a: int, b: int) -> int:
@@ -59,17 +60,8 @@ def llm(tiny_dir: str) -> PersonaJudgeLLM:
 
 @pytest.fixture()
 def calls(tiny_dir: str, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
-    """The conversation and options of each (non-streaming) engine call."""
-    engine = shared_engine(tiny_dir).engine
-    seen: list[dict[str, Any]] = []
-    generate = engine.generate
-
-    def spy(conversation: Any, personas: Any, **kwargs: Any) -> Any:
-        seen.append({"conversation": conversation, **kwargs})
-        return generate(conversation, personas, **kwargs)
-
-    monkeypatch.setattr(engine, "generate", spy)
-    return seen
+    """The conversation and options of each engine call."""
+    return record_engine_calls(shared_engine(tiny_dir).engine, monkeypatch)
 
 
 def _valid(name: str, args: dict[str, Any]) -> bool:
@@ -203,3 +195,25 @@ def test_a_budget_that_ends_inside_a_call_is_a_parsing_error(llm: PersonaJudgeLL
         llm.chat_with_tools([ADD], "hello", tool_choice="add", max_tokens=4)
     with pytest.raises(OutputParserException, match="inside a tool call"):
         list(llm.stream_chat_with_tools([ADD], "hello", tool_choice="add", max_tokens=4))
+
+
+def test_tool_choice_after_a_tool_result(llm: PersonaJudgeLLM, calls: list[dict[str, Any]]) -> None:
+    first = llm.chat_with_tools([ADD], "What is 2 + 3?", tool_choice="add")
+    selection = llm.get_tool_calls_from_response(first)[0]
+    result = ChatMessage(
+        role="tool", content="5", additional_kwargs={"tool_call_id": selection.tool_id}
+    )
+    history = [ChatMessage(role="user", content="What is 2 + 3?"), first.message, result]
+    texts = llm.model_copy(update={"tool_choice_after_tool": "none"})
+    answer = texts.chat_with_tools([ADD], chat_history=history, max_tokens=8)
+    assert calls[-1]["tool_choice"] == "none" and answer.message.content
+    assert texts.get_tool_calls_from_response(answer, error_on_no_tool_call=False) == []
+    # What the caller asks for wins; so does a required call; before a result, it is unused.
+    texts.chat_with_tools([ADD], chat_history=history, tool_choice="add")
+    assert calls[-1]["tool_choice"] == "add"
+    texts.chat_with_tools([ADD], chat_history=history, tool_required=True)
+    assert calls[-1]["tool_choice"] == "required"
+    texts.chat_with_tools([ADD], "What is 2 + 3?", max_tokens=8)
+    assert "tool_choice" not in calls[-1]
+    llm.chat_with_tools([ADD], chat_history=history, max_tokens=8)  # unset: auto
+    assert "tool_choice" not in calls[-1]

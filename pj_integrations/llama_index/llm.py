@@ -45,7 +45,7 @@ from pj_integrations.llama_index.messages import (
     to_conversation,
 )
 from pj_integrations.llama_index.structured import ConstrainedStructuredLLM
-from pj_integrations.llama_index.tools import tool_options, tool_selections
+from pj_integrations.llama_index.tools import is_tool_result, tool_options, tool_selections
 
 if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool
@@ -146,6 +146,13 @@ class PersonaJudgeLLM(ConstrainedStructuredLLM):
         description="Let one answer hold several tool calls where the caller allows them "
         "(allow_parallel_tool_calls). Off by default: small models given the choice repeat one "
         "call until the budget runs out, and an agent makes its next call in its next step.",
+    )
+    tool_choice_after_tool: str | None = Field(
+        default=None,
+        description="tool_choice of an answer that follows a tool's result when the caller "
+        "sets none (FunctionAgent sets one for its first step only). 'none' makes that answer "
+        "text: a small model given the choice calls the same tool again, and the agent loop "
+        "runs out of iterations. None: 'auto'.",
     )
     engine: PersonaJudge | None = Field(
         default=None,
@@ -289,6 +296,8 @@ class PersonaJudgeLLM(ConstrainedStructuredLLM):
         ``tool_required``), "none" or a tool's name); the answer is then text or calls that
         name one of the tools with valid arguments, by construction. Several calls in one
         answer need both ``allow_parallel_tool_calls`` and the ``parallel_tool_calls`` field.
+        After a tool's result, with no ``tool_choice`` and no ``tool_required``, the
+        ``tool_choice_after_tool`` field chooses.
 
         Raises:
             InvalidToolError: a tool LlamaIndex cannot describe, or an unknown ``tool_choice``.
@@ -298,6 +307,8 @@ class PersonaJudgeLLM(ConstrainedStructuredLLM):
             messages.append(
                 user_msg if isinstance(user_msg, ChatMessage) else ChatMessage(content=user_msg)
             )
+        if tool_choice is None and not tool_required and messages and is_tool_result(messages[-1]):
+            tool_choice = self.tool_choice_after_tool
         options = tool_options(
             tools,
             tool_choice=tool_choice,

@@ -26,7 +26,12 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from llama_index.core.base.llms.types import ChatMessage, ChatResponse, ToolCallBlock
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    MessageRole,
+    ToolCallBlock,
+)
 from llama_index.core.llms.llm import ToolSelection
 from llama_index.core.output_parsers.base import OutputParserException
 
@@ -101,6 +106,11 @@ def tool_options(
     if parallel:
         options["parallel_tool_calls"] = True
     return options
+
+
+def is_tool_result(message: ChatMessage) -> bool:
+    """Whether a message is a tool's result (role ``tool`` or the older ``function``)."""
+    return message.role in (MessageRole.TOOL, MessageRole.FUNCTION)
 
 
 def call_blocks(result: GenerationResult) -> list[ToolCallBlock]:
