@@ -170,6 +170,31 @@ def _as_tool(index: int, item: ToolLike) -> Tool:
     return Tool(name=name, description=description, parameters=dict(parameters))
 
 
+def tool_choice_name(tool_choice: object) -> str | None:
+    """A framework's ``tool_choice`` as a string: None stays None, a string is kept, and
+    OpenAI's ``{"type": "function", "function": {"name": ...}}`` (or ``{"name": ...}``) gives
+    the name. Whether the string names a tool is :func:`check_tool_choice`'s job.
+
+    Raises:
+        InvalidToolError: any other form.
+
+    Example:
+        >>> tool_choice_name({"type": "function", "function": {"name": "add"}})
+        'add'
+    """
+    if tool_choice is None or isinstance(tool_choice, str):
+        return tool_choice
+    if isinstance(tool_choice, Mapping):
+        function = tool_choice.get("function", tool_choice)
+        name = function.get("name") if isinstance(function, Mapping) else None
+        if isinstance(name, str):
+            return name
+    raise InvalidToolError(
+        f"tool_choice {tool_choice!r} is not understood; give 'auto', 'required', 'any', "
+        "'none', a tool's name, or {'type': 'function', 'function': {'name': ...}}"
+    )
+
+
 def check_tool_choice(tool_choice: str | None, tools: Sequence[Tool]) -> str:
     """``tool_choice`` resolved (None is ``"auto"``, ``"any"`` is ``"required"``).
 

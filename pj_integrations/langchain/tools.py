@@ -29,7 +29,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 
 from pj_core.errors import InvalidToolError
 from pj_core.results import GenerationResult
-from pj_core.tools import as_tools, check_tool_choice, unfinished_call
+from pj_core.tools import as_tools, check_tool_choice, tool_choice_name, unfinished_call
 
 
 def tool_bindings(
@@ -83,17 +83,7 @@ def resolve_tool_choice(tool_choice: object) -> str | None:
         return None
     if tool_choice is True:
         return "required"
-    if isinstance(tool_choice, str):
-        return tool_choice
-    if isinstance(tool_choice, dict):
-        function = tool_choice.get("function", tool_choice)
-        name = function.get("name") if isinstance(function, dict) else None
-        if isinstance(name, str):
-            return name
-    raise InvalidToolError(
-        f"tool_choice {tool_choice!r} is not understood; give 'auto', 'required', 'any', "
-        "'none', a tool's name, or {'type': 'function', 'function': {'name': ...}}"
-    )
+    return tool_choice_name(tool_choice)
 
 
 def message_tool_calls(result: GenerationResult) -> list[ToolCall]:

@@ -37,7 +37,7 @@ from llama_index.core.output_parsers.base import OutputParserException
 
 from pj_core.errors import InvalidToolError
 from pj_core.results import GenerationResult
-from pj_core.tools import unfinished_call
+from pj_core.tools import tool_choice_name, unfinished_call
 
 
 def format_tools(tools: Sequence[Any]) -> list[dict[str, Any]]:
@@ -75,17 +75,7 @@ def resolve_tool_choice(tool_choice: object, tool_required: bool) -> str | None:
     """
     if tool_choice is None:
         return "required" if tool_required else None
-    if isinstance(tool_choice, str):
-        return tool_choice
-    if isinstance(tool_choice, dict):
-        function = tool_choice.get("function", tool_choice)
-        name = function.get("name") if isinstance(function, dict) else None
-        if isinstance(name, str):
-            return name
-    raise InvalidToolError(
-        f"tool_choice {tool_choice!r} is not understood; give 'auto', 'required', 'none', a "
-        "tool's name, or {'type': 'function', 'function': {'name': ...}}"
-    )
+    return tool_choice_name(tool_choice)
 
 
 def tool_options(
