@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import operator
 import os
 import threading
 import time
@@ -34,7 +35,7 @@ from pj_core.decoding.constraints import (
     ResponseFormat,
     compile_constraint,
 )
-from pj_core.decoding.generation_config import GenerationConfig
+from pj_core.decoding.generation_config import SETTING_NAMES, GenerationConfig
 from pj_core.decoding.guidance import Strength
 from pj_core.decoding.lockstep import lockstep_emissions
 from pj_core.decoding.logits import (
@@ -478,12 +479,14 @@ class PersonaJudge:
         Example:
             >>> ids = pj.render_neutral_prompt("Hi!")  # doctest: +SKIP
         """
-        from pj_core.prompts import render_ids
+        from pj_core.prompts import check_unicode, render_ids
 
         if neutral_system is not None and not isinstance(neutral_system, str):
             raise InvalidPromptError(
                 f"neutral_system must be a string or None, got {type(neutral_system).__name__}"
             )
+        if neutral_system:
+            check_unicode(neutral_system, "neutral_system")
         with self._tokenizer_lock:
             return render_ids(self.tokenizer, conversation, neutral_system or None)
 
@@ -532,6 +535,12 @@ class PersonaJudge:
         **settings: Any,
     ) -> Iterator[StreamEvent]:
         """The streaming form of :meth:`generate_from_ids`."""
+        unknown = sorted(set(settings) - SETTING_NAMES)
+        if unknown:
+            raise InvalidGenerationConfigError(
+                f"unknown setting(s) {', '.join(map(repr, unknown))}; the settings are "
+                f"{', '.join(sorted(SETTING_NAMES))}"
+            )
         if settings.get("strength") is None and neutral_prompt_ids is None:
             # The default strength needs a neutral row, which only a conversation can give:
             # from bare ids with no neutral prompt, leaving strength unset means 0.
@@ -628,15 +637,33 @@ class PersonaJudge:
     # ------------------------------------------------------------------------------ internals
 
     def _checked_prompt_ids(self, prompt_ids: Sequence[Sequence[int]]) -> list[list[int]]:
-        if isinstance(prompt_ids, str | bytes) or len(prompt_ids) < 2:
+        if not _is_list_like(prompt_ids) or len(prompt_ids) < 2:
             raise InvalidPromptError(
                 "prompt_ids takes one token-id list per persona, two or more of them"
             )
         return [self._checked_row(f"prompt {i}", ids) for i, ids in enumerate(prompt_ids)]
 
     def _checked_row(self, label: str, ids: Sequence[int]) -> list[int]:
-        """One prompt's token ids, non-empty and inside the vocabulary."""
-        row = [int(t) for t in ids]
+        """One prompt's token ids: a non-empty list of integers inside the vocabulary (Python
+        or numpy integers; not floats, strings or bools, which would be truncated or read as
+        ids silently)."""
+        if not _is_list_like(ids):
+            raise InvalidPromptError(
+                f"{label} must be a list of token ids (ints), got {type(ids).__name__}"
+            )
+        row = []
+        for position, token in enumerate(ids):
+            if isinstance(token, torch.Tensor) and token.dim() == 0:
+                token = token.item()
+            try:
+                if isinstance(token, bool):
+                    raise TypeError
+                row.append(operator.index(token))
+            except TypeError:
+                raise InvalidPromptError(
+                    f"{label}: token {position} is {token!r} ({type(token).__name__}); token ids "
+                    "are ints"
+                ) from None
         if not row:
             raise InvalidPromptError(f"{label} is empty; every persona needs a prompt")
         bad = [t for t in row if not 0 <= t < self.vocab_size]
@@ -841,6 +868,15 @@ class PersonaJudge:
             self.acceptance_rate_estimate += ACCEPTANCE_SMOOTHING * (
                 stats.acceptance_rate - self.acceptance_rate_estimate
             )
+
+
+def _is_list_like(value: object) -> bool:
+    """A list, tuple, array or tensor (sized and iterable), not a string or a mapping."""
+    if isinstance(value, str | bytes | Mapping):
+        return False
+    if isinstance(value, torch.Tensor):
+        return value.dim() >= 1
+    return hasattr(value, "__len__") and hasattr(value, "__iter__")
 
 
 def _final_result(events: Iterator[StreamEvent]) -> GenerationResult:

@@ -46,6 +46,11 @@ class ModelLoadError(PersonaJudgeError, RuntimeError):
     """Model files were found but could not be loaded (corrupt, unsupported, ...)."""
 
 
+class ModelOutputError(PersonaJudgeError, RuntimeError):
+    """The model produced logits that cannot be sampled (NaN): broken weights, or a numeric
+    overflow in a low-precision dtype."""
+
+
 class InvalidModelOptionError(PersonaJudgeError, ValueError):
     """A ``device`` or ``dtype`` given to ``load_model`` is unknown or unavailable."""
 

@@ -50,7 +50,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from pj_core.errors import InvalidPersonaError, InvalidPromptError
+from pj_core.errors import InvalidPersonaError, InvalidPromptError, PersonaJudgeError
 
 Conversation = str | Sequence[Mapping[str, Any]]
 
@@ -101,6 +101,7 @@ def normalize_conversation(conversation: Conversation) -> list[dict[str, str]]:
     if isinstance(conversation, str):
         if not conversation.strip():
             raise InvalidPromptError("the prompt is empty; pass the user's message as text")
+        check_unicode(conversation, "the prompt")
         return [{"role": "user", "content": conversation}]
     if isinstance(conversation, Mapping):
         raise InvalidPromptError(
@@ -180,6 +181,7 @@ def _check_message(index: int, message: object) -> tuple[str, str]:
             )
         name = message.get("name")
         who = f"Tool {name}" if isinstance(name, str) and name else "The tool"
+        check_unicode(f"{who} returned: {content}", f"message {index} (tool)")
         return "user", f"{who} returned: {content}"
     if role not in ROLES:
         raise InvalidPromptError(
@@ -192,7 +194,31 @@ def _check_message(index: int, message: object) -> tuple[str, str]:
         )
     if not content.strip():
         raise InvalidPromptError(f"message {index} ({role}) is empty; remove it or give text")
+    check_unicode(content, f"message {index} ({role})")
     return role, content
+
+
+def check_unicode(
+    text: str, what: str, error: type[PersonaJudgeError] = InvalidPromptError
+) -> None:
+    """Raise ``error`` if ``text`` holds a lone surrogate (e.g. ``"\\ud800"``, what decoding
+    bytes with ``errors="surrogateescape"`` leaves): no tokenizer can encode it.
+
+    Example:
+        >>> check_unicode("caf\\u00e9", "message 0")  # fine: nothing happens
+        >>> try:
+        ...     check_unicode("hi \\ud800", "message 0")
+        ... except InvalidPromptError as exc:
+        ...     print(str(exc)[:47])
+        message 0 holds a lone surrogate (U+D800) at po
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise error(
+            f"{what} holds a lone surrogate (U+{ord(text[exc.start]):04X}) at position "
+            f'{exc.start}; pass valid Unicode text (decode bytes with errors="replace")'
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,6 +379,8 @@ def _prepared(
         for m in messages
     ]
     user_system = [m["content"] for m in clean if m["role"] == "system"]
+    if isinstance(persona, str):
+        check_unicode(persona, "the persona text", InvalidPersonaError)
     safe_persona = None if persona is None else neutralize_control_tokens(tokenizer, persona)
     system = _system_text(safe_persona, user_system)
     turns = [m for m in clean if m["role"] != "system"]

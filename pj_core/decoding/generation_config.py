@@ -13,10 +13,14 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from pj_core.errors import InvalidGenerationConfigError
 from pj_core.settings import DEFAULTS, DecoderName, Settings, StrategyChoice, check_settings
+
+SEED_LIMIT = 2**32
+"""Seeds are ``0 <= seed < SEED_LIMIT``: torch's CPU generator keeps 32 bits of a seed, so
+seeds equal modulo 2**32 would sample alike."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,11 @@ class GenerationConfig:
         check_settings(values)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise InvalidGenerationConfigError(f"seed must be an int or None, got {seed!r}")
+        if seed is not None and not 0 <= seed < SEED_LIMIT:
+            raise InvalidGenerationConfigError(
+                f"seed must be in 0..{SEED_LIMIT - 1}, got {seed}: torch's generator keeps 32 "
+                "bits of a seed, so larger seeds would repeat smaller ones' samples"
+            )
         return cls(
             lookahead=values["lookahead"],
             alternate=values["alternate"],
@@ -101,3 +110,8 @@ def _check_stop(stop: Sequence[str] | None) -> tuple[str, ...]:
                 f"every stop string must be a non-empty str, got {item!r}"
             )
     return items
+
+
+SETTING_NAMES: frozenset[str] = frozenset(f.name for f in fields(GenerationConfig))
+"""The keyword arguments of :meth:`GenerationConfig.create` besides ``defaults``: what
+``generate_from_ids(**settings)`` accepts."""

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from pj_core.decoding.sampling import filtered_probs
-from pj_core.errors import InvalidGenerationConfigError
+from pj_core.errors import InvalidGenerationConfigError, ModelOutputError
 
 if TYPE_CHECKING:
     from pj_core.decoding.generation_config import GenerationConfig
@@ -186,7 +186,24 @@ class LogitPipeline:
 
     def transformed(self, logits: torch.Tensor, positions: Sequence[Position]) -> torch.Tensor:
         """Step 1 alone: the call's transforms applied to ``logits`` (same shapes as
-        :meth:`probs`); the logits themselves when the call has no transforms."""
+        :meth:`probs`); the logits themselves when the call has no transforms.
+
+        Raises:
+            ModelOutputError: the model's logits hold NaN (nothing could be sampled from them;
+                softmax would turn the whole row into NaN and sampling would emit junk).
+        """
+        if bool(torch.isnan(logits).any()):
+            where = positions[0] if positions else None
+            raise ModelOutputError(
+                "the model produced NaN logits"
+                + (
+                    f" at round {where.round} after {len(where.tokens)} answer tokens"
+                    if where
+                    else ""
+                )
+                + "; its weights may be broken, or a low-precision dtype overflowed: load it in "
+                "float32 (load_model(..., dtype=torch.float32))"
+            )
         if not self.transforms:
             return logits
         rows = logits.unsqueeze(0) if logits.dim() == 1 else logits

@@ -71,6 +71,11 @@ def check_text(value: str, what: str = "persona text", limit: int = MAX_PERSONA_
             f"{what} has {len(value)} characters; the limit is {limit}: shorten it"
         )
     for index, char in enumerate(value):
+        if unicodedata.category(char) == "Cs":
+            raise InvalidPersonaError(
+                f"{what} holds a lone surrogate (U+{ord(char):04X}) at position {index}; pass "
+                'valid Unicode text (decode bytes with errors="replace")'
+            )
         if char not in "\n\t" and unicodedata.category(char) == "Cc":
             raise InvalidPersonaError(
                 f"{what} contains the control character U+{ord(char):04X} at position {index}; "

@@ -1,0 +1,161 @@
+"""Bad input to the engine and the prompt builder: every case a typed error that says what to
+fix (a ``PersonaJudgeError``), never a raw error from deep in the tokenizer or torch, and in a
+batch only the bad request's own slot fails."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from pj_core.decoding.generation_config import SEED_LIMIT
+from pj_core.engine import PersonaJudge
+from pj_core.errors import (
+    InvalidGenerationConfigError,
+    InvalidPersonaError,
+    InvalidPromptError,
+    ModelOutputError,
+)
+from pj_core.results import GenerationResult
+from tests._tiny import make_tiny_model, make_tiny_tokenizer
+
+PERSONAS = ["be funny", "be brief"]
+SURROGATE = "hi \ud800 there"
+
+
+@pytest.fixture(scope="module")
+def engine() -> PersonaJudge:
+    tokenizer = make_tiny_tokenizer()
+    return PersonaJudge(make_tiny_model(len(tokenizer)), tokenizer)
+
+
+# ----------------------------------------------------------------------------- lone surrogates
+
+
+@pytest.mark.parametrize(
+    ("conversation", "personas", "kwargs", "error", "where"),
+    [
+        (SURROGATE, PERSONAS, {}, InvalidPromptError, "the prompt"),
+        ([{"role": "user", "content": SURROGATE}], PERSONAS, {}, InvalidPromptError, "message 0"),
+        (
+            [{"role": "system", "content": "ok"}, {"role": "user", "content": SURROGATE}],
+            PERSONAS,
+            {},
+            InvalidPromptError,
+            "message 1 (user)",
+        ),
+        (
+            [{"role": "user", "content": "2+2?"}, {"role": "tool", "content": SURROGATE}],
+            PERSONAS,
+            {},
+            InvalidPromptError,
+            "message 1 (tool)",
+        ),
+        ("hello", ["be \ud800 funny", "be brief"], {}, InvalidPersonaError, "lone surrogate"),
+        (
+            "hello",
+            PERSONAS,
+            {"strength": 1.0, "neutral_system": "\udfff"},
+            InvalidPromptError,
+            "neutral_system",
+        ),
+    ],
+)
+def test_lone_surrogates_are_typed_errors(
+    engine: PersonaJudge,
+    conversation: Any,
+    personas: list[str],
+    kwargs: dict[str, Any],
+    error: type[Exception],
+    where: str,
+) -> None:
+    with pytest.raises(error, match="lone surrogate") as caught:
+        engine.generate(conversation, personas, max_new_tokens=2, **kwargs)
+    assert where in str(caught.value) and 'errors="replace"' in str(caught.value)
+
+
+def test_a_lone_surrogate_fails_only_its_own_batch_slot(engine: PersonaJudge) -> None:
+    good = {"conversation": "hello", "personas": PERSONAS, "seed": 1, "max_new_tokens": 3}
+    bad = {**good, "conversation": SURROGATE}
+    results = engine.generate_batch([good, bad, good], return_exceptions=True)
+    assert isinstance(results[0], GenerationResult) and isinstance(results[2], GenerationResult)
+    assert isinstance(results[1], InvalidPromptError)  # its slot says which request
+    with pytest.raises(InvalidPromptError, match="request 1"):
+        engine.generate_batch([good, bad])
+
+
+# ----------------------------------------------------------------------------- seeds
+
+
+@pytest.mark.parametrize("seed", [-1, SEED_LIMIT, 2**63, 2**64])
+def test_seeds_outside_32_bits_are_typed_errors(engine: PersonaJudge, seed: int) -> None:
+    with pytest.raises(InvalidGenerationConfigError, match=r"seed must be in 0\.\.4294967295"):
+        engine.generate("hello", PERSONAS, max_new_tokens=2, seed=seed)
+    with pytest.raises(InvalidGenerationConfigError, match="request 0"):
+        engine.generate_batch([{"conversation": "hi", "personas": PERSONAS, "seed": seed}])
+
+
+def test_the_largest_seed_works(engine: PersonaJudge) -> None:
+    first = engine.generate("hello", PERSONAS, max_new_tokens=4, seed=SEED_LIMIT - 1)
+    again = engine.generate("hello", PERSONAS, max_new_tokens=4, seed=SEED_LIMIT - 1)
+    assert first.token_ids == again.token_ids
+
+
+# ----------------------------------------------------------------------------- token ids
+
+
+@pytest.mark.parametrize(
+    ("prompt_ids", "message"),
+    [
+        (None, "one token-id list per persona"),
+        (3, "one token-id list per persona"),
+        (torch.tensor(3), "one token-id list per persona"),
+        ([[1, 2]], "one token-id list per persona"),
+        ([None, [1, 2]], "prompt 0 must be a list of token ids"),
+        (["ab", [1, 2]], "prompt 0 must be a list of token ids"),
+        ([[1, "a"], [1, 2]], r"prompt 0: token 1 is 'a' \(str\)"),
+        ([[1, 2.7], [1, 2]], r"prompt 0: token 1 is 2.7 \(float\)"),
+        ([[1, 2], [True, 2]], r"prompt 1: token 0 is True \(bool\)"),
+        ([[[1], 2], [1, 2]], r"prompt 0: token 0 is \[1\] \(list\)"),
+        ([[1, 2**70], [1, 2]], "outside the vocabulary"),
+        ([[], [1, 2]], "prompt 0 is empty"),
+    ],
+)
+def test_bad_token_ids_are_typed_errors(
+    engine: PersonaJudge, prompt_ids: Any, message: str
+) -> None:
+    with pytest.raises(InvalidPromptError, match=message):
+        engine.generate_from_ids(prompt_ids, max_new_tokens=2)
+
+
+def test_token_ids_from_numpy_and_torch_are_read(engine: PersonaJudge) -> None:
+    plain = engine.generate_from_ids([[1, 5, 6], [1, 7, 6]], max_new_tokens=3, seed=0)
+    for ids in (np.array([[1, 5, 6], [1, 7, 6]]), torch.tensor([[1, 5, 6], [1, 7, 6]])):
+        result = engine.generate_from_ids(ids, max_new_tokens=3, seed=0)  # type: ignore[arg-type]
+        assert result.token_ids == plain.token_ids
+
+
+def test_an_unknown_setting_of_generate_from_ids_is_a_typed_error(engine: PersonaJudge) -> None:
+    with pytest.raises(InvalidGenerationConfigError, match=r"unknown setting.*'bogus'.*top_p"):
+        engine.generate_from_ids([[1, 2], [1, 3]], max_new_tokens=2, bogus=1)
+
+
+# ----------------------------------------------------------------------------- NaN logits
+
+
+@pytest.mark.parametrize("strategy", ["speculative", "lockstep"])
+@pytest.mark.parametrize("decoder", ["persona-judge", "pool"])
+def test_nan_logits_are_a_typed_error(strategy: str, decoder: str) -> None:
+    tokenizer = make_tiny_tokenizer()
+    model = make_tiny_model(len(tokenizer))
+    with torch.no_grad():
+        model.lm_head.weight[3, 0] = float("nan")  # one broken weight: NaN logits everywhere
+    broken = PersonaJudge(model, tokenizer)
+    with pytest.raises(ModelOutputError, match=r"NaN logits at round 0.*float32"):
+        broken.generate("hello", PERSONAS, max_new_tokens=4, strategy=strategy, decoder=decoder)
+    results = broken.generate_batch(
+        [{"conversation": "hello", "personas": PERSONAS}], return_exceptions=True
+    )
+    assert isinstance(results[0], ModelOutputError)
