@@ -138,6 +138,11 @@ class PersonaJudge:
         ids = eos_token_ids if eos_token_ids is not None else _default_eos_ids(model, tokenizer)
         self.eos_token_ids: frozenset[int] = frozenset(int(i) for i in ids)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        from pj_core.prompts import max_token_chars
+
+        # No text longer than this fits the window, whatever it says: longer prompts are refused
+        # before the tokenizer lock, so a hostile one cannot hold the lock (and everyone else).
+        self.max_prompt_chars = self.context_window * max_token_chars(tokenizer)
         # Fast tokenizers are Rust objects that refuse concurrent use ("Already borrowed");
         # every tokenizer call goes through this lock.
         self._tokenizer_lock = threading.Lock()
@@ -465,9 +470,34 @@ class PersonaJudge:
         from pj_core.prompts import render_ids
 
         resolved = resolve_personas(personas)
+        self.check_prompt_size(conversation, max((len(p.text) for p in resolved), default=0))
         with self._tokenizer_lock:
             prompts = [render_ids(self.tokenizer, conversation, p.text) for p in resolved]
         return prompts, [p.display_name for p in resolved]
+
+    def check_prompt_size(self, conversation: object, persona_chars: int = 0) -> None:
+        """Refuse, before any tokenizer work, a conversation (plus ``persona_chars`` of
+        persona text) too long to fit the context window whatever it says: longer than
+        :attr:`max_prompt_chars` (the window times the longest token's characters).
+
+        Raises:
+            ContextOverflowError: with ``prompt_tokens`` the least count such a text takes
+                and ``max_new_tokens`` 0 (the prompt alone does not fit).
+        """
+        from pj_core.prompts import conversation_chars
+
+        chars = conversation_chars(conversation) + persona_chars
+        if chars <= self.max_prompt_chars:
+            return
+        at_least = -(-chars // max(self.max_prompt_chars // self.context_window, 1))
+        raise ContextOverflowError(
+            f"the prompt has {chars} characters, so at least {at_least} tokens: more than the "
+            f"context window of {self.context_window} tokens holds (at most "
+            f"{self.max_prompt_chars} characters); shorten the conversation",
+            prompt_tokens=at_least,
+            max_new_tokens=0,
+            context_window=self.context_window,
+        )
 
     def render_neutral_prompt(
         self, conversation: str | Sequence[dict[str, str]], neutral_system: str | None = None
@@ -487,6 +517,7 @@ class PersonaJudge:
             )
         if neutral_system:
             check_unicode(neutral_system, "neutral_system")
+        self.check_prompt_size(conversation, len(neutral_system or ""))
         with self._tokenizer_lock:
             return render_ids(self.tokenizer, conversation, neutral_system or None)
 

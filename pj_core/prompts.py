@@ -281,21 +281,57 @@ def neutralize_control_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> 
                 spans.append((start, end, token))
         if not spans:
             return text
-        for start, end, token in reversed(spans):
-            text = _break_at(text, start, end, token)
+        text = _break_all(text, spans)
     raise InvalidPromptError(  # pragma: no cover - would need a tokenizer that re-forms tokens
         "could not neutralise control tokens in a message; remove tokens such as "
         "'<|im_start|>' from the text"
     )
 
 
-def _break_at(text: str, start: int, end: int, token: str) -> str:
-    # Offsets of tokens with lstrip/rstrip may include whitespace: find the token itself.
-    position = start + text[start:end].find(token)
-    if len(token) == 1:
-        # A one-character control token cannot be split; replace it visibly.
-        return text[:position] + "\ufffd" + text[position + 1 :]
-    return text[: position + 1] + CONTROL_TOKEN_BREAK + text[position + 1 :]
+def _break_all(text: str, spans: list[tuple[int, int, str]]) -> str:
+    """``text`` with every control token of ``spans`` (in text order, not overlapping)
+    broken up, in one pass: linear in the text, however many tokens it holds."""
+    pieces: list[str] = []
+    done = 0  # text before this index is in pieces
+    for start, end, token in spans:
+        # Offsets of tokens with lstrip/rstrip may include whitespace: find the token itself.
+        position = start + text[start:end].find(token)
+        pieces.append(text[done:position])
+        if len(token) == 1:
+            # A one-character control token cannot be split; replace it visibly.
+            pieces.append("\ufffd")
+        else:
+            pieces.append(text[position] + CONTROL_TOKEN_BREAK)
+        done = position + 1
+    pieces.append(text[done:])
+    return "".join(pieces)
+
+
+def max_token_chars(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The most characters of text one token of ``tokenizer`` can stand for (its longest
+    vocabulary entry): a text of ``n`` characters takes at least ``n / max_token_chars``
+    tokens, whatever it says.
+
+    Example:
+        >>> from tests._tiny import make_tiny_tokenizer
+        >>> max_token_chars(make_tiny_tokenizer())
+        12
+    """
+    return max((len(entry) for entry in tokenizer.get_vocab()), default=1)
+
+
+def conversation_chars(conversation: object) -> int:
+    """The characters of text in a conversation (a string, or the string contents of its
+    messages); 0 for anything else (validation says what is wrong with it later)."""
+    if isinstance(conversation, str):
+        return len(conversation)
+    if isinstance(conversation, Sequence) and not isinstance(conversation, bytes | bytearray):
+        return sum(
+            len(message["content"])
+            for message in conversation
+            if isinstance(message, Mapping) and isinstance(message.get("content"), str)
+        )
+    return 0
 
 
 def _break_control_strings(

@@ -159,3 +159,53 @@ def test_nan_logits_are_a_typed_error(strategy: str, decoder: str) -> None:
         [{"conversation": "hello", "personas": PERSONAS}], return_exceptions=True
     )
     assert isinstance(results[0], ModelOutputError)
+
+
+# ----------------------------------------------------------------------------- hostile prompts
+
+
+def test_many_control_tokens_are_all_broken_in_one_pass(engine: PersonaJudge) -> None:
+    from pj_core.prompts import CONTROL_TOKEN_BREAK, neutralize_control_tokens
+
+    text = "a<|im_end|>b " * 300 + "<|im_start|>"
+    clean = neutralize_control_tokens(engine.tokenizer, text)
+    expected = ("a<" + CONTROL_TOKEN_BREAK + "|im_end|>b ") * 300
+    assert clean == expected + "<" + CONTROL_TOKEN_BREAK + "|im_start|>"
+
+
+def test_a_prompt_too_long_for_any_window_fails_before_the_tokenizer_lock(
+    engine: PersonaJudge,
+) -> None:
+    """With the engine's tokenizer lock held by another caller, a hostile prompt (more text
+    than the window can hold whatever it says) still fails at once: its size is checked
+    before the lock, so it can neither wait for it nor hold it."""
+    import threading
+
+    from pj_core.errors import ContextOverflowError
+
+    hostile = "<|im_start|>" * (engine.max_prompt_chars // 12 + 1)
+    outcome: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            engine.generate(hostile, PERSONAS, max_new_tokens=2)
+        except BaseException as exc:  # the test inspects what it was
+            outcome.append(exc)
+
+    with engine._tokenizer_lock:  # another caller is tokenizing
+        worker = threading.Thread(target=call)
+        worker.start()
+        worker.join(timeout=10)
+        assert not worker.is_alive(), "the hostile call waited for the tokenizer lock"
+    (error,) = outcome
+    assert isinstance(error, ContextOverflowError)
+    assert error.context_window == engine.context_window
+    assert error.prompt_tokens > engine.context_window and "shorten" in str(error)
+    # The same bound for a batch request and for a message list; a prompt at the bound passes
+    # the check (and is then tokenized and measured as usual).
+    results = engine.generate_batch(
+        [{"conversation": [{"role": "user", "content": hostile}], "personas": PERSONAS}],
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], ContextOverflowError)
+    engine.check_prompt_size("x" * engine.max_prompt_chars)
