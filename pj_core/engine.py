@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import operator
 import os
 import threading
@@ -143,6 +144,10 @@ class PersonaJudge:
         # No text longer than this fits the window, whatever it says: longer prompts are refused
         # before the tokenizer lock, so a hostile one cannot hold the lock (and everyone else).
         self.max_prompt_chars = self.context_window * max_token_chars(tokenizer)
+        # A second tokenizer counts long prompts (see check_prompt_size) apart from the shared
+        # one; copied now, before any thread can use the original.
+        self._large_prompt_tokenizer = copy.deepcopy(tokenizer)
+        self._large_prompt_lock = threading.Lock()
         # Fast tokenizers are Rust objects that refuse concurrent use ("Already borrowed");
         # every tokenizer call goes through this lock.
         self._tokenizer_lock = threading.Lock()
@@ -487,7 +492,18 @@ class PersonaJudge:
         from pj_core.prompts import conversation_chars
 
         chars = conversation_chars(conversation) + persona_chars
+        if chars <= self.context_window * LARGE_PROMPT_CHARS_PER_TOKEN:
+            return
         if chars <= self.max_prompt_chars:
+            tokens = self._count_large_prompt(conversation)
+            if tokens > self.context_window:
+                raise ContextOverflowError(
+                    f"the conversation takes {tokens} tokens: more than the context window of "
+                    f"{self.context_window} holds; shorten it",
+                    prompt_tokens=tokens,
+                    max_new_tokens=0,
+                    context_window=self.context_window,
+                )
             return
         at_least = -(-chars // max(self.max_prompt_chars // self.context_window, 1))
         raise ContextOverflowError(
@@ -498,6 +514,18 @@ class PersonaJudge:
             max_new_tokens=0,
             context_window=self.context_window,
         )
+
+    def _count_large_prompt(self, conversation: object) -> int:
+        """The tokens of a long conversation's texts (before control tokens are broken up,
+        which only adds tokens), counted with the engine's second tokenizer under its own
+        lock: only long prompts wait for each other, never the calls that share the
+        engine's tokenizer."""
+        from pj_core.prompts import normalize_conversation
+
+        texts = [turn["content"] for turn in normalize_conversation(conversation)]  # type: ignore[arg-type]
+        with self._large_prompt_lock:
+            encoded = self._large_prompt_tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return sum(len(ids) for ids in encoded)
 
     def render_neutral_prompt(
         self, conversation: str | Sequence[dict[str, str]], neutral_system: str | None = None
@@ -899,6 +927,12 @@ class PersonaJudge:
             self.acceptance_rate_estimate += ACCEPTANCE_SMOOTHING * (
                 stats.acceptance_rate - self.acceptance_rate_estimate
             )
+
+
+LARGE_PROMPT_CHARS_PER_TOKEN = 4
+"""A prompt with more characters than the context window times this is counted in tokens
+before rendering (with a second tokenizer, see :meth:`PersonaJudge.check_prompt_size`), so
+one that cannot fit is refused without holding the tokenizer lock that every call shares."""
 
 
 def _is_list_like(value: object) -> bool:

@@ -320,18 +320,23 @@ def max_token_chars(tokenizer: PreTrainedTokenizerBase) -> int:
     return max((len(entry) for entry in tokenizer.get_vocab()), default=1)
 
 
-def conversation_chars(conversation: object) -> int:
-    """The characters of text in a conversation (a string, or the string contents of its
-    messages); 0 for anything else (validation says what is wrong with it later)."""
+def conversation_texts(conversation: object) -> list[str]:
+    """The texts of a conversation: the string itself, or the string contents of its
+    messages; none for anything else (validation says what is wrong with it later)."""
     if isinstance(conversation, str):
-        return len(conversation)
+        return [conversation]
     if isinstance(conversation, Sequence) and not isinstance(conversation, bytes | bytearray):
-        return sum(
-            len(message["content"])
+        return [
+            message["content"]
             for message in conversation
             if isinstance(message, Mapping) and isinstance(message.get("content"), str)
-        )
-    return 0
+        ]
+    return []
+
+
+def conversation_chars(conversation: object) -> int:
+    """The characters of text in a conversation (see :func:`conversation_texts`)."""
+    return sum(len(text) for text in conversation_texts(conversation))
 
 
 def _break_control_strings(

@@ -209,3 +209,36 @@ def test_a_prompt_too_long_for_any_window_fails_before_the_tokenizer_lock(
     )
     assert isinstance(results[0], ContextOverflowError)
     engine.check_prompt_size("x" * engine.max_prompt_chars)
+
+
+def test_a_long_prompt_is_counted_apart_from_the_shared_tokenizer(engine: PersonaJudge) -> None:
+    """Under the character bound but longer than 4 characters a token allows, a prompt is
+    counted in tokens with the engine's second tokenizer: one that does not fit is refused
+    while another caller holds the shared tokenizer lock; a short one is not counted."""
+    import threading
+
+    from pj_core.engine import LARGE_PROMPT_CHARS_PER_TOKEN
+    from pj_core.errors import ContextOverflowError
+
+    words = "hello world " * (engine.context_window // 2 + 50)  # ~2 tokens per 12 characters
+    assert engine.context_window * LARGE_PROMPT_CHARS_PER_TOKEN < len(words)
+    assert len(words) <= engine.max_prompt_chars
+    outcome: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            engine.generate([{"role": "user", "content": words}], PERSONAS, max_new_tokens=2)
+        except BaseException as exc:  # the test inspects what it was
+            outcome.append(exc)
+
+    with engine._tokenizer_lock:
+        engine.check_prompt_size("hello")  # short: no count, no wait
+        worker = threading.Thread(target=call)
+        worker.start()
+        worker.join(timeout=10)
+        assert not worker.is_alive(), "the long call waited for the shared tokenizer lock"
+    (error,) = outcome
+    assert isinstance(error, ContextOverflowError)
+    assert error.prompt_tokens == 2 * (engine.context_window // 2 + 50)
+    with pytest.raises(InvalidPromptError, match="lone surrogate"):  # checked before counting
+        engine.check_prompt_size(words + "\ud800")

@@ -7,7 +7,9 @@ Each sub-command lives in its own module of this package and exposes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -44,10 +46,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except PersonaJudgeError as exc:
         # Our errors already say what to do; a traceback would only hide that.
-        print(f"pj: error: {exc}", file=sys.stderr)
-        return 1
+        return _fail(str(exc))
+    except BrokenPipeError:
+        # The reader went away (``pj profiles list | head -1``): not an error of ours. Point
+        # stdout at devnull so that the interpreter's final flush does not fail again.
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # stdout not a file
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as exc:
+        # A file or folder the user named cannot be read or written (missing, a directory,
+        # no permission): what and where, in one line.
+        where = f": {exc.filename}" if exc.filename else ""
+        return _fail(f"{exc.strerror or exc}{where}")
     except KeyboardInterrupt:
         return 130
+
+
+def _fail(message: str) -> int:
+    # One line, whatever the message holds (a lone surrogate from a mis-decoded argument
+    # cannot be printed as it is).
+    line = " ".join(message.split()) or "failed"
+    print(f"pj: error: {line}".encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from pj_core.cli import csv_tuple
+from pj_core.errors import EvaluationError
 from pj_core.eval.config import JUDGE_NAMES, EvalConfig
 from pj_core.settings import STRATEGIES
 
@@ -31,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Generate answers with direct prompting (all preferences in one system prompt), "
             "Persona-judge, Persona-judge-Base and each single-preference prompt, judge them "
             "per dimension with a pairwise LLM judge, an implicit-reward scorer and an "
-            "embedding judge, and report win rates against direct prompting with 95%% "
+            "embedding judge, and report win rates against direct prompting with 95% "
             "bootstrap confidence intervals. Rerun the same command to resume."
         ),
     )
@@ -41,7 +42,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="'sample' (shipped Koala sample) or a .jsonl/.json prompt file",
     )
     parser.add_argument(
-        "--limit", type=int, default=defaults.limit, help="number of prompts (default %(default)s)"
+        "--limit",
+        type=int,
+        default=None,
+        help="number of prompts (required: every prompt costs an answer per method and a "
+        f"judgment per dimension and judge; the paper-size run is --limit {defaults.limit})",
     )
     parser.add_argument(
         "--max-prompt-chars", type=int, default=None, help="skip prompts longer than this"
@@ -168,6 +173,12 @@ def run(args: argparse.Namespace) -> int:
 
         # On a shared CPU, more threads than free cores make every step slower, not faster.
         torch.set_num_threads(max(1, args.threads))
+    if args.limit is None or args.limit < 1:
+        raise EvaluationError(
+            "pj eval needs --limit N, the number of prompts: each costs an answer per method "
+            "and a judgment per dimension and judge, so 40 prompts (the paper-size run) take "
+            "days on a small CPU; try --limit 2 --max-new-tokens 16 for a first look"
+        )
     config = config_from_args(args)
     out_dir: Path = args.out
     log = run_evaluation(

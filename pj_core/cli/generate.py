@@ -177,7 +177,9 @@ def generation_settings(args: argparse.Namespace, defaults: dict[str, Any]) -> d
 def run(args: argparse.Namespace) -> int:
     """Run ``pj generate``; returns the exit code."""
     from pj_core.cli.profiles import personas_from_args
+    from pj_core.decoding.generation_config import SETTING_NAMES, GenerationConfig
     from pj_core.engine import PersonaJudge
+    from pj_core.prompts import normalize_conversation
 
     chosen = personas_from_args(args.persona, args.preference, args.profile, args.store)
     if chosen is None:
@@ -187,6 +189,9 @@ def run(args: argparse.Namespace) -> int:
         )
     personas, defaults = chosen
     settings = generation_settings(args, defaults)
+    # Bad settings or text fail now, in one line, not after the model has loaded.
+    GenerationConfig.create(**{k: v for k, v in settings.items() if k in SETTING_NAMES})
+    normalize_conversation(args.prompt)
     load_kwargs = {"device": args.device} if args.device else {}
     engine = PersonaJudge.from_pretrained(args.model, **load_kwargs)
     result: GenerationResult | None = None

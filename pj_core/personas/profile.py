@@ -7,6 +7,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+import unicodedata
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -140,6 +142,15 @@ class PersonaProfile(_Model):
                 raise InvalidPersonaError(
                     f"metadata[{key!r}] has {len(item)} characters; the limit is "
                     f"{MAX_PERSONA_CHARS}"
+                )
+            if isinstance(item, str) and any(unicodedata.category(c) == "Cs" for c in item):
+                raise InvalidPersonaError(
+                    f"metadata[{key!r}] holds a lone surrogate; pass valid Unicode text"
+                )
+            if isinstance(item, float) and not math.isfinite(item):
+                raise InvalidPersonaError(
+                    f"metadata[{key!r}] is {item}; JSON has no NaN or infinity: store a finite "
+                    "number, a string or null"
                 )
         return value
 

@@ -245,6 +245,14 @@ def parse_export(text: str | bytes) -> list[PersonaProfile]:
         document = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ProfileImportError(f"the import file is not valid JSON ({exc}); {nothing}") from None
+    except RecursionError:
+        raise ProfileImportError(
+            f"the import file nests its JSON too deeply to be a profile export; {nothing}"
+        ) from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise ProfileImportError(
+            f"the import file holds a value out of range ({exc}); {nothing}"
+        ) from None
     if not isinstance(document, dict) or document.get("format") != EXPORT_FORMAT:
         raise ProfileImportError(
             f"the import file is not a persona-judge profile export (expected a JSON object "
@@ -358,6 +366,12 @@ class ProfileStore(AbstractProfileStore):
         self._memory_lock = threading.RLock()
         self._memory_conn: sqlite3.Connection | None = None
         if self.path is not None:
+            if "\0" in str(path) or not str(path).strip() or self.path.is_dir():
+                raise ProfileStoreError(
+                    f"profile store path {str(path)!r} is not a file path (empty, a folder, or "
+                    "holding a NUL character); give a database file such as "
+                    f"{str(Path(str(path).replace(chr(0), '') or '.') / 'profiles.db')!r}"
+                )
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
@@ -378,9 +392,12 @@ class ProfileStore(AbstractProfileStore):
         target = ":memory:" if self.path is None else str(self.path)
         # isolation_level=None: we issue BEGIN/COMMIT ourselves. check_same_thread=False only so
         # close() may close every thread's connection; each is still used by one thread.
-        conn = sqlite3.connect(
-            target, timeout=self.timeout, isolation_level=None, check_same_thread=False
-        )
+        try:
+            conn = sqlite3.connect(
+                target, timeout=self.timeout, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:  # e.g. a folder without write permission
+            raise ProfileStoreError(f"cannot open profile store {self.where}: {exc}") from None
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
             if self.path is not None:
