@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from pj_core.errors import PersonaJudgeError
 
@@ -24,9 +25,19 @@ def csv_tuple(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (``pj: error: ... (see pj CMD --help)``) and
+    exit status 2, as the commands' own errors are one line; sub-command parsers are of the
+    same class."""
+
+    def error(self, message: str) -> NoReturn:
+        line = " ".join(message.split())
+        self.exit(2, f"pj: error: {line} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every sub-command registered."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="pj", description="Persona-judge: personalised decoding with local open models."
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
