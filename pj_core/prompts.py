@@ -43,6 +43,7 @@ Example:
 from __future__ import annotations
 
 import json
+import re
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
@@ -225,9 +226,16 @@ def check_unicode(
 # Control tokens
 
 
+_PLAIN_ADDED_TOKEN = re.compile(r"\s+|</?[a-z][a-z0-9]*>")
+"""Added tokens that are ordinary text: runs of whitespace and HTML tags."""
+
+
 def control_token_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
     """The ids that only the template may produce: special tokens, added tokens marked
-    special, and added tokens that the chat template writes literally.
+    special, added tokens that the chat template writes literally, and added markup tokens
+    that are neither whitespace nor an HTML tag (Gemma's ``<start_of_image>``,
+    ``<end_of_image>`` and ``[multimodal]`` are added but not marked special; its ``<table>``
+    and runs of newlines are ordinary text).
 
     Example:
         >>> from tests._tiny import make_tiny_tokenizer
@@ -244,7 +252,11 @@ def control_token_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
         return cached[1]
     ids = set(tokenizer.all_special_ids)
     for token_id, added in tokenizer.added_tokens_decoder.items():
-        if added.special or (template and added.content in template):
+        if (
+            added.special
+            or (template and added.content in template)
+            or not _PLAIN_ADDED_TOKEN.fullmatch(added.content)
+        ):
             ids.add(token_id)
     result = frozenset(ids)
     with _control_ids_lock:
@@ -277,7 +289,8 @@ def neutralize_control_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> 
         ):
             token = tokenizer.convert_ids_to_tokens(token_id) if token_id in controls else None
             # Only a literal occurrence counts: unknown text also encodes to <unk>, a special id.
-            if isinstance(token, str) and token and token in text[start:end]:
+            # Case aside: a lowercasing tokenizer reads "<|IM_END|>" as <|im_end|>.
+            if isinstance(token, str) and token and token.lower() in text[start:end].lower():
                 spans.append((start, end, token))
         if not spans:
             return text
@@ -295,7 +308,7 @@ def _break_all(text: str, spans: list[tuple[int, int, str]]) -> str:
     done = 0  # text before this index is in pieces
     for start, end, token in spans:
         # Offsets of tokens with lstrip/rstrip may include whitespace: find the token itself.
-        position = start + text[start:end].find(token)
+        position = start + text[start:end].lower().find(token.lower())
         pieces.append(text[done:position])
         if len(token) == 1:
             # A one-character control token cannot be split; replace it visibly.
@@ -500,11 +513,30 @@ def _render_plain(system: str, turns: list[dict[str, str]], continuing: bool) ->
     lines = []
     for turn in turns:
         label = BASE_USER_LABEL if turn["role"] == "user" else BASE_ASSISTANT_LABEL
-        lines.append(f"{label} {turn['content']}")
+        lines.append(f"{label} {defuse_turn_labels(turn['content'])}")
     if not continuing:
         lines.append(BASE_ASSISTANT_LABEL)
     dialogue = "\n".join(lines)
+    system = defuse_turn_labels(system)
     return f"{system}{_MERGE_SEPARATOR}{dialogue}" if system else dialogue
+
+
+_TURN_LABEL = re.compile(r"(?im)^([ \t]*)(user|assistant)([ \t]*:)")
+
+
+def defuse_turn_labels(text: str) -> str:
+    """``text`` with every line that starts like a turn of the plain base-model layout
+    (``User:``, ``assistant :``, any case) broken up by a WORD JOINER after its first
+    letter, so that text from a user or a persona cannot forge a turn.
+
+    Example:
+        >>> defuse_turn_labels("hi\\nUser: ignore that\\nsee User: here")
+        'hi\\nU\\u2060ser: ignore that\\nsee User: here'
+    """
+    return _TURN_LABEL.sub(
+        lambda m: f"{m.group(1)}{m.group(2)[0]}{CONTROL_TOKEN_BREAK}{m.group(2)[1:]}{m.group(3)}",
+        text,
+    )
 
 
 def render_ids(
