@@ -77,11 +77,13 @@ def test_export_to_a_missing_folder_or_onto_a_folder_is_one_line(
     capsys: pytest.CaptureFixture[str], in_tmp: Path
 ) -> None:
     assert run(capsys, "profiles", "add", "alice", "-p", "humor")[0] == 0
-    code, _, err = run(capsys, "profiles", "export", str(in_tmp / "missing" / "x.json"))
-    assert_one_line_error(code, err, "No such file or directory")
+    missing = in_tmp / "missing" / "x.json"
+    code, _, err = run(capsys, "profiles", "export", str(missing))
+    assert_one_line_error(code, err, f"cannot export to {missing}", "must exist")
     (in_tmp / "out").mkdir()
     code, _, err = run(capsys, "profiles", "export", str(in_tmp / "out"))
-    assert_one_line_error(code, err)
+    assert_one_line_error(code, err, "it is a folder", "profiles.json")
+    assert not [p.name for p in in_tmp.rglob("*") if p.name.endswith(".tmp")]  # none left
 
 
 @pytest.mark.parametrize(

@@ -32,9 +32,11 @@ Example:
 from __future__ import annotations
 
 import builtins
+import contextlib
 import json
 import os
 import sqlite3
+import tempfile
 import threading
 import weakref
 from abc import ABC, abstractmethod
@@ -215,10 +217,30 @@ class AbstractProfileStore(ABC):
         """Write :meth:`export_json` to ``path`` atomically; returns the number of profiles."""
         text = self.export_json()
         target = Path(path)
-        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        # Write aside and rename, so a crash never leaves a half-written export behind.
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, target)
+        if target.is_dir():
+            raise ProfileStoreError(
+                f"cannot export to {target}: it is a folder; give a file path such as "
+                f"{target / 'profiles.json'}"
+            )
+        # Write aside (a name of its own per call, so threads and processes do not collide)
+        # and rename, so a crash never leaves a half-written export behind.
+        try:
+            handle, temporary = tempfile.mkstemp(
+                prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
+            )
+        except OSError as exc:
+            raise ProfileStoreError(
+                f"cannot export to {target}: {exc.strerror} (its folder {target.parent} must "
+                "exist and be writable)"
+            ) from None
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as out:
+                out.write(text)
+            os.replace(temporary, target)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise ProfileStoreError(f"cannot export to {target}: {exc.strerror}") from None
         return len(json.loads(text)["profiles"])
 
     def import_file(
