@@ -309,3 +309,12 @@ def test_a_lowercasing_tokenizer_cannot_smuggle_control_tokens() -> None:
     clean = neutralize_control_tokens(tokenizer, text)
     assert end_id not in tokenizer(clean, add_special_tokens=False)["input_ids"]
     assert clean.replace("\u2060", "") == text
+
+
+@pytest.mark.parametrize("spec", ["x" * 5000, "a\0b", "dir/" + "y" * 300 + ".gguf"])
+def test_unusable_model_specs_are_typed_errors(spec: str) -> None:
+    from pj_core.backends.hf.models import load_model
+    from pj_core.errors import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError):
+        load_model(spec)

@@ -290,10 +290,20 @@ def _resolve(spec: str | os.PathLike[str]) -> _Source:
     builtin = BUILTIN_MODELS.get(text.strip().lower())
     if builtin is not None:
         return _BUILTIN_SOURCES[builtin.alias](builtin)
+    if "\0" in text:
+        raise ModelNotFoundError("the model spec holds a NUL character; check the path")
     path = Path(text).expanduser()
-    if path.is_dir():
+    try:
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        raise ModelNotFoundError(
+            f"model spec {text[:80]!r}{'...' if len(text) > 80 else ''} is not a usable path "
+            f"({exc.strerror}); pass an alias such as '{DEFAULT_MODEL}', a model directory or "
+            "a .gguf file"
+        ) from None
+    if is_dir:
         return _directory_source(text, path)
-    if path.is_file():
+    if is_file:
         if path.suffix.lower() != ".gguf":
             raise ModelNotFoundError(
                 f"{path} is a file but not a .gguf file; pass a .gguf file or the model's "
