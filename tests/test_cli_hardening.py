@@ -144,3 +144,44 @@ def test_eval_needs_an_explicit_size_and_writes_nothing_without_it(
         cli.main(["eval", "--help"])
     out = capsys.readouterr().out
     assert "95% bootstrap" in " ".join(out.split()) and "%%" not in out
+
+
+def test_a_corrupt_row_does_not_block_the_others(
+    capsys: pytest.CaptureFixture[str], in_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One unreadable row (bad JSON) and one that names another user: the rest are listed
+    and exported, the bad ones reported; put replaces a corrupt row, delete removes it, and
+    get never hands one user another user's profile."""
+    import sqlite3
+
+    from pj_core.personas import PersonaProfile
+    from pj_core.personas.store import ProfileStore, ProfileStoreError
+
+    path = in_tmp / "p.db"
+    store = ProfileStore(path)
+    for user in ("alice", "bob", "carol"):
+        store.put(PersonaProfile(user_id=user, preferences=["humor"]))
+    store.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE profiles SET data = '{not json' WHERE user_id = 'bob'")
+        data = conn.execute("SELECT data FROM profiles WHERE user_id = 'alice'").fetchone()[0]
+        conn.execute("UPDATE profiles SET data = ? WHERE user_id = 'carol'", (data,))
+    store = ProfileStore(path)
+    assert [p.user_id for p in store.list()] == ["alice"]
+    assert "corrupt profile 'bob'" in caplog.text
+    assert [user for user, _ in store.corrupt_rows()] == ["bob", "carol"]
+    with pytest.raises(ProfileStoreError, match="names user 'alice'"):
+        store.get("carol")
+    replaced = store.put(PersonaProfile(user_id="bob", preferences=["concise"]))
+    assert replaced.revision == 2 and store.get("bob").preferences == ("concise",)
+    store.close()
+
+    code, out, err = run(capsys, "profiles", "list", "--store", str(path))
+    assert code == 0 and "alice" in out and "bob" in out and "carol" not in out
+    assert "profile 'carol'" in err and "pj profiles delete carol" in err
+    code, _, err = run(capsys, "profiles", "export", str(in_tmp / "x.json"), "--store", str(path))
+    exported = json.loads((in_tmp / "x.json").read_text())["profiles"]
+    assert code == 0 and [p["user_id"] for p in exported] == ["alice", "bob"]
+    assert "profile 'carol'" in err
+    code, _, _ = run(capsys, "profiles", "delete", "carol", "--store", str(path))
+    assert code == 0 and ProfileStore(path).corrupt_rows() == []

@@ -28,10 +28,12 @@ from pj_core.personas import (
     GenerationDefaults,
     Persona,
     PersonaProfile,
+    check_user_id,
     compose,
     resolve_personas,
 )
 from pj_core.personas.store import (
+    AbstractProfileStore,
     OnConflict,
     ProfileConflictError,
     ProfileStore,
@@ -234,9 +236,20 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_corrupt(store: AbstractProfileStore, args: argparse.Namespace) -> None:
+    """One stderr line per stored profile that cannot be read, saying what to do."""
+    for user_id, _reason in store.corrupt_rows():
+        print(
+            f"pj: warning: profile {user_id!r} in {_where(args)} is corrupt and was left out; "
+            f"delete it (pj profiles delete {user_id}) or restore it from an export",
+            file=sys.stderr,
+        )
+
+
 def _list(args: argparse.Namespace) -> int:
     with _open(args, read_only=True) as store:
         profiles = store.list()
+        _report_corrupt(store, args)
     if args.json:
         print(json.dumps([p.model_dump(mode="json") for p in profiles], indent=2))
         return 0
@@ -252,7 +265,12 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _delete(args: argparse.Namespace) -> int:
-    load_cli_profile(args.user_id, args.store)  # a typed "not found" before touching anything
+    # A typed "not found" before touching anything (reading creates no file); a corrupt
+    # profile can be deleted, so its id is enough.
+    check_user_id(args.user_id)
+    with _open(args, read_only=True) as store:
+        if args.user_id not in store.list_ids():
+            load_cli_profile(args.user_id, args.store)  # raises ProfileNotFoundError
     with _open(args) as store:
         store.delete(args.user_id)
     print(f"deleted profile {args.user_id!r} from {_where(args)}")
@@ -263,8 +281,10 @@ def _export(args: argparse.Namespace) -> int:
     with _open(args, read_only=True) as store:
         if args.file == "-":
             print(store.export_json())
+            _report_corrupt(store, args)
             return 0
         count = store.export_file(args.file)
+        _report_corrupt(store, args)
     print(f"exported {count} profile(s) to {args.file}", file=sys.stderr)
     return 0
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import json
+import logging
 import os
 import sqlite3
 import tempfile
@@ -58,6 +59,8 @@ from pj_core.personas.model import check_user_id
 from pj_core.personas.profile import PersonaProfile
 
 STORE_ENV_VAR = "PJ_PROFILE_STORE"
+_log = logging.getLogger(__name__)
+
 EXPORT_FORMAT = "persona-judge-profiles"
 EXPORT_SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 30.0
@@ -163,6 +166,11 @@ class AbstractProfileStore(ABC):
     def list_ids(self) -> builtins.list[str]:
         """Every user id, sorted."""
         return [profile.user_id for profile in self.list()]
+
+    def corrupt_rows(self) -> builtins.list[tuple[str, str]]:
+        """``(user id, reason)`` of each stored profile that cannot be read (and that
+        :meth:`list` leaves out). A store whose rows are always readable has none."""
+        return []
 
     def __contains__(self, user_id: object) -> bool:
         if not isinstance(user_id, str):
@@ -524,18 +532,44 @@ class ProfileStore(AbstractProfileStore):
         try:
             fields = json.loads(data)
             fields["revision"] = revision  # the column is the source of truth
-            return PersonaProfile.from_data(fields)
+            profile = PersonaProfile.from_data(fields)
         except (json.JSONDecodeError, TypeError, InvalidPersonaError) as exc:
             raise ProfileStoreError(
                 f"the stored profile {user_id!r} in {self.where} is corrupt ({exc}); delete it "
                 "or restore it from an export"
             ) from None
+        if profile.user_id != user_id:  # never hand one user another user's profile
+            raise ProfileStoreError(
+                f"the stored profile {user_id!r} in {self.where} is corrupt (its data names "
+                f"user {profile.user_id!r}); delete it or restore it from an export"
+            )
+        return profile
+
+    def _current(self, conn: sqlite3.Connection, user_id: str) -> tuple[PersonaProfile | None, int]:
+        """The stored profile (None if absent or corrupt) and its revision (0 if absent): a
+        corrupt row is replaced by a put, never a reason to refuse one."""
+        try:
+            current = self._read(conn, user_id)
+        except ProfileStoreError:
+            row = conn.execute(
+                "SELECT revision FROM profiles WHERE user_id = ?", (user_id,)
+            ).fetchone()
+            _log.warning("replacing the corrupt profile %r of %s", user_id, self.where)
+            return None, int(row[0]) if row else 0
+        return current, current.revision if current else 0
 
     def _write(
         self, conn: sqlite3.Connection, profile: PersonaProfile, current: PersonaProfile | None
     ) -> PersonaProfile:
+        if current is not None:
+            previous = current.revision
+        else:  # a new profile, or one replacing a corrupt row (whose revision still counts)
+            row = conn.execute(
+                "SELECT revision FROM profiles WHERE user_id = ?", (profile.user_id,)
+            ).fetchone()
+            previous = int(row[0]) if row else 0
         stored = profile.evolve(
-            revision=(current.revision if current else 0) + 1,
+            revision=previous + 1,
             created_at=current.created_at if current else profile.created_at,
             updated_at=_now(),
         )
@@ -577,8 +611,7 @@ class ProfileStore(AbstractProfileStore):
     ) -> PersonaProfile:
         profile = self._checked(profile)
         with self._transaction(write=True) as conn:
-            current = self._read(conn, profile.user_id)
-            actual = current.revision if current else 0
+            current, actual = self._current(conn, profile.user_id)
             if expected_revision is not None and expected_revision != actual:
                 raise ProfileConflictError(
                     f"profile {profile.user_id!r} is at revision {actual}, not "
@@ -619,11 +652,36 @@ class ProfileStore(AbstractProfileStore):
             raise self._not_found(user_id, self.where)
 
     def list(self) -> builtins.list[PersonaProfile]:
+        """Every readable profile, ordered by user id. A corrupt row does not hide the
+        others: it is left out, logged as a warning, and named by :meth:`corrupt_rows`."""
+        profiles, corrupt = self._scan()
+        for user_id, reason in corrupt:
+            _log.warning("left out the corrupt profile %r of %s: %s", user_id, self.where, reason)
+        return profiles
+
+    def corrupt_rows(self) -> builtins.list[tuple[str, str]]:
+        """The ``(user id, reason)`` of each stored profile that cannot be read; delete it
+        (``delete`` works on it) or restore it from an export.
+
+        Example:
+            >>> ProfileStore(":memory:").corrupt_rows()
+            []
+        """
+        return self._scan()[1]
+
+    def _scan(self) -> tuple[builtins.list[PersonaProfile], builtins.list[tuple[str, str]]]:
         with self._transaction(write=False) as conn:
             rows = conn.execute(
                 "SELECT user_id, revision, data FROM profiles ORDER BY user_id"
             ).fetchall()
-        return [self._decode(user_id, revision, data) for user_id, revision, data in rows]
+        profiles: builtins.list[PersonaProfile] = []
+        corrupt: builtins.list[tuple[str, str]] = []
+        for user_id, revision, data in rows:
+            try:
+                profiles.append(self._decode(user_id, revision, data))
+            except ProfileStoreError as exc:
+                corrupt.append((user_id, str(exc)))
+        return profiles, corrupt
 
     def list_ids(self) -> builtins.list[str]:
         with self._transaction(write=False) as conn:
