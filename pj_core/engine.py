@@ -143,7 +143,8 @@ class PersonaJudge:
 
         # No text longer than this fits the window, whatever it says: longer prompts are refused
         # before the tokenizer lock, so a hostile one cannot hold the lock (and everyone else).
-        self.max_prompt_chars = self.context_window * max_token_chars(tokenizer)
+        self.max_token_chars = max_token_chars(tokenizer)
+        self.max_prompt_chars = self.context_window * self.max_token_chars
         # A second tokenizer counts long prompts (see check_prompt_size) apart from the shared
         # one; copied now, before any thread can use the original.
         self._large_prompt_tokenizer = copy.deepcopy(tokenizer)
@@ -505,7 +506,7 @@ class PersonaJudge:
                     context_window=self.context_window,
                 )
             return
-        at_least = -(-chars // max(self.max_prompt_chars // self.context_window, 1))
+        at_least = -(-chars // self.max_token_chars)  # ceil: tokens such a text takes at least
         raise ContextOverflowError(
             f"the prompt has {chars} characters, so at least {at_least} tokens: more than the "
             f"context window of {self.context_window} tokens holds (at most "

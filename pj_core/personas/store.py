@@ -551,23 +551,21 @@ class ProfileStore(AbstractProfileStore):
         try:
             current = self._read(conn, user_id)
         except ProfileStoreError:
-            row = conn.execute(
-                "SELECT revision FROM profiles WHERE user_id = ?", (user_id,)
-            ).fetchone()
             _log.warning("replacing the corrupt profile %r of %s", user_id, self.where)
-            return None, int(row[0]) if row else 0
+            return None, self._stored_revision(conn, user_id)
         return current, current.revision if current else 0
+
+    @staticmethod
+    def _stored_revision(conn: sqlite3.Connection, user_id: str) -> int:
+        """The revision column of ``user_id``'s row (readable or not), 0 without a row."""
+        row = conn.execute("SELECT revision FROM profiles WHERE user_id = ?", (user_id,)).fetchone()
+        return int(row[0]) if row else 0
 
     def _write(
         self, conn: sqlite3.Connection, profile: PersonaProfile, current: PersonaProfile | None
     ) -> PersonaProfile:
-        if current is not None:
-            previous = current.revision
-        else:  # a new profile, or one replacing a corrupt row (whose revision still counts)
-            row = conn.execute(
-                "SELECT revision FROM profiles WHERE user_id = ?", (profile.user_id,)
-            ).fetchone()
-            previous = int(row[0]) if row else 0
+        # No current profile: a new one, or one replacing a corrupt row (its revision counts).
+        previous = current.revision if current else self._stored_revision(conn, profile.user_id)
         stored = profile.evolve(
             revision=previous + 1,
             created_at=current.created_at if current else profile.created_at,
