@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # so pip does not fetch a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
-EXTRAS ?= dev,langchain,llamaindex
+EXTRAS ?= dev,langchain,llamaindex,serve
 PROMPT ?= Got any creative ideas for a 10 year old's birthday?
 
 STAMP := $(VENV)/.pj-installed

@@ -307,15 +307,16 @@ def test_old_import_paths_are_the_moved_modules() -> None:
     assert out.stdout.strip() == "ok"
 
 
-def test_both_adapters_share_one_thread_bridge() -> None:
-    """Async decoding goes through ``pj_integrations._threads`` only: no adapter starts its
-    own worker threads (one bridge to fix, one behaviour on early exit)."""
+def test_adapters_and_server_share_one_thread_bridge() -> None:
+    """Async decoding goes through ``pj_core.threads`` only: neither adapter nor the server
+    starts worker threads of its own (one bridge to fix, one behaviour on early exit)."""
+    files = [*(ROOT / "pj_integrations").rglob("*.py"), *(CORE / "server").rglob("*.py")]
     starters = sorted(
         str(path.relative_to(ROOT))
-        for path in (ROOT / "pj_integrations").rglob("*.py")
+        for path in [*files, CORE / "threads.py"]
         if "threading.Thread(" in path.read_text(encoding="utf-8")
     )
-    assert starters == ["pj_integrations/_threads.py"], starters
+    assert starters == ["pj_core/threads.py"], starters
 
 
 # The documented override points of LangChain's BaseChatModel (and what LlamaIndex's

@@ -99,9 +99,9 @@ def test_pydantic_single_selector_picks_one_of_the_choices(llm: PersonaJudgeLLM)
         ToolMetadata(name="weather", description="Answers questions about the weather."),
         ToolMetadata(name="cooking", description="Answers questions about recipes and baking."),
     ]
-    result = PydanticSingleSelector.from_defaults(llm=llm).select(
-        choices, query="How do I bake bread?"
-    )
+    # from_defaults is annotated with LlamaIndex's OpenAI class, but takes any function-calling LLM
+    selector = PydanticSingleSelector.from_defaults(llm=llm)  # type: ignore[arg-type]
+    result = selector.select(choices, query="How do I bake bread?")
     assert len(result.selections) == 1 and result.selections[0].index in (0, 1)
 
 

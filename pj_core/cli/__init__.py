@@ -17,7 +17,15 @@ from typing import NoReturn
 from pj_core.errors import PersonaJudgeError
 
 # Sub-command modules, in the order ``pj --help`` lists them.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("info", "generate", "eval", "personas", "profiles", "bench")
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "info",
+    "generate",
+    "serve",
+    "eval",
+    "personas",
+    "profiles",
+    "bench",
+)
 
 
 def csv_tuple(value: str) -> tuple[str, ...]:

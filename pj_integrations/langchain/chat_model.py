@@ -43,7 +43,7 @@ from pj_core.calls import (
 )
 from pj_core.engine import PersonaJudge
 from pj_core.personas import PersonaProfile, PreferenceSpec, check_user_id
-from pj_integrations._threads import iterate_in_thread
+from pj_core.threads import iterate_in_thread
 from pj_integrations.langchain.batching import abatch_invokes, batch_invokes, current_slot
 from pj_integrations.langchain.config import reads_config_user, with_config_user
 from pj_integrations.langchain.messages import (

@@ -18,7 +18,7 @@ Example:
     >>> bob = llm.model_copy(update={"preferences": ["expert"]})  # same weights, other persona
 """
 
-from pj_integrations._threads import iterate_in_thread
+from pj_core.threads import iterate_in_thread
 from pj_integrations.llama_index.llm import PersonaJudgeLLM
 
 __all__ = ["PersonaJudgeLLM", "iterate_in_thread"]

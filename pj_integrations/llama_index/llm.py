@@ -36,7 +36,7 @@ from pj_core.errors import InvalidPromptError, PersonaJudgeError
 from pj_core.personas import PersonaProfile, PreferenceSpec
 from pj_core.results import GenerationResult, StreamEvent
 from pj_core.settings import DEFAULTS
-from pj_integrations._threads import iterate_in_thread
+from pj_core.threads import iterate_in_thread
 from pj_integrations.llama_index.messages import (
     chat_chunks,
     chat_response,

@@ -1,7 +1,8 @@
-"""Blocking iterators consumed from asyncio, shared by both adapters.
+"""Blocking iterators consumed from asyncio: the one sync-to-async bridge of the code base.
 
-Decoding is blocking work on the CPU; an adapter's async methods run it in a worker thread
-and hand each item to the event loop, so the loop stays free while tokens are decoded.
+Decoding is blocking work on the CPU; the adapters' async methods and the HTTP server run it
+in a worker thread and hand each item to the event loop, so the loop stays free while tokens
+are decoded.
 """
 
 from __future__ import annotations

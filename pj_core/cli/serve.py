@@ -1,0 +1,124 @@
+"""``pj serve``: serve the model over OpenAI's chat-completions protocol.
+
+Examples::
+
+    pj serve                                   # SmolLM2 on http://127.0.0.1:8000/v1
+    pj serve --port 9000 --store team.db       # profiles from team.db
+    pj serve --preference humor --preference concise   # for requests that name no user
+
+Then any OpenAI client: ``OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")``,
+with ``user="alice"`` to personalise a request by alice's saved profile. See
+docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+
+from pj_core.errors import InvalidGenerationConfigError
+
+LOOPBACK_NAMES = ("localhost",)
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``pj serve``."""
+    from pj_core.cli.profiles import add_store_argument
+
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve an OpenAI-compatible chat-completions API, personalised per user",
+        description="Serve POST /v1/chat/completions, GET /v1/models and GET /health. A "
+        "request's `user` selects the saved profile (see `pj profiles add`) that personalises "
+        "the answer.",
+    )
+    parser.add_argument("--model", default=None, help="model spec (default smollm2-135m-instruct)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument(
+        "--served-model-name",
+        default=None,
+        metavar="NAME",
+        help="the name clients send as `model` (default: the model's alias)",
+    )
+    parser.add_argument(
+        "--preference",
+        action="append",
+        default=[],
+        metavar="NAME_OR_TEXT",
+        help="personalise requests that name no user with these preferences (repeatable); "
+        "without it such a request is an error",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="largest request body accepted (default 4 MiB)",
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
+    )
+    add_store_argument(parser)
+    parser.set_defaults(func=run)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (127.0.0.0/8, ::1) or ``localhost``.
+
+    Example:
+        >>> is_loopback("127.0.0.1"), is_loopback("0.0.0.0"), is_loopback("localhost")
+        (True, False, True)
+    """
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model, open the store and serve until interrupted."""
+    try:
+        import uvicorn
+
+        from pj_core.server import ServerConfig, create_app
+        from pj_core.server.app import DEFAULT_MAX_BODY_BYTES
+    except ImportError as exc:
+        raise InvalidGenerationConfigError(
+            f"pj serve needs the serve extra ({exc.name} is missing): "
+            "pip install 'persona-judge[serve]'"
+        ) from exc
+    from pj_core.backends.hf.models import DEFAULT_MODEL
+
+    if not is_loopback(args.host):
+        raise InvalidGenerationConfigError(
+            f"--host {args.host} is not a loopback address: with no API keys the server is "
+            "open to anyone who can reach it, so it listens on 127.0.0.1, ::1 or localhost only"
+        )
+    if not 0 <= args.port <= 65535:
+        raise InvalidGenerationConfigError(f"--port {args.port} is not a port (0-65535)")
+    limit = DEFAULT_MAX_BODY_BYTES if args.max_body_bytes is None else args.max_body_bytes
+    if limit < 1024:
+        raise InvalidGenerationConfigError(f"--max-body-bytes {limit} is too small (>= 1024)")
+    print(f"pj serve: loading {args.model or DEFAULT_MODEL} ...", file=sys.stderr, flush=True)
+    app = create_app(
+        ServerConfig(
+            model=args.model or DEFAULT_MODEL,
+            served_model_name=args.served_model_name,
+            profile_store=args.store,
+            preferences=args.preference or None,
+            max_body_bytes=limit,
+        )
+    )
+    where = f"http://{args.host}:{args.port}/v1"
+    print(
+        f"pj serve: {app.state.model_name} on {where} (profiles: {app.state.store.where}); "
+        "no API keys: open to every local user, loopback only",
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

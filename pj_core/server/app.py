@@ -1,0 +1,334 @@
+"""The HTTP application: OpenAI's chat-completions protocol over one Persona-judge engine.
+
+Routes: ``POST /v1/chat/completions`` (whole or streamed as server-sent events),
+``GET /v1/models``, ``GET /v1/models/{model}``, ``GET /health``. A request's ``user`` selects
+the saved profile that personalises it; the ``persona_judge`` object may carry preferences
+and Persona-judge settings instead (:mod:`pj_core.server.schemas`).
+
+One process owns the model. Each request decodes in a worker thread through
+``PersonaJudge.generate`` / ``stream`` (the engine is thread safe), so the event loop keeps
+answering other requests meanwhile; requests are not batched together.
+
+Every error is a JSON body in OpenAI's error shape with its status: 400 (malformed JSON, a
+value the engine refuses, a prompt over the context window), 404 (unknown model, user or
+route), 413 (a body over ``max_body_bytes``), 422 (wrong types, missing or unknown fields),
+500 (a failure of the model itself); the server stays up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from openai.types import Model
+from sse_starlette import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pj_core.backends.hf.models import DEFAULT_MODEL
+from pj_core.calls import AdapterSettings, PersonaSources, build_call, shared_engine
+from pj_core.errors import (
+    ContextOverflowError,
+    InvalidPersonaError,
+    ModelNotFoundError,
+    ModelOutputError,
+    PersonaJudgeError,
+    ProfileNotFoundError,
+    ProfileStoreError,
+)
+from pj_core.personas.store import AbstractProfileStore, open_store
+from pj_core.server.responses import ChunkWriter, completion, error_body, new_id
+from pj_core.server.schemas import ChatCompletionRequest, call_options, conversation
+from pj_core.threads import iterate_in_thread
+
+if TYPE_CHECKING:
+    from pj_core.engine import PersonaJudge
+    from pj_core.results import StreamEvent
+
+LOG = logging.getLogger("pj_core.server")
+
+DEFAULT_MAX_BODY_BYTES = 4 * 2**20
+"""The largest request body accepted (4 MiB); a larger one gets a 413."""
+
+OWNER = "persona-judge"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What :func:`create_app` serves.
+
+    Attributes:
+        model: the model spec (alias or path) to load, unless ``engine`` is given.
+        engine: a ready engine to serve instead of loading ``model``.
+        served_model_name: the name clients send as ``model`` (default: the engine's name,
+            e.g. ``smollm2-135m-instruct``).
+        profile_store: the profile store (a store object, a database path, or ``None`` for
+            the default store, the one ``pj profiles`` uses).
+        preferences: preferences for requests that name no ``user`` and no
+            ``persona_judge.preferences`` (``None``: such a request is a 400).
+        max_body_bytes: the largest request body accepted.
+
+    Example:
+        >>> ServerConfig(preferences=["humor", "concise"]).max_body_bytes
+        4194304
+    """
+
+    model: str | os.PathLike[str] = DEFAULT_MODEL
+    engine: PersonaJudge | None = None
+    served_model_name: str | None = None
+    profile_store: AbstractProfileStore | str | os.PathLike[str] | None = None
+    preferences: list[str] | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    started: float = field(default_factory=time.time)
+
+
+def status_of(exc: PersonaJudgeError) -> tuple[int, str]:
+    """The HTTP status and OpenAI error ``code`` of one of the library's errors."""
+    if isinstance(exc, ProfileNotFoundError):
+        return 404, "profile_not_found"
+    if isinstance(exc, ModelNotFoundError):
+        return 404, "model_not_found"
+    if isinstance(exc, ContextOverflowError):
+        return 400, "context_length_exceeded"
+    if isinstance(exc, ProfileStoreError):
+        return 503, "profile_store_unavailable"
+    if isinstance(exc, ModelOutputError):
+        return 500, "model_output_error"
+    if isinstance(exc, ValueError):  # the Invalid*Error family: a value the caller can fix
+        return 400, "invalid_value"
+    return 500, "server_error"
+
+
+def _json_error(status: int, message: str, **kwargs: Any) -> JSONResponse:
+    return JSONResponse(error_body(status, message, **kwargs), status_code=status)
+
+
+def _message(exc: BaseException) -> str:
+    # KeyError's str() quotes its message; the library's errors put the text in args[0].
+    return str(exc.args[0]) if exc.args and isinstance(exc.args[0], str) else str(exc)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes gets a 413 before the application
+    reads it (checked against ``Content-Length`` and, for chunked bodies, while reading)."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
+        send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
+    ) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._too_large(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await self._too_large(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> MutableMapping[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # later reads wait for the client to disconnect
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
+        send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
+    ) -> None:
+        response = _json_error(
+            413,
+            f"the request body is over {self.limit} bytes; send a shorter conversation "
+            "(the limit is `pj serve --max-body-bytes`)",
+            code="request_too_large",
+        )
+        response.headers["connection"] = "close"
+        await response(scope, receive, send)
+
+
+def create_app(config: ServerConfig | None = None) -> FastAPI:
+    """The FastAPI application serving ``config`` (loads the model if no engine is given).
+
+    Example:
+        >>> app = create_app(ServerConfig(preferences=["humor", "concise"]))  # doctest: +SKIP
+        >>> import uvicorn; uvicorn.run(app, host="127.0.0.1", port=8000)  # doctest: +SKIP
+
+    Raises:
+        ModelNotFoundError, ModelPackageMissingError, ModelLoadError: loading the model.
+        ProfileStoreError: the profile store cannot be opened.
+    """
+    config = config or ServerConfig()
+    engine = config.engine if config.engine is not None else shared_engine(config.model).engine
+    name = config.served_model_name or engine.name
+    store = (
+        config.profile_store
+        if isinstance(config.profile_store, AbstractProfileStore)
+        else open_store(config.profile_store)
+    )
+    settings = AdapterSettings(
+        model=config.model,
+        generation={},
+        personas=PersonaSources(preferences=config.preferences),
+        profile_store=store,
+        engine=engine,
+    )
+    settings.check()
+
+    app = FastAPI(title="persona-judge", summary="OpenAI-compatible personalised chat completions")
+    app.state.engine = engine
+    app.state.store = store
+    app.state.model_name = name
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        bad_json = next((e for e in errors if e.get("type") == "json_invalid"), None)
+        if bad_json is not None:
+            detail = bad_json.get("ctx", {}).get("error", "malformed")
+            return _json_error(400, f"the body is not valid JSON ({detail})", code="invalid_json")
+        parts, params = [], []
+        for error in errors:
+            where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
+            params.append(where or None)
+            message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+            parts.append(f"{where}: {message}" if where else message)
+        return _json_error(422, "; ".join(parts), param=params[0], code="invalid_request_body")
+
+    @app.exception_handler(PersonaJudgeError)
+    async def library_error(request: Request, exc: PersonaJudgeError) -> JSONResponse:
+        status, code = status_of(exc)
+        if status >= 500:
+            LOG.error("request failed: %s", exc, exc_info=exc)
+        return _json_error(status, _message(exc), code=code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _json_error(exc.status_code, str(exc.detail), code=f"http_{exc.status_code}")
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        LOG.error("request failed", exc_info=exc)
+        return _json_error(500, f"internal error: {type(exc).__name__}", code="server_error")
+
+    def model_card() -> dict[str, Any]:
+        return Model(
+            id=name, created=int(config.started), object="model", owned_by=OWNER
+        ).model_dump(mode="json")
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": name}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> Any:
+        if model_id != name:
+            return _unknown_model(model_id, name)
+        return model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest) -> Any:
+        if body.model != name:
+            return _unknown_model(body.model, name)
+        options = call_options(body)
+        if "user_id" in options and "preferences" in options:
+            raise InvalidPersonaError(
+                "send either 'user' (whose saved profile personalises the answer) or "
+                "'persona_judge': {'preferences': [...]}, not both"
+            )
+        if "user_id" not in options and "preferences" not in options and not config.preferences:
+            raise InvalidPersonaError(
+                "no personas: send 'user' (a user id with a saved profile, see "
+                "`pj profiles add`) or 'persona_judge': {'preferences': [...]}"
+            )
+        turns = conversation(body.messages)
+        call = await anyio.to_thread.run_sync(lambda: build_call(settings, turns, options))
+        if not body.stream:
+            result = await anyio.to_thread.run_sync(call.generate)
+            return completion(call, result, model=name, completion_id=new_id())
+        events = await anyio.to_thread.run_sync(call.stream)  # validates before any byte is sent
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        writer = ChunkWriter(call, model=name, include_usage=include_usage)
+        return EventSourceResponse(_sse(writer, events), sep="\n")
+
+    return app
+
+
+def _unknown_model(requested: str, served: str) -> JSONResponse:
+    return _json_error(
+        404,
+        f"model {requested!r} is not served here; this server serves {served!r} (GET /v1/models)",
+        param="model",
+        code="model_not_found",
+    )
+
+
+async def _sse(writer: ChunkWriter, events: Any) -> AsyncIterator[dict[str, str]]:
+    """The stream's server-sent events: OpenAI's chunks, then ``[DONE]``. An error after the
+    first byte cannot change the status any more: it is sent as an ``error`` event (which
+    OpenAI's clients raise) and the stream ends without ``[DONE]``."""
+
+    def data(body: dict[str, Any]) -> dict[str, str]:
+        return {"data": json.dumps(body)}
+
+    yield data(writer.first())
+    stream: AsyncIterator[StreamEvent] = iterate_in_thread(lambda: events)
+    try:
+        async for event in stream:
+            if event.done:
+                assert event.result is not None  # the engine's final event carries it
+                for chunk in writer.last(event.result):
+                    yield data(chunk)
+            else:
+                piece = writer.text(event.text)
+                if piece is not None:
+                    yield data(piece)
+    except PersonaJudgeError as exc:
+        status, code = status_of(exc)
+        LOG.error("stream failed: %s", exc, exc_info=exc if status >= 500 else None)
+        yield data(error_body(status, _message(exc), code=code))
+        return
+    except Exception as exc:
+        LOG.error("stream failed", exc_info=exc)
+        yield data(error_body(500, f"internal error: {type(exc).__name__}", code="server_error"))
+        return
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]  # an async generator
+    yield {"data": "[DONE]"}
