@@ -1,8 +1,10 @@
 """The HTTP application: OpenAI's chat-completions protocol over one Persona-judge engine.
 
 Routes: ``POST /v1/chat/completions`` (whole or streamed as server-sent events),
-``GET /v1/models``, ``GET /v1/models/{model}``, ``GET /health``. A request's ``user`` selects
-the saved profile that personalises it; the ``persona_judge`` object may carry preferences
+``GET /v1/models``, ``GET /v1/models/{model}``, ``GET /health``, and the profiles
+(``GET/PUT/DELETE /v1/profiles/{user_id}``, ``GET /v1/profiles``:
+:mod:`pj_core.server.profiles`). A request's ``user`` selects the saved profile that
+personalises it; the ``persona_judge`` object may carry preferences
 and Persona-judge settings instead (:mod:`pj_core.server.schemas`).
 
 One process owns the model. Each request decodes in a worker thread through
@@ -11,7 +13,8 @@ answering other requests meanwhile; requests are not batched together.
 
 Every error is a JSON body in OpenAI's error shape with its status: 400 (malformed JSON, a
 value the engine refuses, a prompt over the context window), 404 (unknown model, user or
-route), 413 (a body over ``max_body_bytes``), 422 (wrong types, missing or unknown fields),
+route), 409 (a profile written by someone else since it was read), 413 (a body over
+``max_body_bytes``), 422 (wrong types, missing or unknown fields),
 500 (a failure of the model itself); the server stays up.
 """
 
@@ -44,7 +47,8 @@ from pj_core.errors import (
     ProfileNotFoundError,
     ProfileStoreError,
 )
-from pj_core.personas.store import AbstractProfileStore, open_store
+from pj_core.personas.store import AbstractProfileStore, ProfileConflictError, open_store
+from pj_core.server.profiles import profile_router
 from pj_core.server.responses import ChunkWriter, completion, error_body, new_id
 from pj_core.server.schemas import ChatCompletionRequest, call_options, conversation
 from pj_core.threads import iterate_in_thread
@@ -94,6 +98,8 @@ def status_of(exc: PersonaJudgeError) -> tuple[int, str]:
     """The HTTP status and OpenAI error ``code`` of one of the library's errors."""
     if isinstance(exc, ProfileNotFoundError):
         return 404, "profile_not_found"
+    if isinstance(exc, ProfileConflictError):
+        return 409, "profile_conflict"
     if isinstance(exc, ModelNotFoundError):
         return 404, "model_not_found"
     if isinstance(exc, ContextOverflowError):
@@ -248,6 +254,8 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         return Model(
             id=name, created=int(config.started), object="model", owned_by=OWNER
         ).model_dump(mode="json")
+
+    app.include_router(profile_router(store))
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
