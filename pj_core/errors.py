@@ -135,3 +135,17 @@ class EvaluationError(PersonaJudgeError, ValueError):
 class BenchmarkError(PersonaJudgeError, RuntimeError):
     """A benchmark could not be measured (a worker process failed, or results are missing);
     the message carries the failing worker's own error output."""
+
+
+class AuthenticationError(PersonaJudgeError, PermissionError):
+    """A server request with no API key, or a key the server does not know (HTTP 401)."""
+
+
+class PermissionDeniedError(PersonaJudgeError, PermissionError):
+    """A valid API key asked for what it may not do: another user's profile, or to
+    personalise as another user (HTTP 403)."""
+
+
+class ApiKeyFileError(PersonaJudgeError, ValueError):
+    """An API key file or ``PJ_API_KEYS`` value that cannot be read: not found, not the
+    format ``pj keys`` writes, or a malformed entry."""

@@ -21,6 +21,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "info",
     "generate",
     "serve",
+    "keys",
     "eval",
     "personas",
     "profiles",

@@ -15,9 +15,14 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import sys
+from typing import TYPE_CHECKING
 
 from pj_core.errors import InvalidGenerationConfigError
+
+if TYPE_CHECKING:
+    from pj_core.server.auth import KeyRing
 
 LOOPBACK_NAMES = ("localhost",)
 
@@ -58,6 +63,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="largest request body accepted (default 4 MiB)",
     )
     parser.add_argument(
+        "--api-keys",
+        default=None,
+        metavar="FILE",
+        help="the key file of `pj keys add` (default: $PJ_API_KEYS_FILE); keys in $PJ_API_KEYS "
+        "(user_id=key,...; *=key for admin) count too. Without any key the server is open and "
+        "listens on loopback only",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
     )
     add_store_argument(parser)
@@ -79,6 +92,46 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+OPEN_WARNING = (
+    "pj serve: WARNING: no API keys are configured, so this server is OPEN: every local user "
+    "and program can read, change and delete every profile and personalise as anyone. This is "
+    "a development mode, on loopback only. Create keys with `pj keys add USER_ID --file "
+    "keys.json` and start with --api-keys keys.json."
+)
+
+
+def api_keys(path: str | None) -> KeyRing:
+    """The keys a server accepts: the key file (``path``, else ``$PJ_API_KEYS_FILE``) and
+    ``$PJ_API_KEYS``.
+
+    Raises:
+        ApiKeyFileError: a missing or malformed key file or variable.
+    """
+    from pj_core.server.auth import KEYS_FILE_ENV_VAR, KeyRing
+
+    file = path or os.environ.get(KEYS_FILE_ENV_VAR)
+    from_file = KeyRing.from_file(file) if file else KeyRing()
+    return from_file + KeyRing.from_env()
+
+
+def check_host(host: str, *, keys: int) -> None:
+    """Refuse to serve an open server (no keys) on anything but loopback.
+
+    Raises:
+        InvalidGenerationConfigError: no keys and a non-loopback ``host``.
+
+    Example:
+        >>> check_host("0.0.0.0", keys=2)  # with keys, any address
+        >>> check_host("127.0.0.1", keys=0)
+    """
+    if not keys and not is_loopback(host):
+        raise InvalidGenerationConfigError(
+            f"--host {host} is not a loopback address: with no API keys the server is open to "
+            "anyone who can reach it, so it listens on 127.0.0.1, ::1 or localhost only; give "
+            "--api-keys FILE (see `pj keys add`) to serve on other addresses"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     """Load the model, open the store and serve until interrupted."""
     try:
@@ -93,11 +146,8 @@ def run(args: argparse.Namespace) -> int:
         ) from exc
     from pj_core.backends.hf.models import DEFAULT_MODEL
 
-    if not is_loopback(args.host):
-        raise InvalidGenerationConfigError(
-            f"--host {args.host} is not a loopback address: with no API keys the server is "
-            "open to anyone who can reach it, so it listens on 127.0.0.1, ::1 or localhost only"
-        )
+    keys = api_keys(args.api_keys)
+    check_host(args.host, keys=len(keys))
     if not 0 <= args.port <= 65535:
         raise InvalidGenerationConfigError(f"--port {args.port} is not a port (0-65535)")
     limit = DEFAULT_MAX_BODY_BYTES if args.max_body_bytes is None else args.max_body_bytes
@@ -111,14 +161,17 @@ def run(args: argparse.Namespace) -> int:
             profile_store=args.store,
             preferences=args.preference or None,
             max_body_bytes=limit,
+            api_keys=keys,
         )
     )
     where = f"http://{args.host}:{args.port}/v1"
     print(
-        f"pj serve: {app.state.model_name} on {where} (profiles: {app.state.store.where}); "
-        "no API keys: open to every local user, loopback only",
+        f"pj serve: {app.state.model_name} on {where} (profiles: {app.state.store.where}; "
+        f"{len(keys)} API key(s))",
         file=sys.stderr,
         flush=True,
     )
+    if not keys:
+        print(OPEN_WARNING, file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -39,15 +39,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pj_core.backends.hf.models import DEFAULT_MODEL
 from pj_core.calls import AdapterSettings, PersonaSources, build_call, shared_engine
 from pj_core.errors import (
+    AuthenticationError,
     ContextOverflowError,
     InvalidPersonaError,
     ModelNotFoundError,
     ModelOutputError,
+    PermissionDeniedError,
     PersonaJudgeError,
     ProfileNotFoundError,
     ProfileStoreError,
 )
 from pj_core.personas.store import AbstractProfileStore, ProfileConflictError, open_store
+from pj_core.server.auth import OPEN, KeyRing, Principal
 from pj_core.server.profiles import profile_router
 from pj_core.server.responses import ChunkWriter, completion, error_body, new_id
 from pj_core.server.schemas import ChatCompletionRequest, call_options, conversation
@@ -79,6 +82,8 @@ class ServerConfig:
         preferences: preferences for requests that name no ``user`` and no
             ``persona_judge.preferences`` (``None``: such a request is a 400).
         max_body_bytes: the largest request body accepted.
+        api_keys: the keys requests must bring (:mod:`pj_core.server.auth`); ``None`` or
+            an empty ring: every request is allowed (run such a server on loopback only).
 
     Example:
         >>> ServerConfig(preferences=["humor", "concise"]).max_body_bytes
@@ -91,11 +96,16 @@ class ServerConfig:
     profile_store: AbstractProfileStore | str | os.PathLike[str] | None = None
     preferences: list[str] | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    api_keys: KeyRing | None = None
     started: float = field(default_factory=time.time)
 
 
 def status_of(exc: PersonaJudgeError) -> tuple[int, str]:
     """The HTTP status and OpenAI error ``code`` of one of the library's errors."""
+    if isinstance(exc, AuthenticationError):
+        return 401, "invalid_api_key"
+    if isinstance(exc, PermissionDeniedError):
+        return 403, "permission_denied"
     if isinstance(exc, ProfileNotFoundError):
         return 404, "profile_not_found"
     if isinstance(exc, ProfileConflictError):
@@ -185,6 +195,49 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
+OPEN_PATHS = frozenset({"/health", "/docs", "/openapi.json"})
+"""Paths that need no API key (they carry no user's data)."""
+
+
+class AuthGate:
+    """ASGI middleware: every request but :data:`OPEN_PATHS` must bring a key of ``keys``
+    (a 401 otherwise, before its body is read); the request's :class:`Principal` is put in
+    ``request.state.principal`` for the routes."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], keys: KeyRing) -> None:
+        self.app = app
+        self.keys = keys
+
+    async def __call__(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
+        send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
+    ) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope.get("headers") or [])
+            authorization = headers.get(b"authorization", b"").decode("latin-1") or None
+            try:
+                principal = (
+                    OPEN
+                    if scope.get("path") in OPEN_PATHS
+                    else self.keys.authenticate(authorization)
+                )
+            except AuthenticationError as exc:
+                response = _json_error(401, _message(exc), code="invalid_api_key")
+                response.headers["www-authenticate"] = "Bearer"
+                await response(scope, receive, send)
+                return
+            scope.setdefault("state", {})["principal"] = principal
+        await self.app(scope, receive, send)
+
+
+def principal_of(request: Request) -> Principal:
+    """Who the request acts as (set by :class:`AuthGate`)."""
+    principal: Principal = request.state.principal
+    return principal
+
+
 def create_app(config: ServerConfig | None = None) -> FastAPI:
     """The FastAPI application serving ``config`` (loads the model if no engine is given).
 
@@ -217,7 +270,9 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.store = store
     app.state.model_name = name
+    app.state.keys = config.api_keys or KeyRing()
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    app.add_middleware(AuthGate, keys=app.state.keys)  # added last: runs first
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -255,7 +310,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
             id=name, created=int(config.started), object="model", owned_by=OWNER
         ).model_dump(mode="json")
 
-    app.include_router(profile_router(store))
+    app.include_router(profile_router(store, principal_of))
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -272,10 +327,10 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         return model_card()
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest) -> Any:
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         if body.model != name:
             return _unknown_model(body.model, name)
-        options = call_options(body)
+        options = principal_of(request).personalise_as(call_options(body))
         if "user_id" in options and "preferences" in options:
             raise InvalidPersonaError(
                 "send either 'user' (whose saved profile personalises the answer) or "

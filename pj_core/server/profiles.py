@@ -18,13 +18,15 @@ Example (with ``pj serve`` running)::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from fastapi import APIRouter, Body, Header, Response
+from fastapi import APIRouter, Body, Header, Request, Response
 
 from pj_core.errors import InvalidPersonaError
 from pj_core.personas import PersonaProfile
 from pj_core.personas.store import AbstractProfileStore
+from pj_core.server.auth import Principal
 
 SERVER_FIELDS = ("created_at", "updated_at", "schema_version")
 """Fields a client may echo back from ``GET`` but that the store sets (ignored by ``PUT``)."""
@@ -78,17 +80,22 @@ def profile_from_body(user_id: str, body: dict[str, Any]) -> PersonaProfile:
     return PersonaProfile.from_data(data)
 
 
-def profile_router(store: AbstractProfileStore) -> APIRouter:
+def profile_router(
+    store: AbstractProfileStore, principal_of: Callable[[Request], Principal]
+) -> APIRouter:
     """The ``/v1/profiles`` routes on ``store`` (sync handlers: FastAPI runs them in its
-    thread pool, so a busy database never blocks the event loop)."""
+    thread pool, so a busy database never blocks the event loop). ``principal_of`` says who a
+    request acts as: a user's key reaches only its own profile, listing needs an admin key."""
     router = APIRouter(prefix="/v1/profiles", tags=["profiles"])
 
     @router.get("")
-    def list_profiles() -> dict[str, Any]:
+    def list_profiles(request: Request) -> dict[str, Any]:
+        principal_of(request).check_admin("listing every profile")
         return {"object": "list", "data": [profile_json(p) for p in store.list()]}
 
     @router.get("/{user_id}")
-    def get_profile(user_id: str, response: Response) -> dict[str, Any]:
+    def get_profile(user_id: str, request: Request, response: Response) -> dict[str, Any]:
+        principal_of(request).check_profile(user_id)
         profile = store.get(user_id)
         response.headers["etag"] = f'"{profile.revision}"'
         return profile_json(profile)
@@ -96,10 +103,12 @@ def profile_router(store: AbstractProfileStore) -> APIRouter:
     @router.put("/{user_id}")
     def put_profile(
         user_id: str,
+        request: Request,
         response: Response,
         body: dict[str, Any] = Body(...),  # noqa: B008 - FastAPI's way to declare a body
         if_match: str | None = Header(default=None),
     ) -> dict[str, Any]:
+        principal_of(request).check_profile(user_id)
         profile = profile_from_body(user_id, body)
         existed = user_id in store
         stored = store.put(profile, expected_revision=expected_revision(if_match, body))
@@ -108,7 +117,8 @@ def profile_router(store: AbstractProfileStore) -> APIRouter:
         return profile_json(stored)
 
     @router.delete("/{user_id}", status_code=204)
-    def delete_profile(user_id: str) -> Response:
+    def delete_profile(user_id: str, request: Request) -> Response:
+        principal_of(request).check_profile(user_id)
         store.delete(user_id)
         return Response(status_code=204)
 
