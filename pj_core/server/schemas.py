@@ -6,7 +6,9 @@
 - :func:`check_supported`: OpenAI fields this server cannot honour (``n`` > 1, ``logprobs``,
   penalties, ...) are refused when set to anything but their no-op value, so a client never
   gets an answer that silently ignored what it asked for.
-- :func:`call_options`: the request as the per-call options of :func:`pj_core.calls.build_call`.
+- :func:`call_options`: the request as the per-call options of :func:`pj_core.calls.build_call`
+  (``tools``, ``tool_choice`` and ``response_format`` become the engine's constrained decoding:
+  :func:`response_format`);
 - :func:`conversation`: the messages as the engine's ``{"role", "content"}`` turns.
 
 Example:
@@ -23,7 +25,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pj_core.errors import InvalidGenerationConfigError, InvalidPromptError
+from pj_core.errors import (
+    InvalidConstraintError,
+    InvalidGenerationConfigError,
+    InvalidPromptError,
+)
+from pj_core.tools import tool_choice_name
 
 # Fields of OpenAI's chat-completions request (``openai.types.chat.CompletionCreateParams``,
 # plus ``stream``), grouped by what this server does with them.
@@ -246,8 +253,51 @@ def call_options(request: ChatCompletionRequest) -> dict[str, Any]:
         "seed": request.seed,
         "stop": stop,
         **extension.model_dump(),
+        "tools": request.tools,
+        "tool_choice": tool_choice_name(request.tool_choice),
+        "parallel_tool_calls": request.parallel_tool_calls,
+        "response_format": response_format(request.response_format),
     }
     return {name: value for name, value in options.items() if value is not None}
+
+
+ANY_JSON_OBJECT: dict[str, Any] = {"type": "object"}
+"""The schema of OpenAI's ``json_object`` mode: any JSON object."""
+
+
+def response_format(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """OpenAI's ``response_format`` as the engine's: the JSON schema the answer must follow,
+    or None for plain text. ``json_schema`` gives its ``schema`` (always followed strictly:
+    the answer is constrained token by token), ``json_object`` any JSON object.
+
+    Raises:
+        InvalidConstraintError: another type, or a ``json_schema`` without a schema object.
+
+    Example:
+        >>> response_format({"type": "json_schema", "json_schema": {"name": "n", "schema": {
+        ...     "type": "object", "properties": {"a": {"type": "integer"}}}}})["properties"]
+        {'a': {'type': 'integer'}}
+        >>> response_format({"type": "json_object"}), response_format({"type": "text"})
+        ({'type': 'object'}, None)
+    """
+    if value is None or value.get("type") == "text":
+        return None
+    kind = value.get("type")
+    if kind == "json_object":
+        return ANY_JSON_OBJECT
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise InvalidConstraintError(
+                "response_format json_schema needs a schema: {'type': 'json_schema', "
+                "'json_schema': {'name': ..., 'schema': {...}}}"
+            )
+        return schema
+    raise InvalidConstraintError(
+        f"response_format type {kind!r} is not supported; use 'text', 'json_object' or "
+        "'json_schema'"
+    )
 
 
 def conversation(messages: list[ChatMessage]) -> list[dict[str, Any]]:
