@@ -350,11 +350,12 @@ class _HeldConnection:
     reference, so when the thread ends the connection is closed: short-lived threads do not
     leak connections. The store keeps weak references to close the rest in ``close()``."""
 
-    __slots__ = ("__weakref__", "conn", "pid")
+    __slots__ = ("__weakref__", "busy", "conn", "pid")
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
         self.pid = os.getpid()
+        self.busy = False  # inside a session: close() leaves it to its thread
 
     def __del__(self) -> None:
         if self.pid == os.getpid():
@@ -365,8 +366,27 @@ class _HeldConnection:
 _INHERITED: builtins.list[_HeldConnection] = []
 
 
+def _short(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters for a message."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _encodable(text: str) -> bool:
+    """Whether SQLite can take ``text`` as a file name (it encodes names as UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class ProfileStore(AbstractProfileStore):
     """Profiles in a SQLite database: a file shared by threads and processes, or in memory.
+
+    A database this process cannot write (a read-only file or folder, an immutable file)
+    opens read-only: ``read_only`` says why, reads and exports work, and every write raises
+    :class:`ProfileStoreError`. ``close()`` lets operations under way in other threads finish;
+    later ones raise :class:`ProfileStoreError`.
 
     Args:
         path: the database file (created, with its folder, if absent) or ``":memory:"``.
@@ -396,7 +416,20 @@ class ProfileStore(AbstractProfileStore):
         self._memory_lock = threading.RLock()
         self._memory_conn: sqlite3.Connection | None = None
         if self.path is not None:
-            if "\0" in str(path) or not str(path).strip() or self.path.is_dir():
+            if not _encodable(str(path)):
+                raise ProfileStoreError(
+                    f"profile store path {str(path)!r} holds characters that are not valid "
+                    "Unicode (a lone surrogate, e.g. from undecodable bytes); give a path in "
+                    "valid text"
+                )
+            try:
+                is_folder = "\0" not in str(path) and self.path.is_dir()
+            except OSError as exc:  # e.g. a name longer than the file system allows
+                raise ProfileStoreError(
+                    f"profile store path {_short(str(path))!r} cannot be used: {exc.strerror}; "
+                    "give a shorter path to a database file"
+                ) from None
+            if "\0" in str(path) or not str(path).strip() or is_folder:
                 raise ProfileStoreError(
                     f"profile store path {str(path)!r} is not a file path (empty, a folder, or "
                     "holding a NUL character); give a database file such as "
@@ -408,8 +441,12 @@ class ProfileStore(AbstractProfileStore):
                 raise ProfileStoreError(
                     f"cannot create the folder of profile store {self.path}: {exc.strerror}"
                 ) from None
+        self.read_only = self._read_only_reason()
         with self._session() as conn:
-            self._migrate(conn)
+            if self.read_only:
+                self._check_version(conn)
+            else:
+                self._migrate(conn)
 
     @property
     def where(self) -> str:
@@ -418,18 +455,48 @@ class ProfileStore(AbstractProfileStore):
 
     # ----- connections and transactions
 
+    def _read_only_reason(self) -> str | None:
+        """Why this process may only read the database file, or None: the file or its folder
+        cannot be written (permissions, a read-only mount, an immutable file)."""
+        if self.path is None or not self.path.exists():
+            return None  # a new file: creating it says whether the folder is writable
+        if not os.access(self.path, os.W_OK):
+            return "the file is read-only"
+        if not os.access(self.path.parent, os.W_OK):
+            return "its folder is read-only"
+        return None
+
     def _connect(self) -> sqlite3.Connection:
         target = ":memory:" if self.path is None else str(self.path)
+        uri = False
+        if self.path is not None and self.read_only:
+            # Read-only: no WAL switch, no journal. In a read-only folder SQLite cannot create
+            # the WAL index beside the file, so the file is opened as immutable (nobody can
+            # write it there in WAL mode either).
+            target = self.path.resolve().as_uri() + "?mode=ro"
+            if not os.access(self.path.parent, os.W_OK):
+                target += "&immutable=1"
+            uri = True
         # isolation_level=None: we issue BEGIN/COMMIT ourselves. check_same_thread=False only so
         # close() may close every thread's connection; each is still used by one thread.
         try:
             conn = sqlite3.connect(
-                target, timeout=self.timeout, isolation_level=None, check_same_thread=False
+                target,
+                timeout=self.timeout,
+                isolation_level=None,
+                check_same_thread=False,
+                uri=uri,
             )
-        except sqlite3.Error as exc:  # e.g. a folder without write permission
-            raise ProfileStoreError(f"cannot open profile store {self.where}: {exc}") from None
+        except sqlite3.Error as exc:  # e.g. a new file in a folder without write permission
+            why = ""
+            path = self.path
+            if path is not None and not path.exists() and not os.access(path.parent, os.W_OK):
+                why = f"; its folder {path.parent} is read-only, so it cannot be created"
+            raise ProfileStoreError(f"cannot open profile store {self.where}: {exc}{why}") from None
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+            if uri:
+                return conn
             if self.path is not None:
                 mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
                 if str(mode).lower() != "wal":
@@ -443,12 +510,20 @@ class ProfileStore(AbstractProfileStore):
             raise self._wrap(exc) from None
         return conn
 
+    def _closed_error(self) -> ProfileStoreError:
+        return ProfileStoreError(f"profile store {self.where} is closed; open a new one")
+
     @contextmanager
     def _session(self) -> Iterator[sqlite3.Connection]:
+        """This thread's connection for one operation. ``close()`` from another thread never
+        pulls it away mid-operation: an operation under way finishes, later ones raise
+        :class:`ProfileStoreError`."""
         if self._closed:
-            raise ProfileStoreError(f"profile store {self.where} is closed; open a new one")
+            raise self._closed_error()
         if self.path is None:
             with self._memory_lock:
+                if self._closed:
+                    raise self._closed_error()
                 if self._memory_conn is None:
                     self._memory_conn = self._connect()
                 yield self._memory_conn
@@ -462,12 +537,28 @@ class ProfileStore(AbstractProfileStore):
             self._local.held = held
             with self._registry_lock:
                 self._held.add(held)
-        yield held.conn
+        with self._registry_lock:
+            if self._closed:
+                raise self._closed_error()
+            held.busy = True
+        try:
+            yield held.conn
+        finally:
+            with self._registry_lock:
+                held.busy = False
+                if self._closed:  # close() came while this operation ran: finish its job
+                    held.conn.close()
 
     @contextmanager
     def _transaction(self, *, write: bool) -> Iterator[sqlite3.Connection]:
         """One transaction; IMMEDIATE takes the write lock up front, so read-modify-write
         cannot interleave with another writer."""
+        if write and self.read_only:
+            raise ProfileStoreError(
+                f"profile store {self.where} is read-only ({self.read_only}): profiles can be "
+                "read but not written; make it writable, or export it and import the file into "
+                "a store you can write"
+            )
         with self._session() as conn:
             try:
                 conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
@@ -496,6 +587,25 @@ class ProfileStore(AbstractProfileStore):
                 "from an export or point --store / PJ_PROFILE_STORE at another file"
             )
         return ProfileStoreError(f"profile store {self.where} failed: {text}")
+
+    def _check_version(self, conn: sqlite3.Connection) -> None:
+        """A read-only store must already have this code's layout (it cannot be migrated)."""
+        try:
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        except sqlite3.Error as exc:
+            raise self._wrap(exc) from None
+        if version != SCHEMA_VERSION:
+            newer = version > SCHEMA_VERSION
+            raise ProfileStoreError(
+                f"profile store {self.where} is read-only ({self.read_only}) and has schema "
+                f"version {version}, {'newer' if newer else 'older'} than this persona-judge's "
+                f"({SCHEMA_VERSION}); "
+                + (
+                    "upgrade persona-judge"
+                    if newer
+                    else "open it once with write access to upgrade it"
+                )
+            )
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         # Inside one IMMEDIATE transaction: two processes opening a new file migrate once.
@@ -713,14 +823,17 @@ class ProfileStore(AbstractProfileStore):
         return written
 
     def close(self) -> None:
-        self._closed = True
+        """Close every connection. Operations under way in other threads finish first (each
+        closes its own connection when it ends); later operations raise
+        :class:`ProfileStoreError`."""
         with self._registry_lock:
-            held = builtins.list(self._held)
-        for item in held:
-            if item.pid == os.getpid():
+            self._closed = True
+            idle = [item for item in self._held if not item.busy and item.pid == os.getpid()]
+            for item in idle:
                 item.conn.close()
-        if self._memory_conn is not None:
-            self._memory_conn.close()
+        with self._memory_lock:
+            if self._memory_conn is not None:
+                self._memory_conn.close()
 
 
 def open_store(

