@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from pj_core.backends.hf.model_cache import check_verified
 from pj_core.backends.hf.models import DEFAULT_MODEL
 from pj_core.decoding.constraints import (
     CompiledConstraint,
@@ -763,6 +764,7 @@ class PersonaJudge:
         as the last transform, and the final result's ``parsed``; with ``tools`` (from
         :meth:`prepare_output`) the final result's ``tool_calls`` instead.
         """
+        check_verified(self.model)  # a cached model's files passed their full hash check
         transforms = build_transforms(logit_transforms)
         if constraint is not None:  # last: no other transform may unmask a forbidden token
             transforms = (*transforms, ConstraintMask(constraint.matcher()))

@@ -417,3 +417,116 @@ def test_random_store_paths_give_a_store_or_a_typed_error(path: str) -> None:
             for name in dirs:
                 os.rmdir(os.path.join(root, name))
         folder.rmdir()
+
+
+# ----------------------------------------------------------------------------- item 7
+
+
+def _tiny_source(
+    folder: Path, sha: str, builds: list[Path], hidden: int
+) -> Any:  # a models._Source over a cache entry built from a tiny model
+    import torch  # noqa: F401  (loaded by the model anyway)
+
+    from pj_core.backends.hf import models
+    from tests._tiny import make_tiny_model, make_tiny_tokenizer
+
+    tokenizer = make_tiny_tokenizer()
+    original = folder / "original"
+    make_tiny_model(len(tokenizer), hidden=hidden).save_pretrained(original)
+    tokenizer.save_pretrained(original)
+
+    def build(out: Path) -> None:
+        builds.append(out)
+        for item in original.iterdir():
+            (out / item.name).write_bytes(item.read_bytes())
+
+    return models._Source(
+        name="tiny-cached",
+        key=f"test:{sha}",
+        is_cache_entry=True,
+        prepare=lambda: model_cache.ensure_converted(sha, build),
+    )
+
+
+def _overwrite(path: Path, offset: int, data: bytes) -> None:
+    """Write ``data`` at ``offset`` in place, then restore the size and mtime."""
+    before = path.stat()
+    with path.open("r+b") as handle:
+        handle.seek(offset)
+        handle.write(data)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size
+
+
+def _unsampled_offset(size: int) -> int:
+    """An offset that :func:`model_cache.sampled_digest` does not read."""
+    span = size - model_cache.SAMPLE_HEAD - model_cache.SAMPLE_BLOCK
+    start = model_cache.SAMPLE_HEAD + span * 10 // model_cache.SAMPLE_COUNT
+    gap = model_cache.SAMPLE_HEAD + span * 11 // model_cache.SAMPLE_COUNT - start
+    assert gap > model_cache.SAMPLE_BLOCK + 3 * 4096
+    return start + model_cache.SAMPLE_BLOCK + 4096
+
+
+def _answer(loaded: Any) -> str:
+    from pj_core.engine import PersonaJudge
+
+    engine = PersonaJudge(loaded.model, loaded.tokenizer, context_window=64)
+    return engine.generate("hello", ["be funny", "be brief"], seed=0, max_new_tokens=6).text
+
+
+def test_cached_weights_changed_in_place_never_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from pj_core.backends.hf import models
+
+    monkeypatch.setenv(model_cache.CACHE_ENV_VAR, str(tmp_path / "cache"))
+    builds: list[Path] = []
+    source = _tiny_source(tmp_path, "f" * 64, builds, hidden=512)
+
+    def load() -> Any:
+        return models._load_uncached(source, torch.device("cpu"), torch.float32, False, pack=False)
+
+    first = load()
+    expected = _answer(first)  # the intact entry passes its full check
+    assert model_cache.pending(first.model) is None
+    entry = model_cache.converted_dir("f" * 64)
+    weights = entry / "model.safetensors"
+    assert weights.stat().st_size > 8 * 1024 * 1024
+    # 4 KiB changed where the sampled digest does not look, size and mtime restored: the
+    # load passes the quick check, the background hash catches it before any answer.
+    _overwrite(weights, _unsampled_offset(weights.stat().st_size), os.urandom(4096))
+    assert model_cache.is_complete(entry)
+    damaged = load()
+    with pytest.raises(ModelLoadError, match="changed on disk"):
+        _answer(damaged)
+    with pytest.raises(ModelLoadError):  # and every later call
+        _answer(damaged)
+    assert not entry.exists() and len(builds) == 1  # removed; the next load rebuilds it
+    rebuilt = load()
+    assert len(builds) == 2 and _answer(rebuilt) == expected
+
+
+def test_a_cached_header_rewritten_in_place_is_caught_at_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(model_cache.CACHE_ENV_VAR, str(tmp_path / "cache"))
+    builds: list[Path] = []
+    source = _tiny_source(tmp_path, "a" * 64, builds, hidden=32)
+    entry = source.prepare()
+    _overwrite(entry / "model.safetensors", 0, b"\0" * 4096)
+    assert not model_cache.is_complete(entry)
+    assert source.prepare() == entry and len(builds) == 2  # rebuilt
+
+
+def test_a_gguf_rewritten_in_place_with_size_and_mtime_restored_is_hashed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(model_cache.CACHE_ENV_VAR, str(tmp_path / "cache"))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + os.urandom(5 * 1024 * 1024))
+    first = model_cache.file_sha256(gguf)
+    assert model_cache.file_sha256(gguf) == first  # memoised
+    _overwrite(gguf, 0, b"\0" * 4096)  # a wiped header
+    assert model_cache.file_sha256(gguf) == hashlib.sha256(gguf.read_bytes()).hexdigest() != first

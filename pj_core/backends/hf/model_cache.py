@@ -14,8 +14,17 @@ file and keep the result as ordinary Hugging Face files::
 
 Entries are built in a temporary directory next to their final place and published with
 one atomic ``rename``, so two processes converting at once never leave a half-written entry,
-and an interrupted conversion leaves only a temporary directory that is ignored. An entry
-whose marker is missing or whose files do not have the recorded sizes is rebuilt.
+and an interrupted conversion leaves only a temporary directory that is ignored.
+
+Content is checked, not just sizes. The marker records each file's size, sha256 and
+:func:`sampled_digest` (its first MiB, its last 64 KiB and 32 blocks spread over it). A load
+checks the sizes and the sampled digests at once (a few MiB read); an entry that fails is
+rebuilt. The full sha256 of every file is then checked in a background thread
+(:func:`verify_in_background`); the engine waits for that check before the model's first
+generation (:func:`check_verified`), so changed weights never produce an answer: the entry
+is removed and the error says to load the model again. The hash index of GGUF files keeps a
+sampled digest too, so a file changed in place with its size and mtime restored is hashed
+again.
 
 Example:
     >>> entry = converted_dir("ab" * 32)
@@ -34,6 +43,7 @@ import shutil
 import tempfile
 import threading
 import uuid
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -41,7 +51,7 @@ from pj_core.errors import ModelLoadError
 
 CACHE_ENV_VAR = "PJ_CACHE_DIR"
 # Bump when the layout or the conversion changes: older entries are then rebuilt.
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: sha256 and sampled digests of every file
 MARKER_FILE = "pj-cache.json"
 HASH_INDEX_FILE = "hash-index.json"
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer_config.json")
@@ -64,6 +74,43 @@ def cache_root() -> Path:
     return root
 
 
+SAMPLE_HEAD = 1024 * 1024
+SAMPLE_BLOCK = 64 * 1024
+SAMPLE_COUNT = 32
+
+
+def sampled_digest(path: Path) -> str:
+    """A cheap content digest: sha256 over the size, the first MiB, the last 64 KiB and 32
+    blocks of 64 KiB spread evenly over the file (the whole file when it is small).
+
+    Catches a rewritten header, truncation and most in-place damage at a few MiB of reading;
+    the full sha256 catches the rest.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.NamedTemporaryFile() as f:
+        ...     _ = f.write(b"abc"); f.flush()
+        ...     len(sampled_digest(Path(f.name)))
+        64
+    """
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        digest.update(str(size).encode())
+        if size <= SAMPLE_HEAD + (SAMPLE_COUNT + 1) * SAMPLE_BLOCK:
+            for block in iter(lambda: handle.read(4 * 1024 * 1024), b""):
+                digest.update(block)
+            return digest.hexdigest()
+        digest.update(handle.read(SAMPLE_HEAD))
+        span = size - SAMPLE_HEAD - SAMPLE_BLOCK
+        for i in range(SAMPLE_COUNT):
+            handle.seek(SAMPLE_HEAD + span * i // SAMPLE_COUNT)
+            digest.update(handle.read(SAMPLE_BLOCK))
+        handle.seek(size - SAMPLE_BLOCK)
+        digest.update(handle.read(SAMPLE_BLOCK))
+    return digest.hexdigest()
+
+
 def _sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -79,15 +126,17 @@ def _write_json_atomically(path: Path, data: object) -> None:
 
 
 def file_sha256(path: Path) -> str:
-    """The sha256 of ``path``, memoised in the cache's hash index by (path, size, mtime).
+    """The sha256 of ``path``, memoised in the cache's hash index by (path, size, mtime) and
+    its :func:`sampled_digest`.
 
     Hashing a 100 MB file costs a few hundred milliseconds; the index lets a warm load skip it.
-    A changed file (size or mtime) is hashed again.
+    A changed file (size, mtime, or the sampled blocks: a header rewritten in place with the
+    size and mtime restored) is hashed again.
     """
     path = path.resolve()
     stat = path.stat()
     key = str(path)
-    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sample": sampled_digest(path)}
     index_path = cache_root() / HASH_INDEX_FILE
     with _index_lock:
         index = _read_index(index_path)
@@ -118,24 +167,127 @@ def converted_dir(sha256: str) -> Path:
     return cache_root() / "gguf" / sha256
 
 
-def is_complete(entry: Path) -> bool:
-    """Whether ``entry`` is a finished, intact cache entry of the current format."""
+def _marker(entry: Path) -> dict[str, dict[str, object]] | None:
+    """The marker's per-file records ``{name: {"size", "sha256", "sample"}}``, or None when
+    the entry is unfinished or of another format."""
     try:
         marker = json.loads((entry / MARKER_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
+        return None
     if not isinstance(marker, dict) or marker.get("format") != CACHE_FORMAT_VERSION:
+        return None
+    files = marker.get("files")
+    if not isinstance(files, dict) or not all(name in files for name in _REQUIRED_FILES):
+        return None
+    if not all(isinstance(record, dict) for record in files.values()):
+        return None
+    return files
+
+
+def is_complete(entry: Path) -> bool:
+    """Whether ``entry`` is a finished cache entry of the current format whose files have
+    the recorded sizes and sampled digests (the full hashes: :func:`verify_in_background`)."""
+    files = _marker(entry)
+    if files is None:
         return False
-    sizes = marker.get("files")
-    if not isinstance(sizes, dict) or not all(name in sizes for name in _REQUIRED_FILES):
-        return False
-    for name, size in sizes.items():
+    for name, record in files.items():
         try:
-            if (entry / name).stat().st_size != size:
+            if (entry / name).stat().st_size != record.get("size"):
+                return False
+            if sampled_digest(entry / name) != record.get("sample"):
+                logger.warning("the cached file %s changed on disk; rebuilding", entry / name)
                 return False
         except OSError:
             return False
     return True
+
+
+class Verification:
+    """The full-content check of one cache entry, running in a background thread.
+
+    Every file's sha256 is compared with the marker's. On a mismatch the entry is removed
+    (the next load rebuilds it), ``on_failure`` callbacks run, and :meth:`wait` raises.
+    """
+
+    def __init__(self, entry: Path, expected: dict[str, str]) -> None:
+        self.entry = entry
+        self.error: str | None = None
+        self.on_failure: list[Callable[[], None]] = []
+        self._expected = expected
+        self._thread = threading.Thread(target=self._run, name="pj-verify-cache", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        for name, sha in self._expected.items():
+            try:
+                actual = _sha256_of(self.entry / name)
+            except OSError as exc:
+                actual = f"unreadable ({exc.strerror})"
+            if actual != sha:
+                self.error = (
+                    f"the cached model file {self.entry / name} does not match the sha256 "
+                    "recorded when it was written (it changed on disk); the cache entry was "
+                    "removed: load the model again to rebuild it from its GGUF file"
+                )
+                logger.error("%s", self.error)
+                discard(self.entry)
+                for callback in self.on_failure:
+                    with contextlib.suppress(Exception):
+                        callback()
+                return
+
+    def wait(self) -> None:
+        """Block until the check is done.
+
+        Raises:
+            ModelLoadError: a file's content differs from its recorded sha256.
+        """
+        self._thread.join()
+        if self.error is not None:
+            raise ModelLoadError(self.error)
+
+
+def verify_in_background(entry: Path) -> Verification | None:
+    """Start the full sha256 check of a complete cache entry (None: no marker to check)."""
+    files = _marker(entry)
+    if files is None:
+        return None
+    expected = {name: str(record.get("sha256")) for name, record in files.items()}
+    return Verification(entry, expected)
+
+
+_pending: weakref.WeakKeyDictionary[object, Verification] = weakref.WeakKeyDictionary()
+_pending_lock = threading.Lock()
+
+
+def watch(model: object, verification: Verification | None) -> None:
+    """Tie ``verification`` to ``model``: :func:`check_verified` waits for it."""
+    if verification is not None:
+        with _pending_lock:
+            _pending[model] = verification
+
+
+def pending(model: object) -> Verification | None:
+    """The background check tied to ``model`` that has not been waited for yet, if any."""
+    with _pending_lock:
+        return _pending.get(model)
+
+
+def check_verified(model: object) -> None:
+    """Wait for the background check of the files ``model`` was loaded from, if any is
+    still pending; a model that passed costs one dictionary look-up afterwards.
+
+    Raises:
+        ModelLoadError: the model's cached files changed on disk (its weights cannot be
+            trusted; load it again).
+    """
+    with _pending_lock:
+        verification = _pending.get(model)
+    if verification is None:
+        return
+    verification.wait()  # raises while the model stays registered: every call refuses
+    with _pending_lock:
+        _pending.pop(model, None)
 
 
 def discard(entry: Path) -> None:
@@ -165,7 +317,11 @@ def ensure_converted(sha256: str, build: Callable[[Path], None]) -> Path:
         raise _unwritable(final.parent, exc) from None
     try:
         build(tmp)
-        files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+        files = {
+            p.name: {"size": p.stat().st_size, "sha256": _sha256_of(p), "sample": sampled_digest(p)}
+            for p in tmp.iterdir()
+            if p.is_file()
+        }
         missing = [name for name in _REQUIRED_FILES if name not in files]
         if missing:
             raise ModelLoadError(

@@ -472,10 +472,21 @@ def load_model(
                 source, resolved_device, resolved_dtype, trust_remote_code, pack=pack
             )
             _loaded[key] = loaded
+            verification = model_cache.pending(loaded.model)
+            if verification is not None:  # changed files: the next load reads them again
+                verification.on_failure.append(lambda: _forget(key))
         if loaded.name == source.name:
             return loaded
         # Another spec (e.g. the alias vs its file path) shares the weights under its own name.
         return _named.setdefault((key, source.name), dataclasses.replace(loaded, name=source.name))
+
+
+def _forget(key: tuple[object, ...]) -> None:
+    """Drop one loaded model from the registry (its cached files failed verification)."""
+    with _registry_lock:
+        _loaded.pop(key, None)  # type: ignore[arg-type]
+        for named in [k for k in _named if k[0] == key]:
+            _named.pop(named, None)
 
 
 def clear_loaded_models() -> None:
@@ -508,6 +519,8 @@ def _load_uncached(
         model_cache.discard(folder)
         folder = source.prepare()
         model, tokenizer = _load_folder(folder, dtype, trust_remote_code)
+    if source.is_cache_entry:  # the full hashes, in the background (see model_cache)
+        model_cache.watch(model, model_cache.verify_in_background(folder))
     model.to(device)  # type: ignore[arg-type]  # transformers' stub types `to` oddly
     model.eval()
     model.requires_grad_(False)  # inference only; also what lets the linear layers be packed
