@@ -171,6 +171,44 @@ def _prepare(engine: PersonaJudge, request: BatchRequest) -> _Prepared:
     return _Prepared(prompts, names, config, neutral, constraint, tools)
 
 
+def start_request(
+    engine: PersonaJudge, raw: BatchRequest | Mapping[str, Any], index: int = 0
+) -> tuple[list[list[int]], RunningRequest]:
+    """Validate one request and start its event stream on rows of a shared batch.
+
+    Returns its rows (its persona prompts, then its neutral prompt when it is guided) and
+    its :class:`~pj_core.decoding.batched.RunningRequest`, for a
+    :class:`~pj_core.decoding.batched.SharedDecoder` to step.
+
+    Raises:
+        PersonaJudgeError: the request is invalid (as :meth:`PersonaJudge.generate` says).
+    """
+    view = RequestRows()
+    request = BatchRequest.coerce(raw, index)
+    ready = _prepare(engine, request)
+    prompts, config, neutral = ready.prompts, ready.config, ready.neutral
+    # The engine's own checks and event stream; only the rows come from the batch.
+    decode = pool_emissions if config.decoder == "pool" else lockstep_emissions
+    events = engine.stream_prepared(
+        prompts,
+        ready.names,
+        config,
+        emission_source=functools.partial(decode, contexts=view),
+        logit_transforms=request.logit_transforms,
+        neutral_prompt=neutral,
+        constraint=ready.constraint,
+        tools=ready.tools,
+    )
+    rows = [*prompts, neutral] if neutral is not None else prompts
+    return rows, RunningRequest(
+        events=events,
+        rows=view,
+        config=config,
+        eos_ids=engine.eos_token_ids,
+        next_inputs=[row[-1] for row in rows],
+    )
+
+
 @overload
 def generate_batch(
     engine: PersonaJudge,
@@ -257,37 +295,10 @@ def generate_batch(
     prepared: dict[int, list[list[int]]] = {}
     running: dict[int, RunningRequest] = {}
     for index, raw in enumerate(requests):
-        view = RequestRows()
         try:
-            request = BatchRequest.coerce(raw, index)
-            ready = _prepare(engine, request)
-            prompts, config, neutral = ready.prompts, ready.config, ready.neutral
-            # The engine's own checks and event stream; only the rows come from the batch.
-            decode = pool_emissions if config.decoder == "pool" else lockstep_emissions
-            source = functools.partial(decode, contexts=view)
-            events = engine.stream_prepared(
-                prompts,
-                ready.names,
-                config,
-                emission_source=source,
-                logit_transforms=request.logit_transforms,
-                neutral_prompt=neutral,
-                constraint=ready.constraint,
-                tools=ready.tools,
-            )
+            prepared[index], running[index] = start_request(engine, raw, index)
         except PersonaJudgeError as exc:
             fail(index, exc)
-            continue
-        # The request's rows: its personas, then its neutral row when it is guided.
-        rows = [*prompts, neutral] if neutral is not None else prompts
-        prepared[index] = rows
-        running[index] = RunningRequest(
-            events=events,
-            rows=view,
-            config=config,
-            eos_ids=engine.eos_token_ids,
-            next_inputs=[row[-1] for row in rows],
-        )
     results: dict[int, GenerationResult] = {}
     if running:
         results = decode_shared(engine.model, prepared, running, fail)

@@ -81,6 +81,17 @@ class SharedRows:
         logits = self._contexts.step(flat)
         return {request: logits[self.rows_of(request)] for request in order}
 
+    def add(self, prefixes: Mapping[int, Sequence[Sequence[int]]]) -> None:
+        """Add the rows of new requests (``prefixes[request]``): prefilled in one forward of
+        their own, they join the batch and advance with the others from the next step."""
+        if set(prefixes) & set(self._requests):
+            raise ValueError(f"requests {sorted(set(prefixes) & set(self._requests))} are in")
+        flat: list[Sequence[int]] = []
+        for request, rows in prefixes.items():
+            self._requests += [request] * len(rows)
+            flat += list(rows)
+        self._contexts.add_rows(flat)
+
     def drop(self, request: int) -> None:
         """Remove the rows of a finished request from the batch."""
         keep = [row for row, owner in enumerate(self._requests) if owner != request]
@@ -128,6 +139,8 @@ class RunningRequest:
     emitted: int = 0
     last_token: int | None = None
     last_token_time: float = 0.0
+    started: float = 0.0  # when its prefill began
+    prefill_seconds: float = 0.0  # the forward that prefilled it (shared with those added with it)
 
     def ends_without_step(self) -> bool:
         """True when the next event is the final one without another forward (the last
@@ -135,6 +148,121 @@ class RunningRequest:
         return self.emitted > 0 and (
             self.last_token in self.eos_ids or self.emitted >= self.config.max_new_tokens
         )
+
+
+class SharedDecoder:
+    """Requests' rows decoded as one batch: requests join between steps (prefilled in a
+    forward of their own) and leave as soon as they finish or fail.
+
+    ``fail(index, error)`` records (or raises) a request's own error; ``on_event(index,
+    event)``, if given, sees every event of every request as it happens (the final one with
+    the request's timing statistics). :func:`decode_shared` adds every request at once and
+    steps until all are done; a server's scheduler adds requests as they arrive.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        fail: Callable[[int, PersonaJudgeError], None],
+        on_event: Callable[[int, StreamEvent], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.fail = fail
+        self.on_event = on_event
+        self.running: dict[int, RunningRequest] = {}
+        self.results: dict[int, GenerationResult] = {}
+        self._rows: SharedRows | None = None
+
+    @property
+    def forward_passes(self) -> int:
+        """Batched forwards run so far (prefills included)."""
+        return 0 if self._rows is None else self._rows.forward_passes
+
+    def add(
+        self, prepared: Mapping[int, list[list[int]]], states: Mapping[int, RunningRequest]
+    ) -> None:
+        """Add requests: ``prepared[i]`` holds request ``i``'s rows (its persona prompts, then
+        its neutral prompt when it is guided), ``states[i]`` its event stream and state. Their
+        rows are prefilled together in one forward and decode from the next :meth:`step`."""
+        if not prepared:
+            return
+        started = time.perf_counter()
+        prefixes = {index: [p[:-1] for p in rows] for index, rows in prepared.items()}
+        with torch.inference_mode():
+            if self._rows is None:
+                self._rows = SharedRows(self.model, prefixes)
+            else:
+                self._rows.add(prefixes)
+        prefill_seconds = time.perf_counter() - started
+        for index, state in states.items():
+            state.started, state.prefill_seconds = started, prefill_seconds
+            self.running[index] = state
+
+    def cancel(self, index: int) -> None:
+        """Stop decoding request ``index`` now: its rows leave the batch and its event stream
+        is closed; it gets no result."""
+        state = self.running.pop(index, None)
+        if state is None:
+            return
+        assert self._rows is not None
+        self._rows.drop(index)
+        close = getattr(state.events, "close", None)
+        if close is not None:
+            close()
+
+    def _finish(self, index: int, event: StreamEvent) -> None:
+        state = self.running.pop(index)
+        assert event.result is not None and self._rows is not None
+        stats = dataclasses.replace(
+            event.result.stats,
+            prefill_seconds=state.prefill_seconds,
+            decode_seconds=max(state.last_token_time - state.started - state.prefill_seconds, 0.0),
+        )
+        result = dataclasses.replace(event.result, stats=stats)
+        self.results[index] = result
+        self._rows.drop(index)
+        if self.on_event is not None:
+            self.on_event(index, dataclasses.replace(event, result=result))
+
+    def _next_event(self, index: int, final: bool) -> StreamEvent | None:
+        """The request's next event, or None when it failed (and has left the batch)."""
+        try:
+            events = self.running[index].events
+            return next_final(events) if final else next(events)
+        except PersonaJudgeError as exc:
+            self.running.pop(index)
+            assert self._rows is not None
+            self._rows.drop(index)
+            self.fail(index, exc)
+            return None
+
+    def step(self) -> None:
+        """Finish the requests that end without another forward, then run one batched
+        forward for the others and advance each by one token."""
+        for index in [i for i, s in self.running.items() if s.ends_without_step()]:
+            event = self._next_event(index, final=True)
+            if event is not None:
+                self._finish(index, event)
+        if not self.running:
+            return
+        assert self._rows is not None
+        with torch.inference_mode():
+            logits = self._rows.step({i: s.next_inputs for i, s in self.running.items()})
+        for index, state in list(self.running.items()):
+            state.rows.ready(state.next_inputs, logits[index])
+            event = self._next_event(index, final=False)
+            if event is None:
+                continue
+            if event.done:  # ended by a stop string on its previous token: row unused
+                self._finish(index, event)
+                continue
+            token = event.token_ids[0]
+            state.emitted += 1
+            state.last_token = token
+            state.last_token_time = time.perf_counter()
+            state.next_inputs = [token] * len(state.next_inputs)
+            if self.on_event is not None:
+                self.on_event(index, event)
 
 
 def decode_shared(
@@ -150,59 +278,12 @@ def decode_shared(
     when it is guided); ``running[i]`` its event stream, whose emission source reads its
     rows of each shared step through ``running[i].rows``. Returns each finished request's
     result, with the shared prefill and its own decode time in ``stats``."""
-    started = time.perf_counter()
-    with torch.inference_mode():
-        shared = SharedRows(
-            model, {index: [p[:-1] for p in rows] for index, rows in prepared.items()}
-        )
-    prefill_seconds = time.perf_counter() - started
-    results: dict[int, GenerationResult] = {}
-
-    def finish(index: int, event: StreamEvent) -> None:
-        state = running.pop(index)
-        assert event.result is not None
-        stats = dataclasses.replace(
-            event.result.stats,
-            prefill_seconds=prefill_seconds,
-            decode_seconds=max(state.last_token_time - started - prefill_seconds, 0.0),
-        )
-        results[index] = dataclasses.replace(event.result, stats=stats)
-        shared.drop(index)
-
-    def next_event(index: int, final: bool) -> StreamEvent | None:
-        """The request's next event, or None when it failed (and has left the batch)."""
-        try:
-            events = running[index].events
-            return next_final(events) if final else next(events)
-        except PersonaJudgeError as exc:
-            running.pop(index)
-            shared.drop(index)
-            fail(index, exc)
-            return None
-
-    while running:
-        for index in [i for i, s in running.items() if s.ends_without_step()]:
-            event = next_event(index, final=True)
-            if event is not None:
-                finish(index, event)
-        if not running:
-            break
-        with torch.inference_mode():
-            logits = shared.step({i: s.next_inputs for i, s in running.items()})
-        for index, state in list(running.items()):
-            state.rows.ready(state.next_inputs, logits[index])
-            event = next_event(index, final=False)
-            if event is None:
-                continue
-            if event.done:  # ended by a stop string on its previous token: row unused
-                finish(index, event)
-                continue
-            token = event.token_ids[0]
-            state.emitted += 1
-            state.last_token = token
-            state.last_token_time = time.perf_counter()
-            state.next_inputs = [token] * len(state.next_inputs)
-    return results
+    decoder = SharedDecoder(model, fail)
+    decoder.add(prepared, running)
+    while decoder.running:
+        decoder.step()
+    running.clear()
+    return decoder.results
 
 
 def next_final(events: Iterator[StreamEvent]) -> StreamEvent:

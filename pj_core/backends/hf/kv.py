@@ -190,6 +190,77 @@ class BatchedContexts:
         """How many rows (contexts) the batch holds."""
         return int(self._mask.shape[0])
 
+    def add_rows(self, prefixes: Sequence[Sequence[int]]) -> None:
+        """Append one row per prefix: the prefixes are prefilled in a forward of their own
+        (the running rows are not touched), then join the batch, old and new rows left-padded
+        to a common width with the padding masked; the next :meth:`step` advances them all.
+
+        Example:
+            >>> from tests._tiny import make_tiny_model
+            >>> contexts = BatchedContexts(make_tiny_model(vocab_size=22), [[5, 6]])
+            >>> contexts.step([7]).shape
+            torch.Size([1, 22])
+            >>> contexts.add_rows([[8, 9, 10, 11], [12]]); contexts.rows
+            3
+            >>> contexts.step([13, 14, 15]).shape
+            torch.Size([3, 22])
+        """
+        if not prefixes:
+            return
+        joining = BatchedContexts(self.model, prefixes)  # its own prefill forward
+        self.forward_passes += joining.forward_passes
+        if self.rows == 0:
+            self._cache, self._mask = joining._cache, joining._mask
+            self._next_position = joining._next_position
+            return
+        old_rows, new_rows = self.rows, joining.rows
+        old_width, new_width = self._mask.shape[1], joining._mask.shape[1]
+        width = max(old_width, new_width)
+        # mask: [old rows + new rows, width], each part left-padded with zeros
+        self._mask = torch.cat(
+            [
+                torch.nn.functional.pad(self._mask, (width - old_width, 0)),
+                torch.nn.functional.pad(joining._mask, (width - new_width, 0)),
+            ]
+        )
+        self._next_position = torch.cat([self._next_position, joining._next_position])
+        # A side with no cached token yet (every prefix empty) has no cache layers at all.
+        old_layers = list(self._cache.layers) if old_width else []
+        new_layers = list(joining._cache.layers) if new_width else []
+        if not old_layers and not new_layers:
+            return
+        target = self._cache if old_layers else joining._cache
+        template = old_layers or new_layers
+        for index, layer in enumerate(target.layers):
+            ref_keys, ref_values = _layer_tensors(template[index])
+
+            def part(layers: Sequence[object], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+                if layers:
+                    return _layer_tensors(layers[index])  # noqa: B023 - used at once
+                return (  # [rows, heads, 0, head_dim]
+                    ref_keys.new_zeros((rows, ref_keys.shape[1], 0, ref_keys.shape[3])),  # noqa: B023
+                    ref_values.new_zeros((rows, ref_values.shape[1], 0, ref_values.shape[3])),  # noqa: B023
+                )
+
+            old_keys, old_values = part(old_layers, old_rows)
+            new_keys, new_values = part(new_layers, new_rows)
+            # [old rows + new rows, heads, width, head_dim]
+            joined_keys = torch.cat(
+                [
+                    torch.nn.functional.pad(old_keys, (0, 0, width - old_width, 0)),
+                    torch.nn.functional.pad(new_keys, (0, 0, width - new_width, 0)),
+                ]
+            )
+            joined_values = torch.cat(
+                [
+                    torch.nn.functional.pad(old_values, (0, 0, width - old_width, 0)),
+                    torch.nn.functional.pad(new_values, (0, 0, width - new_width, 0)),
+                ]
+            )
+            setattr(layer, "keys", joined_keys)  # noqa: B010 - the layer types vary
+            setattr(layer, "values", joined_values)  # noqa: B010
+        self._cache = target
+
     def keep_rows(self, rows: Sequence[int]) -> None:
         """Keep only ``rows`` (in that order) and drop the others, e.g. finished requests.
 
