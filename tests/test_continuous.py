@@ -5,10 +5,17 @@ token for token, as tests/test_batch.py requires)."""
 
 from __future__ import annotations
 
+import time
+
+import pytest
 import torch
-from transformers import LlamaForCausalLM
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from pj_core.backends.hf.kv import BatchedContexts
+from pj_core.batch import generate_batch
+from pj_core.engine import PersonaJudge
+from pj_core.errors import ContextOverflowError, InvalidGenerationConfigError
+from pj_core.scheduler import ContinuousBatcher
 
 
 def _alone(model: LlamaForCausalLM, prefix: list[int], fed: list[int]) -> torch.Tensor:
@@ -56,3 +63,96 @@ def test_rows_join_a_batch_that_emptied(tiny_model: LlamaForCausalLM) -> None:
         contexts.add_rows([[8, 9, 10]])
         logits = contexts.step([11])
     assert torch.allclose(logits[0], _alone(tiny_model, [8, 9, 10], [11]), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the scheduler
+
+
+def _request(seed: int, tokens: int, **extra: object) -> dict[str, object]:
+    return {
+        "conversation": "hello world",
+        "personas": ["be funny", "be brief"],
+        "seed": seed,
+        "max_new_tokens": tokens,
+        "temperature": 1.0,
+        **extra,
+    }
+
+
+def _alone_tokens(engine: PersonaJudge, request: dict[str, object]) -> list[int]:
+    return generate_batch(engine, [request])[0].token_ids
+
+
+@pytest.fixture()
+def engine(tiny_model: LlamaForCausalLM, tiny_tokenizer: PreTrainedTokenizerFast) -> PersonaJudge:
+    return PersonaJudge(tiny_model, tiny_tokenizer, context_window=200)
+
+
+def _long_seed(engine: PersonaJudge, tokens: int) -> int:
+    """A seed whose answer runs to its whole budget (no early EOS)."""
+    for seed in range(50):
+        if len(_alone_tokens(engine, _request(seed, tokens))) == tokens:
+            return seed
+    raise AssertionError("no seed runs to the budget")
+
+
+def test_requests_join_a_running_batch_and_keep_their_own_tokens(engine: PersonaJudge) -> None:
+    long = _request(_long_seed(engine, 40), 40)
+    joining = [
+        _request(7, 12),
+        _request(8, 20, personas=["the cat", "the dog", "be brief"]),
+        _request(9, 15, strength=1.0),  # a guided request brings its neutral row
+        _request(10, 10, decoder="pool"),
+    ]
+    with ContinuousBatcher(engine) as batcher:
+        first = batcher.submit(long)
+        head = [next(first) for _ in range(3)]  # it is decoding
+        later = [batcher.submit(request) for request in joining]
+        results = [next(e for e in events if e.done).result for events in later]
+        tail = list(first)
+        assert batcher.stats.joined_running == len(joining)
+        assert batcher.stats.max_rows >= 2 + 2 + 3 + 3 + 2
+        assert batcher.active_requests == 0
+    long_tokens = [t for e in [*head, *tail] for t in e.token_ids]
+    assert long_tokens == _alone_tokens(engine, long)
+    assert tail[-1].result is not None and tail[-1].result.token_ids == long_tokens
+    for request, result in zip(joining, results, strict=True):
+        assert result is not None
+        assert result.token_ids == _alone_tokens(engine, request)
+
+
+def test_a_short_request_finishes_before_a_long_one(engine: PersonaJudge) -> None:
+    long = _request(_long_seed(engine, 60), 60)
+    with ContinuousBatcher(engine) as batcher:
+        first = batcher.submit(long)
+        next(first)
+        short = batcher.generate(_request(3, 2))
+        assert len(short.token_ids) <= 2
+        remaining = list(first)  # the long one was still decoding when the short one ended
+        assert len(remaining) > 10
+
+
+def test_a_dropped_stream_frees_its_rows_at_the_next_step(engine: PersonaJudge) -> None:
+    long = _request(_long_seed(engine, 60), 60)
+    with ContinuousBatcher(engine) as batcher:
+        events = batcher.submit(long)
+        next(events)
+        steps_before = batcher.stats.steps
+        events.close()  # type: ignore[attr-defined]  # a client that went away
+        deadline = time.monotonic() + 10
+        while batcher.active_requests and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert batcher.active_requests == 0
+        assert batcher.stats.steps - steps_before <= 2  # stopped within a step or so
+        assert len(batcher.generate(_request(4, 5)).token_ids) <= 5  # and it goes on
+
+
+def test_bad_requests_fail_at_submit_and_others_go_on(engine: PersonaJudge) -> None:
+    with ContinuousBatcher(engine) as batcher:
+        with pytest.raises(ContextOverflowError):
+            batcher.submit(_request(1, 500))
+        with pytest.raises(InvalidGenerationConfigError):
+            batcher.submit(_request(1, 5, temperature=-1))
+        assert len(batcher.generate(_request(1, 5)).token_ids) <= 5
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.submit(_request(1, 5))

@@ -156,7 +156,8 @@ class SharedDecoder:
 
     ``fail(index, error)`` records (or raises) a request's own error; ``on_event(index,
     event)``, if given, sees every event of every request as it happens (the final one with
-    the request's timing statistics). :func:`decode_shared` adds every request at once and
+    the request's timing statistics); ``keep_results=False`` keeps no results (a long-running
+    scheduler that only delivers events). :func:`decode_shared` adds every request at once and
     steps until all are done; a server's scheduler adds requests as they arrive.
     """
 
@@ -165,10 +166,13 @@ class SharedDecoder:
         model: PreTrainedModel,
         fail: Callable[[int, PersonaJudgeError], None],
         on_event: Callable[[int, StreamEvent], None] | None = None,
+        *,
+        keep_results: bool = True,
     ) -> None:
         self.model = model
         self.fail = fail
         self.on_event = on_event
+        self.keep_results = keep_results  # False: results only reach on_event (a server)
         self.running: dict[int, RunningRequest] = {}
         self.results: dict[int, GenerationResult] = {}
         self._rows: SharedRows | None = None
@@ -219,7 +223,8 @@ class SharedDecoder:
             decode_seconds=max(state.last_token_time - state.started - state.prefill_seconds, 0.0),
         )
         result = dataclasses.replace(event.result, stats=stats)
-        self.results[index] = result
+        if self.keep_results:
+            self.results[index] = result
         self._rows.drop(index)
         if self.on_event is not None:
             self.on_event(index, dataclasses.replace(event, result=result))

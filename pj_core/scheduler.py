@@ -1,0 +1,231 @@
+"""Continuous batching: one scheduler thread owns the model and decodes every request that is
+under way as one batch; a new request joins at the next step.
+
+:class:`ContinuousBatcher` is what a server puts in front of an engine. ``submit(request)``
+validates a request (a :class:`~pj_core.batch.BatchRequest` or a dict of
+``PersonaJudge.generate``'s arguments) in the caller's thread, then hands it to the scheduler
+and returns at once with an iterator of its :class:`~pj_core.results.StreamEvent` s. Between two
+batched forwards the scheduler admits every request that arrived (their rows are prefilled in
+one forward of their own, the running rows untouched: see
+:meth:`pj_core.backends.hf.kv.BatchedContexts.add_rows`), and a request that finishes leaves
+the batch at once, so a short request never waits for a long one and a new request never
+waits for the batch to end.
+
+Each request keeps its own seed and settings: its tokens are those of its own
+``generate_batch`` run with the same seed (up to the float differences of batched forwards,
+as in :mod:`pj_core.batch`). Requests decode in lockstep (or the pool decoder), which has the
+same output distribution as the speculative strategy.
+
+Example:
+    >>> from tests._tiny import make_tiny_model, make_tiny_tokenizer
+    >>> from pj_core.engine import PersonaJudge
+    >>> tokenizer = make_tiny_tokenizer()
+    >>> pj = PersonaJudge(make_tiny_model(len(tokenizer)), tokenizer, context_window=64)
+    >>> with ContinuousBatcher(pj) as batcher:
+    ...     events = batcher.submit({"conversation": "hello", "personas": ["be funny", "be brief"],
+    ...                              "seed": 0, "max_new_tokens": 4})
+    ...     final = [e for e in events if e.done][0]
+    >>> final.result.stats.tokens <= 4
+    True
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from pj_core.batch import BatchRequest, start_request
+from pj_core.decoding.batched import RunningRequest, SharedDecoder
+from pj_core.errors import PersonaJudgeError
+from pj_core.results import GenerationResult, StreamEvent
+
+if TYPE_CHECKING:
+    from pj_core.engine import PersonaJudge
+
+THREAD_NAME = "pj-scheduler"
+
+
+@dataclass
+class _Submitted:
+    """A validated request waiting for the scheduler, and where its events go."""
+
+    index: int
+    rows: list[list[int]]
+    state: RunningRequest
+    out: queue.SimpleQueue[StreamEvent | BaseException] = field(default_factory=queue.SimpleQueue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class SchedulerStats:
+    """What the scheduler has done so far.
+
+    Attributes:
+        requests: requests admitted.
+        steps: batched decode forwards.
+        prefills: prefill forwards (one per group of requests admitted together).
+        max_rows: the most rows (persona and neutral rows of all requests) in one step.
+        joined_running: requests admitted while others were decoding.
+    """
+
+    requests: int = 0
+    steps: int = 0
+    prefills: int = 0
+    max_rows: int = 0
+    joined_running: int = 0
+
+
+class ContinuousBatcher:
+    """A scheduler thread that decodes every submitted request in one running batch.
+
+    Args:
+        engine: the engine whose model the scheduler owns (other callers of the same engine
+            still work, but compete for the CPU).
+
+    Use it as a context manager, or call :meth:`close` when done; the thread starts on the
+    first :meth:`submit`.
+    """
+
+    def __init__(self, engine: PersonaJudge) -> None:
+        self.engine = engine
+        self.stats = SchedulerStats()
+        self._ids = itertools.count()
+        self._lock = threading.Condition()
+        self._waiting: list[_Submitted] = []
+        self._active: dict[int, _Submitted] = {}
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    # ----- the caller's side
+
+    def submit(self, request: BatchRequest | Mapping[str, Any]) -> Iterator[StreamEvent]:
+        """Validate ``request`` and queue it; returns its events (one per token, then the
+        final one with the result), yielded as the scheduler produces them. Closing the
+        iterator early (``break``, a dropped client) cancels the request: its rows leave
+        the batch at the next step.
+
+        Raises:
+            PersonaJudgeError: an invalid request (at once, as ``PersonaJudge.generate``).
+            RuntimeError: the batcher is closed.
+        """
+        index = next(self._ids)
+        rows, state = start_request(self.engine, request, index)
+        item = _Submitted(index=index, rows=rows, state=state)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the ContinuousBatcher is closed; make a new one")
+            self._waiting.append(item)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
+                self._thread.start()
+            self._lock.notify()
+        return self._events(item)
+
+    def generate(self, request: BatchRequest | Mapping[str, Any]) -> GenerationResult:
+        """Submit ``request`` and wait for its result."""
+        for event in self.submit(request):
+            if event.done:
+                assert event.result is not None
+                return event.result
+        raise RuntimeError("the scheduler ended a request without its final event")
+
+    def _events(self, item: _Submitted) -> Iterator[StreamEvent]:
+        try:
+            while True:
+                event = item.out.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if event.done:
+                    return
+        finally:
+            item.cancelled.set()  # no-op when it finished; else its rows leave the batch
+            with self._lock:
+                self._lock.notify()
+
+    @property
+    def active_requests(self) -> int:
+        """Requests queued or decoding now."""
+        with self._lock:
+            return len(self._waiting) + len(self._active)
+
+    def close(self) -> None:
+        """Stop admitting requests; the scheduler finishes the ones under way, then ends."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def __enter__(self) -> ContinuousBatcher:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ----- the scheduler thread
+
+    def _run(self) -> None:
+        decoder = SharedDecoder(self.engine.model, self._fail, self._deliver, keep_results=False)
+        while True:
+            with self._lock:
+                while not self._waiting and not decoder.running and not self._closed:
+                    self._lock.wait()
+                if self._closed and not self._waiting and not decoder.running:
+                    return
+                admitted, self._waiting = self._waiting, []
+            for index in [i for i, item in self._active.items() if item.cancelled.is_set()]:
+                decoder.cancel(index)
+                self._active.pop(index)
+            try:
+                self._admit(decoder, admitted)
+                if decoder.running:
+                    decoder.step()
+                    self.stats.steps += 1
+            except Exception as exc:  # the model itself failed: every request gets the error
+                for item in [*self._active.values(), *admitted]:
+                    item.out.put(exc)
+                self._active.clear()
+                decoder = SharedDecoder(
+                    self.engine.model, self._fail, self._deliver, keep_results=False
+                )
+
+    def _admit(self, decoder: SharedDecoder, admitted: list[_Submitted]) -> None:
+        admitted = [item for item in admitted if not item.cancelled.is_set()]
+        if not admitted:
+            return
+        if decoder.running:
+            self.stats.joined_running += len(admitted)
+        for item in admitted:
+            self._active[item.index] = item
+        decoder.add(
+            {item.index: item.rows for item in admitted},
+            {item.index: item.state for item in admitted},
+        )
+        self.stats.requests += len(admitted)
+        self.stats.prefills += 1
+        rows = sum(len(self._active[i].rows) for i in decoder.running)
+        self.stats.max_rows = max(self.stats.max_rows, rows)
+
+    def _deliver(self, index: int, event: StreamEvent) -> None:
+        item = self._active.get(index)
+        if item is None:
+            return
+        item.out.put(event)
+        if event.done:
+            self._active.pop(index, None)
+
+    def _fail(self, index: int, exc: PersonaJudgeError) -> None:
+        item = self._active.pop(index, None)
+        if item is not None:
+            item.out.put(exc)
