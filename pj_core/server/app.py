@@ -7,9 +7,11 @@ Routes: ``POST /v1/chat/completions`` (whole or streamed as server-sent events),
 personalises it; the ``persona_judge`` object may carry preferences
 and Persona-judge settings instead (:mod:`pj_core.server.schemas`).
 
-One process owns the model. Each request decodes in a worker thread through
-``PersonaJudge.generate`` / ``stream`` (the engine is thread safe), so the event loop keeps
-answering other requests meanwhile; requests are not batched together.
+One process owns the model. Requests decode together, continuously batched
+(:class:`pj_core.scheduler.ContinuousBatcher`): a new request is prefilled and joins the
+running batch at the next step, a finished one leaves at once, and a stream whose client goes
+away is cancelled (its rows leave at the next step). The event loop only hands events over,
+so it keeps answering other requests meanwhile.
 
 Every error is a JSON body in OpenAI's error shape with its status: 400 (malformed JSON, a
 value the engine refuses, a prompt over the context window), 404 (unknown model, user or
@@ -24,7 +26,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +52,7 @@ from pj_core.errors import (
     ProfileStoreError,
 )
 from pj_core.personas.store import AbstractProfileStore, ProfileConflictError, open_store
+from pj_core.scheduler import ContinuousBatcher
 from pj_core.server.auth import OPEN, KeyRing, Principal
 from pj_core.server.profiles import profile_router
 from pj_core.server.responses import ChunkWriter, completion, error_body, new_id
@@ -58,7 +61,7 @@ from pj_core.threads import iterate_in_thread
 
 if TYPE_CHECKING:
     from pj_core.engine import PersonaJudge
-    from pj_core.results import StreamEvent
+    from pj_core.results import GenerationResult, StreamEvent
 
 LOG = logging.getLogger("pj_core.server")
 
@@ -84,6 +87,9 @@ class ServerConfig:
         max_body_bytes: the largest request body accepted.
         api_keys: the keys requests must bring (:mod:`pj_core.server.auth`); ``None`` or
             an empty ring: every request is allowed (run such a server on loopback only).
+        batching: decode concurrent requests as one continuously batched decode
+            (:class:`pj_core.scheduler.ContinuousBatcher`: a request joins the running batch
+            at its next step); ``False`` decodes each request on its own, side by side.
 
     Example:
         >>> ServerConfig(preferences=["humor", "concise"]).max_body_bytes
@@ -97,6 +103,7 @@ class ServerConfig:
     preferences: list[str] | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     api_keys: KeyRing | None = None
+    batching: bool = True
     started: float = field(default_factory=time.time)
 
 
@@ -265,11 +272,13 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         engine=engine,
     )
     settings.check()
+    batcher = ContinuousBatcher(engine) if config.batching else None
 
     app = FastAPI(title="persona-judge", summary="OpenAI-compatible personalised chat completions")
     app.state.engine = engine
     app.state.store = store
     app.state.model_name = name
+    app.state.batcher = batcher
     app.state.keys = config.api_keys or KeyRing()
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
     app.add_middleware(AuthGate, keys=app.state.keys)  # added last: runs first
@@ -343,15 +352,29 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
             )
         turns = conversation(body.messages)
         call = await anyio.to_thread.run_sync(lambda: build_call(settings, turns, options))
+
+        def start() -> Iterator[StreamEvent]:  # validates before any byte is sent
+            if batcher is not None and call.batchable:
+                return batcher.submit(call.batch_request())  # joins the running batch
+            return call.stream()
+
+        events = await anyio.to_thread.run_sync(start)
         if not body.stream:
-            result = await anyio.to_thread.run_sync(call.generate)
+            result = await anyio.to_thread.run_sync(lambda: _final_result(events))
             return completion(call, result, model=name, completion_id=new_id())
-        events = await anyio.to_thread.run_sync(call.stream)  # validates before any byte is sent
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         writer = ChunkWriter(call, model=name, include_usage=include_usage)
         return EventSourceResponse(_sse(writer, events), sep="\n")
 
     return app
+
+
+def _final_result(events: Iterator[StreamEvent]) -> GenerationResult:
+    """The result carried by the last of ``events`` (consumed)."""
+    for event in events:
+        if event.done and event.result is not None:
+            return event.result
+    raise RuntimeError("the answer ended without its final event")
 
 
 def _unknown_model(requested: str, served: str) -> JSONResponse:
