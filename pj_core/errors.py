@@ -149,3 +149,19 @@ class PermissionDeniedError(PersonaJudgeError, PermissionError):
 class ApiKeyFileError(PersonaJudgeError, ValueError):
     """An API key file or ``PJ_API_KEYS`` value that cannot be read: not found, not the
     format ``pj keys`` writes, or a malformed entry."""
+
+
+class ServerBusyError(PersonaJudgeError, RuntimeError):
+    """The scheduler's queue is full: retry after ``retry_after`` seconds (HTTP 429).
+
+    Attributes:
+        retry_after: seconds to wait before retrying (a hint).
+    """
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RequestTimeoutError(PersonaJudgeError, TimeoutError):
+    """A request ran past its time limit and was stopped; its rows left the batch."""

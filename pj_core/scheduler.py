@@ -34,6 +34,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -41,7 +42,12 @@ from typing import TYPE_CHECKING, Any
 
 from pj_core.batch import BatchRequest, start_request
 from pj_core.decoding.batched import RunningRequest, SharedDecoder
-from pj_core.errors import PersonaJudgeError
+from pj_core.errors import (
+    InvalidGenerationConfigError,
+    PersonaJudgeError,
+    RequestTimeoutError,
+    ServerBusyError,
+)
 from pj_core.results import GenerationResult, StreamEvent
 
 if TYPE_CHECKING:
@@ -59,6 +65,7 @@ class _Submitted:
     state: RunningRequest
     out: queue.SimpleQueue[StreamEvent | BaseException] = field(default_factory=queue.SimpleQueue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    deadline: float | None = None  # time.monotonic() after which it is stopped
 
 
 @dataclass
@@ -71,6 +78,8 @@ class SchedulerStats:
         prefills: prefill forwards (one per group of requests admitted together).
         max_rows: the most rows (persona and neutral rows of all requests) in one step.
         joined_running: requests admitted while others were decoding.
+        refused: requests refused because the queue was full.
+        timed_out: requests stopped at their time limit.
     """
 
     requests: int = 0
@@ -78,6 +87,8 @@ class SchedulerStats:
     prefills: int = 0
     max_rows: int = 0
     joined_running: int = 0
+    refused: int = 0
+    timed_out: int = 0
 
 
 class ContinuousBatcher:
@@ -86,13 +97,27 @@ class ContinuousBatcher:
     Args:
         engine: the engine whose model the scheduler owns (other callers of the same engine
             still work, but compete for the CPU).
+        max_rows: the most rows (persona and neutral rows of all requests) one step may
+            carry; a request that does not fit waits in the queue until rows free up
+            (``None``: no limit).
+        max_queue: the most requests waiting to be admitted; :meth:`submit` refuses more
+            with :class:`ServerBusyError` (``None``: no limit).
 
     Use it as a context manager, or call :meth:`close` when done; the thread starts on the
     first :meth:`submit`.
     """
 
-    def __init__(self, engine: PersonaJudge) -> None:
+    def __init__(
+        self, engine: PersonaJudge, *, max_rows: int | None = None, max_queue: int | None = None
+    ) -> None:
+        for name, value in (("max_rows", max_rows), ("max_queue", max_queue)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise InvalidGenerationConfigError(f"{name} must be a whole number >= 1 or None")
         self.engine = engine
+        self.max_rows = max_rows
+        self.max_queue = max_queue
         self.stats = SchedulerStats()
         self._ids = itertools.count()
         self._lock = threading.Condition()
@@ -103,22 +128,47 @@ class ContinuousBatcher:
 
     # ----- the caller's side
 
-    def submit(self, request: BatchRequest | Mapping[str, Any]) -> Iterator[StreamEvent]:
+    def submit(
+        self, request: BatchRequest | Mapping[str, Any], *, timeout: float | None = None
+    ) -> Iterator[StreamEvent]:
         """Validate ``request`` and queue it; returns its events (one per token, then the
         final one with the result), yielded as the scheduler produces them. Closing the
         iterator early (``break``, a dropped client) cancels the request: its rows leave
         the batch at the next step.
 
+        Args:
+            request: a :class:`~pj_core.batch.BatchRequest` or a dict of its fields.
+            timeout: seconds from now (waiting in the queue included) after which the
+                request is stopped: its rows leave the batch and its events end with
+                :class:`RequestTimeoutError`.
+
         Raises:
             PersonaJudgeError: an invalid request (at once, as ``PersonaJudge.generate``).
+            ServerBusyError: the queue is full (``max_queue``), or the request alone needs
+                more rows than ``max_rows``.
             RuntimeError: the batcher is closed.
         """
+        if timeout is not None and not timeout > 0:
+            raise InvalidGenerationConfigError(f"timeout must be > 0 seconds, got {timeout}")
         index = next(self._ids)
         rows, state = start_request(self.engine, request, index)
-        item = _Submitted(index=index, rows=rows, state=state)
+        if self.max_rows is not None and len(rows) > self.max_rows:
+            raise InvalidGenerationConfigError(
+                f"the request needs {len(rows)} rows (its personas, and a neutral row when "
+                f"guided) but a step carries at most {self.max_rows}; use fewer personas"
+            )
+        deadline = None if timeout is None else time.monotonic() + timeout
+        item = _Submitted(index=index, rows=rows, state=state, deadline=deadline)
         with self._lock:
             if self._closed:
                 raise RuntimeError("the ContinuousBatcher is closed; make a new one")
+            if self.max_queue is not None and len(self._waiting) >= self.max_queue:
+                self.stats.refused += 1
+                raise ServerBusyError(
+                    f"{len(self._waiting)} requests are already waiting (the queue holds "
+                    f"{self.max_queue}); retry in a moment",
+                    retry_after=1.0,
+                )
             self._waiting.append(item)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
@@ -183,10 +233,8 @@ class ContinuousBatcher:
                     self._lock.wait()
                 if self._closed and not self._waiting and not decoder.running:
                     return
-                admitted, self._waiting = self._waiting, []
-            for index in [i for i, item in self._active.items() if item.cancelled.is_set()]:
-                decoder.cancel(index)
-                self._active.pop(index)
+                admitted = self._take_fitting(decoder)
+            self._stop_cancelled_and_late(decoder)
             try:
                 self._admit(decoder, admitted)
                 if decoder.running:
@@ -199,6 +247,43 @@ class ContinuousBatcher:
                 decoder = SharedDecoder(
                     self.engine.model, self._fail, self._deliver, keep_results=False
                 )
+
+    def _take_fitting(self, decoder: SharedDecoder) -> list[_Submitted]:
+        """The waiting requests to admit now, in arrival order, while their rows fit in
+        ``max_rows`` beside the running ones (called with the lock held)."""
+        now = time.monotonic()
+        late = [item for item in self._waiting if item.deadline is not None and item.deadline < now]
+        for item in late:
+            self._waiting.remove(item)
+            self.stats.timed_out += 1
+            item.out.put(RequestTimeoutError("the request waited in the queue past its time limit"))
+        if self.max_rows is None:
+            admitted, self._waiting = self._waiting, []
+            return admitted
+        used = sum(len(self._active[i].rows) for i in decoder.running if i in self._active)
+        admitted = []
+        while self._waiting and used + len(self._waiting[0].rows) <= self.max_rows:
+            item = self._waiting.pop(0)
+            admitted.append(item)
+            used += len(item.rows)
+        return admitted
+
+    def _stop_cancelled_and_late(self, decoder: SharedDecoder) -> None:
+        """Drop the rows of requests whose consumer left or whose time ran out."""
+        now = time.monotonic()
+        for index, item in list(self._active.items()):
+            late = item.deadline is not None and item.deadline < now
+            if item.cancelled.is_set() or late:
+                decoder.cancel(index)
+                self._active.pop(index)
+                if late and not item.cancelled.is_set():
+                    self.stats.timed_out += 1
+                    item.out.put(
+                        RequestTimeoutError(
+                            "the request ran past its time limit and was stopped; ask for "
+                            "fewer tokens or allow more time"
+                        )
+                    )
 
     def _admit(self, decoder: SharedDecoder, admitted: list[_Submitted]) -> None:
         admitted = [item for item in admitted if not item.cancelled.is_set()]

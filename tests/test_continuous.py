@@ -14,7 +14,12 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 from pj_core.backends.hf.kv import BatchedContexts
 from pj_core.batch import generate_batch
 from pj_core.engine import PersonaJudge
-from pj_core.errors import ContextOverflowError, InvalidGenerationConfigError
+from pj_core.errors import (
+    ContextOverflowError,
+    InvalidGenerationConfigError,
+    RequestTimeoutError,
+    ServerBusyError,
+)
 from pj_core.scheduler import ContinuousBatcher
 
 
@@ -156,3 +161,53 @@ def test_bad_requests_fail_at_submit_and_others_go_on(engine: PersonaJudge) -> N
         assert len(batcher.generate(_request(1, 5)).token_ids) <= 5
     with pytest.raises(RuntimeError, match="closed"):
         batcher.submit(_request(1, 5))
+
+
+def _slowed(engine: PersonaJudge, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    forward = engine.model.forward
+
+    def slow_forward(*args: object, **kwargs: object) -> object:
+        time.sleep(seconds)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", slow_forward)
+
+
+def test_a_full_queue_refuses_and_rows_are_bounded(
+    engine: PersonaJudge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    long = _request(_long_seed(engine, 30), 30)
+    waiting = _request(5, 6)
+    _slowed(engine, monkeypatch, 0.01)
+    with ContinuousBatcher(engine, max_rows=3, max_queue=1) as batcher:  # 3: personas + neutral
+        first = batcher.submit(long)
+        next(first)
+        second = batcher.submit(waiting)  # 3 more rows do not fit beside the first: it waits
+        with pytest.raises(ServerBusyError, match="retry") as refused:
+            batcher.submit(_request(6, 6))
+        assert refused.value.retry_after > 0
+        assert len(list(first)) > 0
+        result = next(e for e in second if e.done).result
+        assert batcher.stats.max_rows == 3 and batcher.stats.refused == 1
+        with pytest.raises(InvalidGenerationConfigError, match="rows"):
+            batcher.submit(_request(1, 4, personas=["be funny", "be brief", "the cat"]))
+    monkeypatch.undo()
+    assert result is not None and result.token_ids == _alone_tokens(engine, waiting)
+
+
+def test_a_request_past_its_time_limit_is_stopped(
+    engine: PersonaJudge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    long = _request(_long_seed(engine, 60), 60)
+    _slowed(engine, monkeypatch, 0.02)
+    with ContinuousBatcher(engine) as batcher:
+        events = batcher.submit(long, timeout=0.3)
+        with pytest.raises(RequestTimeoutError, match="time limit"):
+            for _ in events:
+                pass
+        assert batcher.stats.timed_out == 1 and batcher.active_requests == 0
+        assert batcher.stats.steps < 40
+        with pytest.raises(InvalidGenerationConfigError):
+            batcher.submit(long, timeout=0)
+    with pytest.raises(InvalidGenerationConfigError):
+        ContinuousBatcher(engine, max_rows=0)

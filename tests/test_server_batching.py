@@ -15,6 +15,7 @@ import pytest
 from fastapi import FastAPI
 
 from pj_core.engine import PersonaJudge
+from pj_core.errors import InvalidGenerationConfigError
 from pj_core.personas import resolve_personas
 from pj_core.server import ServerConfig, create_app
 from tests._server import serving
@@ -150,3 +151,73 @@ def test_batching_can_be_turned_off(engine: PersonaJudge, tmp_path: Path) -> Non
         HELLO, resolve_personas(PREFERENCES), seed=2, max_new_tokens=6, temperature=1.0
     )
     assert answer["choices"][0]["message"]["content"] == expected.text
+
+
+def _slowed(engine: PersonaJudge, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    forward = engine.model.forward
+
+    def slow_forward(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(seconds)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", slow_forward)
+
+
+def test_a_full_queue_answers_429_with_retry_after(
+    engine: PersonaJudge, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seed = _long_seed(engine, 40)
+    config = ServerConfig(
+        engine=engine,
+        profile_store=tmp_path / "p.db",
+        preferences=PREFERENCES,
+        max_batch_rows=3,
+        max_queue=1,
+    )  # one request decodes, one waits
+    _slowed(engine, monkeypatch, 0.01)
+    app = create_app(config)
+    with serving(app) as base_url:
+        url = f"{base_url}/v1/chat/completions"
+        waiting: dict[str, httpx.Response] = {}
+        with httpx.stream("POST", url, json=_body(seed, 40, stream=True), timeout=60) as stream:
+            lines = stream.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            second = threading.Thread(
+                target=lambda: waiting.setdefault(
+                    "r", httpx.post(url, json=_body(2, 4), timeout=60)
+                )
+            )
+            second.start()
+            deadline = time.monotonic() + 10
+            while app.state.batcher.active_requests < 2 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            refused = httpx.post(url, json=_body(3, 4), timeout=60)
+            rest = [line for line in lines if line.startswith("data: ")]
+        second.join(timeout=60)
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"]["code"] == "server_busy"
+    assert int(refused.headers["retry-after"]) >= 1
+    assert rest[-1] == "data: [DONE]"
+    assert waiting["r"].status_code == 200  # the waiting one was served once rows freed
+
+
+def test_a_request_past_its_time_limit_gets_a_504(
+    engine: PersonaJudge, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seed = _long_seed(engine, 60)
+    config = ServerConfig(
+        engine=engine, profile_store=tmp_path / "p.db", preferences=PREFERENCES, request_timeout=0.3
+    )
+    _slowed(engine, monkeypatch, 0.02)  # 60 steps take >= 1.2 s
+    app = create_app(config)
+    with serving(app) as base_url:
+        url = f"{base_url}/v1/chat/completions"
+        late = httpx.post(url, json=_body(seed, 60), timeout=60)
+        assert late.status_code == 504 and late.json()["error"]["code"] == "timeout"
+        streamed = httpx.post(url, json=_body(seed, 60, stream=True), timeout=60)
+        data = [line for line in streamed.text.splitlines() if line.startswith("data: ")]
+        assert '"code": "timeout"' in data[-1] and "[DONE]" not in data[-1]
+        assert app.state.batcher.stats.timed_out == 2
+        assert httpx.get(f"{base_url}/health").status_code == 200
+    with pytest.raises(InvalidGenerationConfigError):
+        create_app(ServerConfig(engine=engine, profile_store=tmp_path / "p.db", request_timeout=0))

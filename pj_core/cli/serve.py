@@ -63,6 +63,28 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="largest request body accepted (default 4 MiB)",
     )
     parser.add_argument(
+        "--max-batch-rows",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the most rows one batched step carries (a request brings one per persona, plus "
+        "a neutral row when guided); more requests wait (default: no limit)",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the most requests waiting; more get a 429 with Retry-After (default: no limit)",
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop a request after this long, queue included (a 504; default: no limit)",
+    )
+    parser.add_argument(
         "--api-keys",
         default=None,
         metavar="FILE",
@@ -162,6 +184,9 @@ def run(args: argparse.Namespace) -> int:
             preferences=args.preference or None,
             max_body_bytes=limit,
             api_keys=keys,
+            max_batch_rows=args.max_batch_rows,
+            max_queue=args.max_queue,
+            request_timeout=args.request_timeout,
         )
     )
     where = f"http://{args.host}:{args.port}/v1"

@@ -16,7 +16,8 @@ so it keeps answering other requests meanwhile.
 Every error is a JSON body in OpenAI's error shape with its status: 400 (malformed JSON, a
 value the engine refuses, a prompt over the context window), 404 (unknown model, user or
 route), 409 (a profile written by someone else since it was read), 413 (a body over
-``max_body_bytes``), 422 (wrong types, missing or unknown fields),
+``max_body_bytes``), 429 (the queue is full; ``Retry-After`` says when to retry), 504 (past
+``request_timeout``), 422 (wrong types, missing or unknown fields),
 500 (a failure of the model itself); the server stays up.
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
@@ -43,6 +45,7 @@ from pj_core.calls import AdapterSettings, PersonaSources, build_call, shared_en
 from pj_core.errors import (
     AuthenticationError,
     ContextOverflowError,
+    InvalidGenerationConfigError,
     InvalidPersonaError,
     ModelNotFoundError,
     ModelOutputError,
@@ -50,6 +53,8 @@ from pj_core.errors import (
     PersonaJudgeError,
     ProfileNotFoundError,
     ProfileStoreError,
+    RequestTimeoutError,
+    ServerBusyError,
 )
 from pj_core.personas.store import AbstractProfileStore, ProfileConflictError, open_store
 from pj_core.scheduler import ContinuousBatcher
@@ -90,6 +95,11 @@ class ServerConfig:
         batching: decode concurrent requests as one continuously batched decode
             (:class:`pj_core.scheduler.ContinuousBatcher`: a request joins the running batch
             at its next step); ``False`` decodes each request on its own, side by side.
+        max_batch_rows: the most rows one batched step carries (each request brings one row
+            per persona, plus a neutral row when guided); others wait in the queue.
+        max_queue: the most requests waiting; more get a 429 with ``Retry-After``.
+        request_timeout: seconds a request may take, queue included; a request past it is
+            stopped (a 504, or an error event in a stream). ``None``: no limit.
 
     Example:
         >>> ServerConfig(preferences=["humor", "concise"]).max_body_bytes
@@ -104,6 +114,9 @@ class ServerConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     api_keys: KeyRing | None = None
     batching: bool = True
+    max_batch_rows: int | None = None
+    max_queue: int | None = None
+    request_timeout: float | None = None
     started: float = field(default_factory=time.time)
 
 
@@ -121,6 +134,10 @@ def status_of(exc: PersonaJudgeError) -> tuple[int, str]:
         return 404, "model_not_found"
     if isinstance(exc, ContextOverflowError):
         return 400, "context_length_exceeded"
+    if isinstance(exc, ServerBusyError):
+        return 429, "server_busy"
+    if isinstance(exc, RequestTimeoutError):
+        return 504, "timeout"
     if isinstance(exc, ProfileStoreError):
         return 503, "profile_store_unavailable"
     if isinstance(exc, ModelOutputError):
@@ -272,7 +289,15 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         engine=engine,
     )
     settings.check()
-    batcher = ContinuousBatcher(engine) if config.batching else None
+    if config.request_timeout is not None and not config.request_timeout > 0:
+        raise InvalidGenerationConfigError(
+            f"request_timeout must be > 0 seconds, got {config.request_timeout}"
+        )
+    batcher = (
+        ContinuousBatcher(engine, max_rows=config.max_batch_rows, max_queue=config.max_queue)
+        if config.batching
+        else None
+    )
 
     app = FastAPI(title="persona-judge", summary="OpenAI-compatible personalised chat completions")
     app.state.engine = engine
@@ -301,9 +326,12 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     @app.exception_handler(PersonaJudgeError)
     async def library_error(request: Request, exc: PersonaJudgeError) -> JSONResponse:
         status, code = status_of(exc)
-        if status >= 500:
+        if status >= 500 and status != 504:
             LOG.error("request failed: %s", exc, exc_info=exc)
-        return _json_error(status, _message(exc), code=code)
+        response = _json_error(status, _message(exc), code=code)
+        if isinstance(exc, ServerBusyError):
+            response.headers["retry-after"] = str(max(1, math.ceil(exc.retry_after)))
+        return response
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -354,8 +382,8 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         call = await anyio.to_thread.run_sync(lambda: build_call(settings, turns, options))
 
         def start() -> Iterator[StreamEvent]:  # validates before any byte is sent
-            if batcher is not None and call.batchable:
-                return batcher.submit(call.batch_request())  # joins the running batch
+            if batcher is not None and call.batchable:  # joins the running batch
+                return batcher.submit(call.batch_request(), timeout=config.request_timeout)
             return call.stream()
 
         events = await anyio.to_thread.run_sync(start)
