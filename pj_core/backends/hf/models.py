@@ -519,8 +519,6 @@ def _load_uncached(
         model_cache.discard(folder)
         folder = source.prepare()
         model, tokenizer = _load_folder(folder, dtype, trust_remote_code)
-    if source.is_cache_entry:  # the full hashes, in the background (see model_cache)
-        model_cache.watch(model, model_cache.verify_in_background(folder))
     model.to(device)  # type: ignore[arg-type]  # transformers' stub types `to` oddly
     model.eval()
     model.requires_grad_(False)  # inference only; also what lets the linear layers be packed
@@ -531,6 +529,10 @@ def _load_uncached(
         _copy_out_of_weights_file(model)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # reuse a token; the vocab is unchanged
+    if source.is_cache_entry:
+        # The full hashes, in the background once loading no longer needs the CPU; the
+        # engine waits for them before the first generation (see model_cache).
+        model_cache.watch(model, model_cache.verify_in_background(folder))
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
