@@ -178,7 +178,7 @@ def test_a_full_queue_refuses_and_rows_are_bounded(
 ) -> None:
     long = _request(_long_seed(engine, 30), 30)
     waiting = _request(5, 6)
-    _slowed(engine, monkeypatch, 0.01)
+    _slowed(engine, monkeypatch, 0.03)  # the first decodes >= 0.9 s
     with ContinuousBatcher(engine, max_rows=3, max_queue=1) as batcher:  # 3: personas + neutral
         first = batcher.submit(long)
         next(first)

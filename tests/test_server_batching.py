@@ -151,6 +151,12 @@ def test_batching_can_be_turned_off(engine: PersonaJudge, tmp_path: Path) -> Non
         HELLO, resolve_personas(PREFERENCES), seed=2, max_new_tokens=6, temperature=1.0
     )
     assert answer["choices"][0]["message"]["content"] == expected.text
+    with pytest.raises(InvalidGenerationConfigError, match="batching"):
+        create_app(
+            ServerConfig(
+                engine=engine, profile_store=tmp_path / "p.db", batching=False, request_timeout=5
+            )
+        )
 
 
 def _slowed(engine: PersonaJudge, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
@@ -174,7 +180,7 @@ def test_a_full_queue_answers_429_with_retry_after(
         max_batch_rows=3,
         max_queue=1,
     )  # one request decodes, one waits
-    _slowed(engine, monkeypatch, 0.01)
+    _slowed(engine, monkeypatch, 0.03)  # the first decodes >= 1.2 s
     app = create_app(config)
     with serving(app) as base_url:
         url = f"{base_url}/v1/chat/completions"

@@ -99,7 +99,8 @@ class ServerConfig:
             per persona, plus a neutral row when guided); others wait in the queue.
         max_queue: the most requests waiting; more get a 429 with ``Retry-After``.
         request_timeout: seconds a request may take, queue included; a request past it is
-            stopped (a 504, or an error event in a stream). ``None``: no limit.
+            stopped (a 504, or an error event in a stream). ``None``: no limit. The
+            scheduler enforces it, so it needs ``batching``.
 
     Example:
         >>> ServerConfig(preferences=["humor", "concise"]).max_body_bytes
@@ -292,6 +293,13 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     if config.request_timeout is not None and not config.request_timeout > 0:
         raise InvalidGenerationConfigError(
             f"request_timeout must be > 0 seconds, got {config.request_timeout}"
+        )
+    if not config.batching and (
+        config.request_timeout or config.max_queue or config.max_batch_rows
+    ):
+        raise InvalidGenerationConfigError(
+            "request_timeout, max_queue and max_batch_rows are enforced by the batching "
+            "scheduler; keep batching=True to use them"
         )
     batcher = (
         ContinuousBatcher(engine, max_rows=config.max_batch_rows, max_queue=config.max_queue)
