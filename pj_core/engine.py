@@ -72,6 +72,7 @@ from pj_core.results import (
     StreamEvent,
     TokenTrace,
     ToolCall,
+    final_result,
 )
 from pj_core.settings import DEFAULTS, Settings
 from pj_core.tools import (
@@ -284,7 +285,7 @@ class PersonaJudge:
         Example:
             >>> out = pj.generate("Hi!", ["Be funny.", "Be brief."], seed=0)  # doctest: +SKIP
         """
-        return _final_result(
+        return final_result(
             self.stream(
                 conversation,
                 personas,
@@ -574,7 +575,7 @@ class PersonaJudge:
         Example:
             >>> pj.generate_from_ids([[1, 5, 9], [1, 6, 9]], max_new_tokens=8)  # doctest: +SKIP
         """
-        return _final_result(
+        return final_result(
             self.stream_from_ids(
                 prompt_ids,
                 persona_names=persona_names,
@@ -945,13 +946,6 @@ def _is_list_like(value: object) -> bool:
     if isinstance(value, torch.Tensor):
         return value.dim() >= 1
     return hasattr(value, "__len__") and hasattr(value, "__iter__")
-
-
-def _final_result(events: Iterator[StreamEvent]) -> GenerationResult:
-    for event in events:
-        if event.result is not None:
-            return event.result
-    raise RuntimeError("the event stream ended without a final result")  # a bug if reached
 
 
 def _trace_entry(emission: Emission, piece: str, names: list[str]) -> TokenTrace:

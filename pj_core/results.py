@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -152,3 +153,16 @@ class StreamEvent:
     trace: list[TokenTrace] = field(default_factory=list)
     done: bool = False
     result: GenerationResult | None = None
+
+
+def final_result(events: Iterable[StreamEvent]) -> GenerationResult:
+    """Consume an event stream (``PersonaJudge.stream``, ``ContinuousBatcher.submit``) and
+    return the result its final event carries.
+
+    Raises:
+        RuntimeError: the stream ended without a final event (a bug if it happens).
+    """
+    for event in events:
+        if event.result is not None:
+            return event.result
+    raise RuntimeError("the event stream ended without a final result")  # a bug if reached

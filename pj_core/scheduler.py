@@ -48,7 +48,7 @@ from pj_core.errors import (
     RequestTimeoutError,
     ServerBusyError,
 )
-from pj_core.results import GenerationResult, StreamEvent
+from pj_core.results import GenerationResult, StreamEvent, final_result
 
 if TYPE_CHECKING:
     from pj_core.engine import PersonaJudge
@@ -178,11 +178,7 @@ class ContinuousBatcher:
 
     def generate(self, request: BatchRequest | Mapping[str, Any]) -> GenerationResult:
         """Submit ``request`` and wait for its result."""
-        for event in self.submit(request):
-            if event.done:
-                assert event.result is not None
-                return event.result
-        raise RuntimeError("the scheduler ended a request without its final event")
+        return final_result(self.submit(request))
 
     def _events(self, item: _Submitted) -> Iterator[StreamEvent]:
         try:

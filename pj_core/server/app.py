@@ -28,7 +28,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +39,7 @@ from fastapi.responses import JSONResponse
 from openai.types import Model
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pj_core.backends.hf.models import DEFAULT_MODEL
 from pj_core.calls import AdapterSettings, PersonaSources, build_call, shared_engine
@@ -57,6 +58,7 @@ from pj_core.errors import (
     ServerBusyError,
 )
 from pj_core.personas.store import AbstractProfileStore, ProfileConflictError, open_store
+from pj_core.results import final_result
 from pj_core.scheduler import ContinuousBatcher
 from pj_core.server.auth import OPEN, KeyRing, Principal
 from pj_core.server.profiles import profile_router
@@ -66,7 +68,7 @@ from pj_core.threads import iterate_in_thread
 
 if TYPE_CHECKING:
     from pj_core.engine import PersonaJudge
-    from pj_core.results import GenerationResult, StreamEvent
+    from pj_core.results import StreamEvent
 
 LOG = logging.getLogger("pj_core.server")
 
@@ -121,30 +123,28 @@ class ServerConfig:
     started: float = field(default_factory=time.time)
 
 
+STATUSES: tuple[tuple[type[Exception], int, str], ...] = (
+    (AuthenticationError, 401, "invalid_api_key"),
+    (PermissionDeniedError, 403, "permission_denied"),
+    (ProfileNotFoundError, 404, "profile_not_found"),
+    (ProfileConflictError, 409, "profile_conflict"),  # before ProfileStoreError, its base
+    (ModelNotFoundError, 404, "model_not_found"),
+    (ContextOverflowError, 400, "context_length_exceeded"),
+    (ServerBusyError, 429, "server_busy"),
+    (RequestTimeoutError, 504, "timeout"),
+    (ProfileStoreError, 503, "profile_store_unavailable"),
+    (ModelOutputError, 500, "model_output_error"),
+    (ValueError, 400, "invalid_value"),  # the Invalid*Error family: a value the caller can fix
+)
+"""The HTTP status and OpenAI error ``code`` of the library's errors; the first match wins."""
+
+
 def status_of(exc: PersonaJudgeError) -> tuple[int, str]:
-    """The HTTP status and OpenAI error ``code`` of one of the library's errors."""
-    if isinstance(exc, AuthenticationError):
-        return 401, "invalid_api_key"
-    if isinstance(exc, PermissionDeniedError):
-        return 403, "permission_denied"
-    if isinstance(exc, ProfileNotFoundError):
-        return 404, "profile_not_found"
-    if isinstance(exc, ProfileConflictError):
-        return 409, "profile_conflict"
-    if isinstance(exc, ModelNotFoundError):
-        return 404, "model_not_found"
-    if isinstance(exc, ContextOverflowError):
-        return 400, "context_length_exceeded"
-    if isinstance(exc, ServerBusyError):
-        return 429, "server_busy"
-    if isinstance(exc, RequestTimeoutError):
-        return 504, "timeout"
-    if isinstance(exc, ProfileStoreError):
-        return 503, "profile_store_unavailable"
-    if isinstance(exc, ModelOutputError):
-        return 500, "model_output_error"
-    if isinstance(exc, ValueError):  # the Invalid*Error family: a value the caller can fix
-        return 400, "invalid_value"
+    """The HTTP status and OpenAI error ``code`` of one of the library's errors
+    (:data:`STATUSES`; anything else is a 500 ``server_error``)."""
+    for kind, status, code in STATUSES:
+        if isinstance(exc, kind):
+            return status, code
     return 500, "server_error"
 
 
@@ -152,25 +152,15 @@ def _json_error(status: int, message: str, **kwargs: Any) -> JSONResponse:
     return JSONResponse(error_body(status, message, **kwargs), status_code=status)
 
 
-def _message(exc: BaseException) -> str:
-    # KeyError's str() quotes its message; the library's errors put the text in args[0].
-    return str(exc.args[0]) if exc.args and isinstance(exc.args[0], str) else str(exc)
-
-
 class BodyLimit:
     """ASGI middleware: a request body over ``limit`` bytes gets a 413 before the application
     reads it (checked against ``Content-Length`` and, for chunked bodies, while reading)."""
 
-    def __init__(self, app: Callable[..., Awaitable[None]], limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
         self.limit = limit
 
-    async def __call__(
-        self,
-        scope: MutableMapping[str, Any],
-        receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
-        send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
-    ) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -195,7 +185,7 @@ class BodyLimit:
         body = b"".join(chunks)
         replayed = False
 
-        async def replay() -> MutableMapping[str, Any]:
+        async def replay() -> Message:
             nonlocal replayed
             if not replayed:
                 replayed = True
@@ -204,12 +194,7 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(
-        self,
-        scope: MutableMapping[str, Any],
-        receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
-        send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
-    ) -> None:
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = _json_error(
             413,
             f"the request body is over {self.limit} bytes; send a shorter conversation "
@@ -229,16 +214,11 @@ class AuthGate:
     (a 401 otherwise, before its body is read); the request's :class:`Principal` is put in
     ``request.state.principal`` for the routes."""
 
-    def __init__(self, app: Callable[..., Awaitable[None]], keys: KeyRing) -> None:
+    def __init__(self, app: ASGIApp, keys: KeyRing) -> None:
         self.app = app
         self.keys = keys
 
-    async def __call__(
-        self,
-        scope: MutableMapping[str, Any],
-        receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
-        send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
-    ) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             headers = dict(scope.get("headers") or [])
             authorization = headers.get(b"authorization", b"").decode("latin-1") or None
@@ -249,7 +229,7 @@ class AuthGate:
                     else self.keys.authenticate(authorization)
                 )
             except AuthenticationError as exc:
-                response = _json_error(401, _message(exc), code="invalid_api_key")
+                response = _json_error(401, str(exc), code="invalid_api_key")
                 response.headers["www-authenticate"] = "Bearer"
                 await response(scope, receive, send)
                 return
@@ -336,7 +316,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         status, code = status_of(exc)
         if status >= 500 and status != 504:
             LOG.error("request failed: %s", exc, exc_info=exc)
-        response = _json_error(status, _message(exc), code=code)
+        response = _json_error(status, str(exc), code=code)
         if isinstance(exc, ServerBusyError):
             response.headers["retry-after"] = str(max(1, math.ceil(exc.retry_after)))
         return response
@@ -396,21 +376,13 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
 
         events = await anyio.to_thread.run_sync(start)
         if not body.stream:
-            result = await anyio.to_thread.run_sync(lambda: _final_result(events))
+            result = await anyio.to_thread.run_sync(lambda: final_result(events))
             return completion(call, result, model=name, completion_id=new_id())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         writer = ChunkWriter(call, model=name, include_usage=include_usage)
         return EventSourceResponse(_sse(writer, events), sep="\n")
 
     return app
-
-
-def _final_result(events: Iterator[StreamEvent]) -> GenerationResult:
-    """The result carried by the last of ``events`` (consumed)."""
-    for event in events:
-        if event.done and event.result is not None:
-            return event.result
-    raise RuntimeError("the answer ended without its final event")
 
 
 def _unknown_model(requested: str, served: str) -> JSONResponse:
@@ -445,7 +417,7 @@ async def _sse(writer: ChunkWriter, events: Any) -> AsyncIterator[dict[str, str]
     except PersonaJudgeError as exc:
         status, code = status_of(exc)
         LOG.error("stream failed: %s", exc, exc_info=exc if status >= 500 else None)
-        yield data(error_body(status, _message(exc), code=code))
+        yield data(error_body(status, str(exc), code=code))
         return
     except Exception as exc:
         LOG.error("stream failed", exc_info=exc)
