@@ -5,9 +5,18 @@ The vocabulary is small on purpose: statistical tests enumerate every short sequ
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+if TYPE_CHECKING:
+    import pytest
+
+    from pj_core.engine import PersonaJudge
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<|im_start|>", "<|im_end|>"]
 WORDS = [
@@ -80,3 +89,41 @@ def make_tiny_model(
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)
     return model.eval()
+
+
+def make_tiny_engine(name: str = "tiny-chat", context_window: int = 64) -> PersonaJudge:
+    """A ``PersonaJudge`` on the tiny model and tokenizer (chat template included)."""
+    from pj_core.engine import PersonaJudge
+
+    tokenizer = make_tiny_tokenizer()
+    return PersonaJudge(
+        make_tiny_model(len(tokenizer)), tokenizer, name=name, context_window=context_window
+    )
+
+
+def long_seed(
+    engine: PersonaJudge,
+    tokens: int,
+    conversation: str = "hello world",
+    personas: Sequence[str] = ("be funny", "be brief"),
+) -> int:
+    """A seed whose answer (temperature 1) runs to its whole budget, with no early EOS."""
+    for seed in range(60):
+        answer = engine.generate(
+            conversation, list(personas), seed=seed, max_new_tokens=tokens, temperature=1.0
+        )
+        if len(answer.token_ids) == tokens:
+            return seed
+    raise AssertionError("no seed runs to the budget")
+
+
+def slow_down(engine: PersonaJudge, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Make every forward of ``engine``'s model take ``seconds`` longer (undone with the
+    monkeypatch), so that a test can act while a request is still decoding."""
+    forward = engine.model.forward
+
+    def slow_forward(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(seconds)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", slow_forward)

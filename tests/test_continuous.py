@@ -21,6 +21,7 @@ from pj_core.errors import (
     ServerBusyError,
 )
 from pj_core.scheduler import ContinuousBatcher
+from tests._tiny import long_seed, slow_down
 
 
 def _alone(model: LlamaForCausalLM, prefix: list[int], fed: list[int]) -> torch.Tensor:
@@ -93,16 +94,8 @@ def engine(tiny_model: LlamaForCausalLM, tiny_tokenizer: PreTrainedTokenizerFast
     return PersonaJudge(tiny_model, tiny_tokenizer, context_window=200)
 
 
-def _long_seed(engine: PersonaJudge, tokens: int) -> int:
-    """A seed whose answer runs to its whole budget (no early EOS)."""
-    for seed in range(50):
-        if len(_alone_tokens(engine, _request(seed, tokens))) == tokens:
-            return seed
-    raise AssertionError("no seed runs to the budget")
-
-
 def test_requests_join_a_running_batch_and_keep_their_own_tokens(engine: PersonaJudge) -> None:
-    long = _request(_long_seed(engine, 40), 40)
+    long = _request(long_seed(engine, 40), 40)
     joining = [
         _request(7, 12),
         _request(8, 20, personas=["the cat", "the dog", "be brief"]),
@@ -127,7 +120,7 @@ def test_requests_join_a_running_batch_and_keep_their_own_tokens(engine: Persona
 
 
 def test_a_short_request_finishes_before_a_long_one(engine: PersonaJudge) -> None:
-    long = _request(_long_seed(engine, 60), 60)
+    long = _request(long_seed(engine, 60), 60)
     with ContinuousBatcher(engine) as batcher:
         first = batcher.submit(long)
         next(first)
@@ -138,7 +131,7 @@ def test_a_short_request_finishes_before_a_long_one(engine: PersonaJudge) -> Non
 
 
 def test_a_dropped_stream_frees_its_rows_at_the_next_step(engine: PersonaJudge) -> None:
-    long = _request(_long_seed(engine, 60), 60)
+    long = _request(long_seed(engine, 60), 60)
     with ContinuousBatcher(engine) as batcher:
         events = batcher.submit(long)
         next(events)
@@ -163,22 +156,12 @@ def test_bad_requests_fail_at_submit_and_others_go_on(engine: PersonaJudge) -> N
         batcher.submit(_request(1, 5))
 
 
-def _slowed(engine: PersonaJudge, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
-    forward = engine.model.forward
-
-    def slow_forward(*args: object, **kwargs: object) -> object:
-        time.sleep(seconds)
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(engine.model, "forward", slow_forward)
-
-
 def test_a_full_queue_refuses_and_rows_are_bounded(
     engine: PersonaJudge, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    long = _request(_long_seed(engine, 30), 30)
+    long = _request(long_seed(engine, 30), 30)
     waiting = _request(5, 6)
-    _slowed(engine, monkeypatch, 0.03)  # the first decodes >= 0.9 s
+    slow_down(engine, monkeypatch, 0.03)  # the first decodes >= 0.9 s
     with ContinuousBatcher(engine, max_rows=3, max_queue=1) as batcher:  # 3: personas + neutral
         first = batcher.submit(long)
         next(first)
@@ -198,8 +181,8 @@ def test_a_full_queue_refuses_and_rows_are_bounded(
 def test_a_request_past_its_time_limit_is_stopped(
     engine: PersonaJudge, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    long = _request(_long_seed(engine, 60), 60)
-    _slowed(engine, monkeypatch, 0.02)
+    long = _request(long_seed(engine, 60), 60)
+    slow_down(engine, monkeypatch, 0.02)
     with ContinuousBatcher(engine) as batcher:
         events = batcher.submit(long, timeout=0.3)
         with pytest.raises(RequestTimeoutError, match="time limit"):

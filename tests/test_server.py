@@ -23,7 +23,7 @@ from pj_core.personas import GenerationDefaults, PersonaProfile, resolve_persona
 from pj_core.personas.store import ProfileStore
 from pj_core.server import ServerConfig, create_app
 from tests._server import serving
-from tests._tiny import make_tiny_model, make_tiny_tokenizer
+from tests._tiny import make_tiny_engine
 
 MODEL = "tiny-chat"
 PREFERENCES = ["be funny", "be brief"]
@@ -33,8 +33,7 @@ CLIENT_HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "h
 
 @pytest.fixture(scope="module")
 def engine() -> PersonaJudge:
-    tokenizer = make_tiny_tokenizer()
-    return PersonaJudge(make_tiny_model(len(tokenizer)), tokenizer, name=MODEL, context_window=64)
+    return make_tiny_engine(MODEL)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from pj_core.personas.store import ProfileStore
 from pj_core.server import ServerConfig, create_app
 from pj_core.server.auth import KeyRing, add_key, hash_key, read_key_file, revoke_key
 from tests._server import serving
-from tests._tiny import make_tiny_model, make_tiny_tokenizer
+from tests._tiny import make_tiny_engine
 
 MODEL = "tiny-chat"
 HELLO = [{"role": "user", "content": "hello world"}]
@@ -32,8 +32,7 @@ ALICE, BOB, ADMIN = "pj-alice-key-0123456789", "pj-bob-key-0123456789", "pj-admi
 
 @pytest.fixture(scope="module")
 def engine() -> PersonaJudge:
-    tokenizer = make_tiny_tokenizer()
-    return PersonaJudge(make_tiny_model(len(tokenizer)), tokenizer, name=MODEL, context_window=64)
+    return make_tiny_engine(MODEL)
 
 
 @pytest.fixture()

@@ -19,7 +19,7 @@ from pj_core.errors import InvalidGenerationConfigError
 from pj_core.personas import resolve_personas
 from pj_core.server import ServerConfig, create_app
 from tests._server import serving
-from tests._tiny import make_tiny_model, make_tiny_tokenizer
+from tests._tiny import long_seed, make_tiny_engine, slow_down
 
 MODEL = "tiny-chat"
 PREFERENCES = ["be funny", "be brief"]
@@ -28,8 +28,7 @@ HELLO = [{"role": "user", "content": "hello world"}]
 
 @pytest.fixture(scope="module")
 def engine() -> PersonaJudge:
-    tokenizer = make_tiny_tokenizer()
-    return PersonaJudge(make_tiny_model(len(tokenizer)), tokenizer, name=MODEL, context_window=200)
+    return make_tiny_engine(MODEL, context_window=200)
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +41,6 @@ def app(engine: PersonaJudge, tmp_path_factory: pytest.TempPathFactory) -> FastA
 def base_url(app: FastAPI) -> Iterator[str]:
     with serving(app) as url:
         yield url
-
-
-def _long_seed(engine: PersonaJudge, tokens: int) -> int:
-    for seed in range(60):
-        answer = engine.generate(
-            HELLO, resolve_personas(PREFERENCES), seed=seed, max_new_tokens=tokens, temperature=1.0
-        )
-        if len(answer.token_ids) == tokens:
-            return seed
-    raise AssertionError("no seed runs to the budget")
 
 
 def _body(seed: int, tokens: int, **extra: Any) -> dict[str, Any]:
@@ -75,7 +64,7 @@ def _wait_idle(app: FastAPI) -> None:
 def test_a_request_joins_a_running_stream(
     base_url: str, app: FastAPI, engine: PersonaJudge
 ) -> None:
-    seed = _long_seed(engine, 60)
+    seed = long_seed(engine, 60)
     joined_before = app.state.batcher.stats.joined_running
     url = f"{base_url}/v1/chat/completions"
     answers: dict[str, Any] = {}
@@ -97,14 +86,8 @@ def test_a_request_joins_a_running_stream(
 def test_a_client_that_goes_away_frees_its_rows(
     base_url: str, app: FastAPI, engine: PersonaJudge, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    seed = _long_seed(engine, 60)
-    forward = engine.model.forward
-
-    def slow_forward(*args: Any, **kwargs: Any) -> Any:  # 60 steps take >= 1.2 s
-        time.sleep(0.02)
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(engine.model, "forward", slow_forward)
+    seed = long_seed(engine, 60)
+    slow_down(engine, monkeypatch, 0.02)  # 60 steps take >= 1.2 s
     url = f"{base_url}/v1/chat/completions"
     steps = app.state.batcher.stats.steps
     with httpx.stream("POST", url, json=_body(seed, 60, stream=True), timeout=60) as stream:
@@ -159,20 +142,10 @@ def test_batching_can_be_turned_off(engine: PersonaJudge, tmp_path: Path) -> Non
         )
 
 
-def _slowed(engine: PersonaJudge, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
-    forward = engine.model.forward
-
-    def slow_forward(*args: Any, **kwargs: Any) -> Any:
-        time.sleep(seconds)
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(engine.model, "forward", slow_forward)
-
-
 def test_a_full_queue_answers_429_with_retry_after(
     engine: PersonaJudge, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    seed = _long_seed(engine, 40)
+    seed = long_seed(engine, 40)
     config = ServerConfig(
         engine=engine,
         profile_store=tmp_path / "p.db",
@@ -180,7 +153,7 @@ def test_a_full_queue_answers_429_with_retry_after(
         max_batch_rows=3,
         max_queue=1,
     )  # one request decodes, one waits
-    _slowed(engine, monkeypatch, 0.03)  # the first decodes >= 1.2 s
+    slow_down(engine, monkeypatch, 0.03)  # the first decodes >= 1.2 s
     app = create_app(config)
     with serving(app) as base_url:
         url = f"{base_url}/v1/chat/completions"
@@ -210,11 +183,11 @@ def test_a_full_queue_answers_429_with_retry_after(
 def test_a_request_past_its_time_limit_gets_a_504(
     engine: PersonaJudge, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    seed = _long_seed(engine, 60)
+    seed = long_seed(engine, 60)
     config = ServerConfig(
         engine=engine, profile_store=tmp_path / "p.db", preferences=PREFERENCES, request_timeout=0.3
     )
-    _slowed(engine, monkeypatch, 0.02)  # 60 steps take >= 1.2 s
+    slow_down(engine, monkeypatch, 0.02)  # 60 steps take >= 1.2 s
     app = create_app(config)
     with serving(app) as base_url:
         url = f"{base_url}/v1/chat/completions"

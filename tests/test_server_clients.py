@@ -23,7 +23,7 @@ from pj_core.personas.store import ProfileStore
 from pj_core.server import ServerConfig, create_app
 from tests._bpe import save_tiny_bpe_model
 from tests._server import serving
-from tests._tiny import make_tiny_model, make_tiny_tokenizer
+from tests._tiny import make_tiny_engine
 
 MODEL = "tiny-chat"
 PREFERENCES = ["be funny", "be brief"]
@@ -32,8 +32,7 @@ HELLO = [{"role": "user", "content": "hello world"}]
 
 @pytest.fixture(scope="module")
 def engine() -> PersonaJudge:
-    tokenizer = make_tiny_tokenizer()
-    return PersonaJudge(make_tiny_model(len(tokenizer)), tokenizer, name=MODEL, context_window=64)
+    return make_tiny_engine(MODEL)
 
 
 @pytest.fixture(scope="module")

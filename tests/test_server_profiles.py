@@ -22,7 +22,7 @@ from pj_core.personas import PersonaProfile, resolve_personas
 from pj_core.personas.store import ProfileStore
 from pj_core.server import ServerConfig, create_app
 from tests._server import serving
-from tests._tiny import make_tiny_model, make_tiny_tokenizer
+from tests._tiny import make_tiny_engine, make_tiny_model, make_tiny_tokenizer
 
 MODEL = "tiny-chat"
 HELLO = [{"role": "user", "content": "hello world"}]
@@ -30,8 +30,7 @@ HELLO = [{"role": "user", "content": "hello world"}]
 
 @pytest.fixture(scope="module")
 def engine() -> PersonaJudge:
-    tokenizer = make_tiny_tokenizer()
-    return PersonaJudge(make_tiny_model(len(tokenizer)), tokenizer, name=MODEL, context_window=64)
+    return make_tiny_engine(MODEL)
 
 
 @pytest.fixture()
