@@ -6,7 +6,7 @@ validates a request (a :class:`~pj_core.batch.BatchRequest` or a dict of
 ``PersonaJudge.generate``'s arguments) in the caller's thread, then hands it to the scheduler
 and returns at once with an iterator of its :class:`~pj_core.results.StreamEvent` s. Between two
 batched forwards the scheduler admits every request that arrived (their rows are prefilled in
-one forward of their own, the running rows untouched: see
+forwards of their own, in groups of similar length, the running rows untouched: see
 :meth:`pj_core.backends.hf.kv.BatchedContexts.add_rows`), and a request that finishes leaves
 the batch at once, so a short request never waits for a long one and a new request never
 waits for the batch to end.
@@ -75,7 +75,8 @@ class SchedulerStats:
     Attributes:
         requests: requests admitted.
         steps: batched decode forwards.
-        prefills: prefill forwards (one per group of requests admitted together).
+        prefills: prefill forwards (requests admitted together are prefilled in groups of
+            similar length: :func:`pj_core.decoding.batched.prefill_groups`).
         max_rows: the most rows (persona and neutral rows of all requests) in one step.
         joined_running: requests admitted while others were decoding.
         refused: requests refused because the queue was full.
@@ -289,12 +290,13 @@ class ContinuousBatcher:
             self.stats.joined_running += len(admitted)
         for item in admitted:
             self._active[item.index] = item
+        forwards = decoder.forward_passes
         decoder.add(
             {item.index: item.rows for item in admitted},
             {item.index: item.state for item in admitted},
         )
         self.stats.requests += len(admitted)
-        self.stats.prefills += 1
+        self.stats.prefills += decoder.forward_passes - forwards
         rows = sum(len(self._active[i].rows) for i in decoder.running)
         self.stats.max_rows = max(self.stats.max_rows, rows)
 

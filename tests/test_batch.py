@@ -87,6 +87,32 @@ def test_batch_equals_single_runs_on_tiny_model(tiny_engine: PersonaJudge, base_
         assert result.stats.strategy == "lockstep"
 
 
+def test_requests_prefilled_in_several_groups_stay_exact(
+    tiny_engine: PersonaJudge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A batch's prompts are prefilled in groups of similar length (padding costs as much as
+    # real tokens); with a tiny group budget every request gets its own prefill forward, and
+    # each joins the shared cache beside the others: tokens must not change.
+    import pj_core.decoding.batched as batched_module
+
+    requests = _tiny_requests(6, 7)
+    prepared = {i: [[1] * (3 + i), [1] * (4 + i)] for i in range(len(requests))}
+    assert len(batched_module.prefill_groups(prepared, budget=1)) == len(requests)
+    monkeypatch.setattr(batched_module, "PREFILL_GROUP_TOKENS", 1)
+    spy = {"prefills": 0}
+    original = BatchedContexts.add_rows
+
+    def counting_add_rows(self: BatchedContexts, prefixes: Any) -> None:
+        spy["prefills"] += 1
+        original(self, prefixes)
+
+    monkeypatch.setattr(BatchedContexts, "add_rows", counting_add_rows)
+    batched = tiny_engine.generate_batch(requests)
+    assert spy["prefills"] == len(requests) - 1  # the first group creates the cache
+    for index, (request, result) in enumerate(zip(requests, batched, strict=True)):
+        _assert_same(result, tiny_engine.generate(**request, strategy="lockstep"), index)
+
+
 def test_batch_covers_every_way_to_finish(tiny_engine: PersonaJudge) -> None:
     # Over these seeds the tiny model ends answers by budget, stop string and EOS; the
     # exactness test above is only meaningful if all three occur.

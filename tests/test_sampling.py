@@ -133,3 +133,35 @@ def test_greedy_round_emits_the_judges_argmax_for_every_u() -> None:
         assert not accepts(p, q, draft_token, u_accept)
         assert sample_index(residual(p, q), u_final) == 1
     assert accepts(p, p, 1, 0.999999)
+
+
+def _nucleus_by_full_sort(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Top-k then top-p as the definition reads: rank EVERY token (probability, then index)."""
+    scaled = logits.float()
+    if 0 < top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, top_k, dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    ranked, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    drop_ranked = torch.cumsum(ranked, dim=-1) - ranked >= top_p
+    drop = torch.zeros_like(drop_ranked).scatter(-1, order, drop_ranked)
+    probs = probs.masked_fill(drop, 0.0)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def test_top_p_ranks_only_the_top_k_candidates_with_the_same_result() -> None:
+    # filtered_probs ranks only the top-k candidates for top-p (a few dozen tokens instead of
+    # the vocabulary); it must give exactly what ranking every token gives, ties included
+    # (coarse logits make many ties, also at the k-th place and at the top-p boundary).
+    generator = torch.Generator().manual_seed(7)
+    for trial in range(300):
+        vocab = int(torch.randint(2, 60, (1,), generator=generator))
+        shape = (vocab,) if trial % 2 else (3, vocab)
+        logits = torch.randn(shape, generator=generator) * 3
+        if trial % 3 == 0:
+            logits = logits.round()  # ties
+        top_k = int(torch.randint(0, vocab + 2, (1,), generator=generator))
+        top_p = [0.05, 0.3, 0.5, 0.8, 0.95, 0.999][trial % 6]
+        fast = filtered_probs(logits, temperature=1.0, top_k=top_k, top_p=top_p)
+        reference = _nucleus_by_full_sort(logits, top_k, top_p)
+        assert torch.equal(fast, reference), (trial, logits, top_k, top_p)

@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -192,7 +193,7 @@ class LogitPipeline:
             ModelOutputError: the model's logits hold NaN (nothing could be sampled from them;
                 softmax would turn the whole row into NaN and sampling would emit junk).
         """
-        if bool(torch.isnan(logits).any()):
+        if math.isnan(float(logits.max())):  # max is NaN when any logit is: one pass
             where = positions[0] if positions else None
             raise ModelOutputError(
                 "the model produced NaN logits"
@@ -260,7 +261,10 @@ def _checked(
             f"logit transform {name} returned {shape} at round {position.round}; it must "
             f"return a tensor of the shape it was given, {tuple(before.shape)}"
         )
-    if not bool(torch.isfinite(out).any()) or bool(torch.isnan(out).any()):
+    # One pass for the usual case: the max is NaN when any logit is, and -inf when none is
+    # finite or +inf; only a +inf max needs the full look for a finite logit.
+    top = float(out.max()) if out.numel() else -math.inf
+    if math.isnan(top) or top == -math.inf or (top == math.inf and not torch.isfinite(out).any()):
         raise InvalidGenerationConfigError(
             f"logit transform {name} left no finite logit (or produced NaN) at round "
             f"{position.round} after {len(position.tokens)} answer tokens; at least one "

@@ -57,18 +57,40 @@ def filtered_probs(
         winner = logits.argmax(dim=-1, keepdim=True)
         return torch.zeros_like(logits).scatter_(-1, winner, 1.0)
     scaled = logits / temperature
+    chosen: torch.Tensor | None = None  # top-k's tokens in index order, when it is on
     if 0 < top_k < scaled.shape[-1]:
-        kth_largest = torch.topk(scaled, top_k, dim=-1).values[..., -1:]
-        scaled = scaled.masked_fill(scaled < kth_largest, float("-inf"))
+        top = torch.topk(scaled, top_k, dim=-1)
+        kept = scaled >= top.values[..., -1:]  # ties with the k-th token are kept too
+        scaled = scaled.masked_fill(~kept, float("-inf"))
+        if bool((kept.sum(dim=-1) == top_k).all()):  # no tie at the k-th place
+            chosen = top.indices.sort(dim=-1).values  # [..., top_k]
     probs = torch.softmax(scaled, dim=-1)
     if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-        # A token survives when the tokens ranked above it have not reached top_p yet.
-        drop_sorted = mass_before >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
+        probs = _nucleus(probs, top_p, chosen)
+    return probs
+
+
+def _nucleus(probs: torch.Tensor, top_p: float, chosen: torch.Tensor | None) -> torch.Tensor:
+    """Top-p on the last dimension: drop every token whose higher-ranked tokens already hold
+    ``top_p`` of the mass, then renormalise. Tokens rank by probability, ties by index (a
+    stable sort), so the result never depends on how a sort orders ties.
+
+    ``chosen`` (in ascending index order) are the only tokens that can hold mass when top-k
+    is on: only they are ranked (a few dozen tokens instead of the whole vocabulary), with the
+    same ranking, running sums and result as ranking every token.
+    """
+    if chosen is None:
+        ranked, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    else:
+        ranked, by_prob = torch.sort(probs.gather(-1, chosen), dim=-1, descending=True, stable=True)
+        order = chosen.gather(-1, by_prob)
+    mass_before = torch.cumsum(ranked, dim=-1) - ranked
+    # A token survives when the tokens ranked above it have not reached top_p yet.
+    drop_ranked = mass_before >= top_p
+    drop = torch.zeros(probs.shape, dtype=torch.bool, device=probs.device)
+    drop = drop.scatter(-1, order, drop_ranked)
+    probs = probs.masked_fill(drop, 0.0)
+    return probs / probs.sum(dim=-1, keepdim=True)
     return probs
 
 
