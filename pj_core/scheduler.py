@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from pj_core.backends.hf.prefix_cache import PrefixCache
 from pj_core.batch import BatchRequest, start_request
 from pj_core.decoding.batched import RunningRequest, SharedDecoder
 from pj_core.errors import (
@@ -54,6 +55,8 @@ if TYPE_CHECKING:
     from pj_core.engine import PersonaJudge
 
 THREAD_NAME = "pj-scheduler"
+# Prompt tokens kept for prefix reuse by default (about 190 MB with SmolLM2-135M in float32).
+DEFAULT_PREFIX_CACHE_TOKENS = 4096
 
 
 @dataclass
@@ -103,19 +106,39 @@ class ContinuousBatcher:
             (``None``: no limit).
         max_queue: the most requests waiting to be admitted; :meth:`submit` refuses more
             with :class:`ServerBusyError` (``None``: no limit).
+        prefix_cache_tokens: prompt tokens whose keys and values are kept for later prompts
+            that begin the same way (a user's persona text, a chat's earlier turns): those
+            beginnings are not computed again (:mod:`pj_core.backends.hf.prefix_cache`).
+            ``0`` turns this off. Each token costs the model's key/value size (about 46 KB
+            for SmolLM2-135M).
 
     Use it as a context manager, or call :meth:`close` when done; the thread starts on the
     first :meth:`submit`.
     """
 
     def __init__(
-        self, engine: PersonaJudge, *, max_rows: int | None = None, max_queue: int | None = None
+        self,
+        engine: PersonaJudge,
+        *,
+        max_rows: int | None = None,
+        max_queue: int | None = None,
+        prefix_cache_tokens: int = DEFAULT_PREFIX_CACHE_TOKENS,
     ) -> None:
         for name, value in (("max_rows", max_rows), ("max_queue", max_queue)):
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 1
             ):
                 raise InvalidGenerationConfigError(f"{name} must be a whole number >= 1 or None")
+        if (
+            isinstance(prefix_cache_tokens, bool)
+            or not isinstance(prefix_cache_tokens, int)
+            or prefix_cache_tokens < 0
+        ):
+            raise InvalidGenerationConfigError(
+                f"prefix_cache_tokens must be a whole number >= 0 (0: off), got "
+                f"{prefix_cache_tokens!r}"
+            )
+        self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
         self.engine = engine
         self.max_rows = max_rows
         self.max_queue = max_queue
@@ -223,7 +246,7 @@ class ContinuousBatcher:
     # ----- the scheduler thread
 
     def _run(self) -> None:
-        decoder = SharedDecoder(self.engine.model, self._fail, self._deliver, keep_results=False)
+        decoder = self._decoder()
         while True:
             with self._lock:
                 while not self._waiting and not decoder.running and not self._closed:
@@ -241,9 +264,18 @@ class ContinuousBatcher:
                 for item in [*self._active.values(), *admitted]:
                     item.out.put(exc)
                 self._active.clear()
-                decoder = SharedDecoder(
-                    self.engine.model, self._fail, self._deliver, keep_results=False
-                )
+                if self.prefix_cache is not None:
+                    self.prefix_cache.clear()  # a forward broke: keep nothing it may have made
+                decoder = self._decoder()
+
+    def _decoder(self) -> SharedDecoder:
+        return SharedDecoder(
+            self.engine.model,
+            self._fail,
+            self._deliver,
+            keep_results=False,
+            prefix_cache=self.prefix_cache,
+        )
 
     def _take_fitting(self, decoder: SharedDecoder) -> list[_Submitted]:
         """The waiting requests to admit now, in arrival order, while their rows fit in

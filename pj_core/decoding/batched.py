@@ -24,6 +24,7 @@ import torch
 from transformers import PreTrainedModel
 
 from pj_core.backends.hf.kv import BatchedContexts
+from pj_core.backends.hf.prefix_cache import PrefixCache
 from pj_core.decoding.generation_config import GenerationConfig
 from pj_core.errors import PersonaJudgeError
 from pj_core.results import GenerationResult, StreamEvent
@@ -50,6 +51,7 @@ class SharedRows:
         self,
         model: PreTrainedModel,
         prefixes: Sequence[Sequence[Sequence[int]]] | Mapping[int, Sequence[Sequence[int]]],
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self._requests: list[int] = []  # request of each row, in row order
         flat: list[Sequence[int]] = []
@@ -57,7 +59,7 @@ class SharedRows:
         for request, rows in by_request.items():
             self._requests += [request] * len(rows)
             flat += list(rows)
-        self._contexts = BatchedContexts(model, flat)
+        self._contexts = BatchedContexts(model, flat, prefix_cache)
 
     @property
     def forward_passes(self) -> int:
@@ -156,7 +158,9 @@ class SharedDecoder:
 
     ``fail(index, error)`` records (or raises) a request's own error; ``on_event(index,
     event)``, if given, sees every event of every request as it happens (the final one with
-    the request's timing statistics); ``keep_results=False`` keeps no results (a long-running
+    the request's timing statistics); ``prefix_cache``, if given, lends its slots to prompts
+    that begin like earlier ones (:mod:`pj_core.backends.hf.prefix_cache`) and keeps the new
+    ones; ``keep_results=False`` keeps no results (a long-running
     scheduler that only delivers events). :func:`decode_shared` adds every request at once and
     steps until all are done; a server's scheduler adds requests as they arrive.
     """
@@ -168,8 +172,10 @@ class SharedDecoder:
         on_event: Callable[[int, StreamEvent], None] | None = None,
         *,
         keep_results: bool = True,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.model = model
+        self.prefix_cache = prefix_cache  # prompt beginnings reused across prefills
         self.fail = fail
         self.on_event = on_event
         self.keep_results = keep_results  # False: results only reach on_event (a server)
@@ -193,7 +199,7 @@ class SharedDecoder:
             prefixes = {index: [p[:-1] for p in prepared[index]] for index in group}
             with torch.inference_mode():
                 if self._rows is None:
-                    self._rows = SharedRows(self.model, prefixes)
+                    self._rows = SharedRows(self.model, prefixes, self.prefix_cache)
                 else:
                     self._rows.add(prefixes)
             prefill_seconds = time.perf_counter() - started

@@ -59,7 +59,7 @@ from pj_core.errors import (
 )
 from pj_core.personas.store import AbstractProfileStore, ProfileConflictError, open_store
 from pj_core.results import final_result
-from pj_core.scheduler import ContinuousBatcher
+from pj_core.scheduler import DEFAULT_PREFIX_CACHE_TOKENS, ContinuousBatcher
 from pj_core.server.auth import OPEN, KeyRing, Principal
 from pj_core.server.profiles import profile_router
 from pj_core.server.responses import ChunkWriter, completion, error_body, new_id
@@ -103,6 +103,10 @@ class ServerConfig:
         request_timeout: seconds a request may take, queue included; a request past it is
             stopped (a 504, or an error event in a stream). ``None``: no limit. The
             scheduler enforces it, so it needs ``batching``.
+        prefix_cache_tokens: prompt tokens whose keys and values the batching scheduler keeps
+            for later prompts that begin the same way (a user's persona text, a chat's
+            earlier turns); ``0`` turns prefix reuse off. ``None``: the scheduler's default
+            (:data:`pj_core.scheduler.DEFAULT_PREFIX_CACHE_TOKENS`).
 
     Example:
         >>> ServerConfig(preferences=["humor", "concise"]).max_body_bytes
@@ -120,6 +124,7 @@ class ServerConfig:
     max_batch_rows: int | None = None
     max_queue: int | None = None
     request_timeout: float | None = None
+    prefix_cache_tokens: int | None = None
     started: float = field(default_factory=time.time)
 
 
@@ -275,14 +280,26 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
             f"request_timeout must be > 0 seconds, got {config.request_timeout}"
         )
     if not config.batching and (
-        config.request_timeout or config.max_queue or config.max_batch_rows
+        config.request_timeout
+        or config.max_queue
+        or config.max_batch_rows
+        or config.prefix_cache_tokens
     ):
         raise InvalidGenerationConfigError(
-            "request_timeout, max_queue and max_batch_rows are enforced by the batching "
-            "scheduler; keep batching=True to use them"
+            "request_timeout, max_queue, max_batch_rows and prefix_cache_tokens belong to "
+            "the batching scheduler; keep batching=True to use them"
         )
     batcher = (
-        ContinuousBatcher(engine, max_rows=config.max_batch_rows, max_queue=config.max_queue)
+        ContinuousBatcher(
+            engine,
+            max_rows=config.max_batch_rows,
+            max_queue=config.max_queue,
+            prefix_cache_tokens=(
+                DEFAULT_PREFIX_CACHE_TOKENS
+                if config.prefix_cache_tokens is None
+                else config.prefix_cache_tokens
+            ),
+        )
         if config.batching
         else None
     )

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from pj_core.backends.hf.prefix_cache import PrefixCache
 from pj_core.errors import ModelLoadError
 
 # Any id of the vocabulary does for padding: padded positions are masked out everywhere.
@@ -152,21 +153,65 @@ class BatchedContexts:
         torch.Size([2, 22])
     """
 
-    def __init__(self, model: PreTrainedModel, prefixes: Sequence[Sequence[int]]) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        prefixes: Sequence[Sequence[int]],
+        prefix_cache: PrefixCache | None = None,
+    ) -> None:
         self.model = model
         self.forward_passes = 0
+        self.prefix_cache = prefix_cache
         self._device = model_device(model)
         self._cache = DynamicCache()
         lengths = [len(prefix) for prefix in prefixes]
         if max(lengths) == 0:
             self._mask = torch.zeros((len(prefixes), 0), dtype=torch.long, device=self._device)
-        else:
+        elif not self._prefill_reusing(prefixes):
             ids, self._mask, positions = _left_padded(prefixes, self._device)
             forward_logits(
                 model, ids, self._cache, keep=1, attention_mask=self._mask, position_ids=positions
             )
             self.forward_passes += 1
         self._next_position = torch.tensor(lengths, dtype=torch.long, device=self._device)
+        if prefix_cache is not None and max(lengths) > 0:
+            for row, prefix in enumerate(prefixes):
+                if len(prefix) >= prefix_cache.min_tokens:
+                    prefix_cache.store(prefix, self._row_slots(row))
+
+    def _prefill_reusing(self, prefixes: Sequence[Sequence[int]]) -> bool:
+        """Prefill with the prefix cache's slots for the beginnings it holds: ONE forward
+        feeds every row the rest of its prefix (:class:`MergedRows` lays the reused slots out
+        left-padded, the new tokens after them). False (nothing done) when no row reuses
+        anything, or a row is empty."""
+        if self.prefix_cache is None or min(len(prefix) for prefix in prefixes) == 0:
+            return False
+        found = [self.prefix_cache.lookup(prefix) for prefix in prefixes]
+        template = next((layers for _, layers in found if layers is not None), None)
+        if template is None:
+            return False
+        caches = [
+            DynamicCache(
+                ddp_cache_data=layers
+                if layers is not None
+                else [(k[:, :, :0], v[:, :, :0]) for k, v in template]
+            )
+            for _, layers in found
+        ]
+        merged = MergedRows(self.model, caches)
+        merged.feed([prefix[length:] for prefix, (length, _) in zip(prefixes, found, strict=True)])
+        self._cache, self._mask = merged.cache, merged.mask
+        self.forward_passes += 1
+        return True
+
+    def _row_slots(self, row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Row ``row``'s keys and values without its padding, ``[1, heads, tokens, head_dim]``
+        per layer."""
+        slots = self._mask[row].nonzero().flatten()
+        return [
+            (k[row : row + 1].index_select(2, slots), v[row : row + 1].index_select(2, slots))
+            for k, v in map(_layer_tensors, self._cache.layers)
+        ]
 
     def step(self, tokens: Sequence[int]) -> torch.Tensor:
         """Append one token to every row; return each row's next-token logits ``[rows, vocab]``."""
@@ -207,7 +252,7 @@ class BatchedContexts:
         """
         if not prefixes:
             return
-        joining = BatchedContexts(self.model, prefixes)  # its own prefill forward
+        joining = BatchedContexts(self.model, prefixes, self.prefix_cache)  # own forward
         self.forward_passes += joining.forward_passes
         if self.rows == 0:
             self._cache, self._mask = joining._cache, joining._mask
@@ -356,6 +401,16 @@ class MergedRows:
         self._next_position = self._next_position + new_mask.sum(dim=-1)
         self.forward_passes += 1
         return logits[:, -1, :]
+
+    @property
+    def cache(self) -> DynamicCache:
+        """The merged batch cache: ``[rows, heads, slots, head_dim]`` per layer."""
+        return self._cache
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """``[rows, slots]``: 1 where a slot holds one of the row's tokens."""
+        return self._mask
 
     def split(self) -> list[DynamicCache]:
         """One plain cache per row, holding only that row's slots (padding removed)."""
