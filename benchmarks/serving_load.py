@@ -86,6 +86,14 @@ def start_server(model: str, port: int, store: Path, batching: bool) -> subproce
     raise SystemExit("pj serve did not start within 300 s")
 
 
+def tagged(prompt: str, tag: str) -> str:
+    """``prompt`` opened with a tag of its run. The server reuses the keys and values of
+    prompt beginnings it has seen (prefix caching); without the tag, a prompt sent again in
+    a later run would be reused whole, and that run would skip its prefill. Tagged, a run
+    shares with earlier runs what different questions share: the persona's system turn."""
+    return f"({tag}) {prompt}"
+
+
 async def stream_one(
     client: httpx.AsyncClient, url: str, model: str, prompt: str, seed: int, tokens: int
 ) -> Timing:
@@ -120,17 +128,23 @@ async def stream_one(
 
 
 async def run_clients(
-    url: str, model: str, prompts: list[str], clients: int, per_client: int, tokens: int
+    url: str,
+    model: str,
+    prompts: list[str],
+    clients: int,
+    per_client: int,
+    tokens: int,
+    tag: str,
 ) -> tuple[list[Timing], float]:
-    """``clients`` concurrent clients, each sending ``per_client`` requests one after another;
-    returns every request's timing and the wall time."""
+    """``clients`` concurrent clients, each sending ``per_client`` requests one after another
+    (each prompt opened with ``tag``); returns every request's timing and the wall time."""
     async with httpx.AsyncClient(timeout=600) as client:
 
         async def one_client(number: int) -> list[Timing]:
             done = []
             for k in range(per_client):
                 index = number * per_client + k
-                prompt = prompts[index % len(prompts)]
+                prompt = tagged(prompts[index % len(prompts)], tag)
                 done.append(await stream_one(client, url, model, prompt, index, tokens))
             return done
 
@@ -149,13 +163,24 @@ async def join_while_busy(
     async with httpx.AsyncClient(timeout=600) as client:
         for repeat in range(repeats):
             probe = prompts[(busy + repeat) % len(prompts)]
-            idle.append((await stream_one(client, url, model, probe, 999, tokens)).first_token)
+            idle.append(
+                (
+                    await stream_one(
+                        client, url, model, tagged(probe, f"idle {repeat}"), 999, tokens
+                    )
+                ).first_token
+            )
             started: list[asyncio.Event] = [asyncio.Event() for _ in range(busy)]
 
-            async def background(number: int, first: asyncio.Event) -> None:
+            async def background(number: int, first: asyncio.Event, tag: str) -> None:
                 body = {
                     "model": model,
-                    "messages": [{"role": "user", "content": prompts[number % len(prompts)]}],
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": tagged(prompts[number % len(prompts)], tag),
+                        }
+                    ],
                     "max_tokens": tokens * 4,
                     "seed": number,
                     "stream": True,
@@ -168,9 +193,18 @@ async def join_while_busy(
                         if choices and choices[0]["delta"].get("content"):
                             first.set()
 
-            tasks = [asyncio.create_task(background(n, started[n])) for n in range(busy)]
+            tasks = [
+                asyncio.create_task(background(n, started[n], f"background {repeat}"))
+                for n in range(busy)
+            ]
             await asyncio.gather(*(event.wait() for event in started))
-            loaded.append((await stream_one(client, url, model, probe, 999, tokens)).first_token)
+            loaded.append(
+                (
+                    await stream_one(
+                        client, url, model, tagged(probe, f"busy {repeat}"), 999, tokens
+                    )
+                ).first_token
+            )
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -201,7 +235,7 @@ def main() -> None:
         server = start_server(args.model, port, Path(folder) / "profiles.db", batching=True)
         try:
             model = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
-            asyncio.run(run_clients(url, model, prompts, 1, 1, 4))  # warm-up
+            asyncio.run(run_clients(url, model, prompts, 1, 1, 4, "warm-up"))
             for clients in args.concurrency:
                 if time.monotonic() - started > args.time_limit:
                     print(f"time limit reached before {clients} clients", flush=True)
@@ -209,10 +243,18 @@ def main() -> None:
                 count = clients * args.requests_per_client
                 # The same requests one after another (one client), then concurrently.
                 sequential, seq_wall = asyncio.run(
-                    run_clients(url, model, prompts, 1, count, args.tokens)
+                    run_clients(url, model, prompts, 1, count, args.tokens, f"{clients} one by one")
                 )
                 concurrent, con_wall = asyncio.run(
-                    run_clients(url, model, prompts, clients, args.requests_per_client, args.tokens)
+                    run_clients(
+                        url,
+                        model,
+                        prompts,
+                        clients,
+                        args.requests_per_client,
+                        args.tokens,
+                        f"{clients} concurrent",
+                    )
                 )
                 row = {
                     "clients": clients,
