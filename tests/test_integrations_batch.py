@@ -360,8 +360,8 @@ PROMPTS = ["hello world", "why the cat", "w1 w2 be funny", "the dog"]
 
 
 def _same_response(batched: Any, single: Any) -> None:
-    assert batched.raw.token_ids == single.raw.token_ids
-    assert batched.raw.text == single.raw.text
+    assert batched.raw["result"].token_ids == single.raw["result"].token_ids
+    assert batched.raw["result"].text == single.raw["result"].text
     info, expected = batched.additional_kwargs, single.additional_kwargs
     assert set(info) == set(expected)
     for key in ("finish_reason", "prompt_tokens", "completion_tokens", "personas"):

@@ -120,8 +120,14 @@ def test_complete_returns_the_engines_answer_with_stats(
     response = make_llm(engine).complete("hello world")
     expected = direct(engine, [{"role": "user", "content": "hello world"}], [FUNNY, BRIEF])
     assert response.text == expected.text
-    assert isinstance(response.raw, GenerationResult)
-    assert response.raw.token_ids == expected.token_ids
+    # raw is a dict (LlamaIndex's callbacks do dict(raw)) with the usage and the result
+    assert isinstance(response.raw, dict) and isinstance(response.raw["result"], GenerationResult)
+    assert response.raw["result"].token_ids == expected.token_ids
+    assert response.raw["usage"] == {
+        "prompt_tokens": expected.prompt_tokens,
+        "completion_tokens": len(expected.token_ids),
+        "total_tokens": expected.prompt_tokens + len(expected.token_ids),
+    }
     info = response.additional_kwargs
     assert info["completion_tokens"] == len(expected.token_ids)
     assert info["stats"]["tokens"] == expected.stats.tokens
@@ -155,7 +161,7 @@ def test_chat_passes_roles_through_for_the_chat_template(
     ]
     assert response.message.role == MessageRole.ASSISTANT
     assert response.message.content == direct(engine, conversation, [FUNNY, BRIEF]).text
-    assert response.additional_kwargs["stats"]["tokens"] == len(response.raw.token_ids)
+    assert response.additional_kwargs["stats"]["tokens"] == len(response.raw["result"].token_ids)
 
 
 def test_chat_prompt_uses_the_models_chat_template(engine: PersonaJudge) -> None:
@@ -170,7 +176,7 @@ def test_chat_prompt_uses_the_models_chat_template(engine: PersonaJudge) -> None
     assert "the dog" in rendered and FUNNY in rendered
     # The engine decoded from exactly these prompts (the longest one's length is reported).
     lengths = [len(render_ids(engine.tokenizer, conversation, p)) for p in (FUNNY, BRIEF)]
-    assert response.raw.prompt_tokens == max(lengths)
+    assert response.raw["result"].prompt_tokens == max(lengths)
 
 
 def test_system_prompt_reaches_chat_and_complete_once(
@@ -206,8 +212,9 @@ def test_stream_complete_is_cumulative_and_ends_with_stats(engine: PersonaJudge)
         "decode_seconds": chunks[-1].additional_kwargs["stats"]["decode_seconds"],
         "tokens_per_second": chunks[-1].additional_kwargs["stats"]["tokens_per_second"],
     }
-    assert isinstance(chunks[-1].raw, GenerationResult)
-    assert all(isinstance(c.raw, StreamEvent) for c in chunks[:-1])
+    assert isinstance(chunks[-1].raw["result"], GenerationResult)
+    assert chunks[-1].raw["usage"] == expected.raw["usage"]
+    assert all(isinstance(c.raw["event"], StreamEvent) for c in chunks[:-1])
 
 
 def test_stream_chat_is_cumulative(engine: PersonaJudge) -> None:
@@ -217,7 +224,10 @@ def test_stream_chat_is_cumulative(engine: PersonaJudge) -> None:
     assert chunks[-1].message.content == expected.message.content
     assert "".join(c.delta or "" for c in chunks) == expected.message.content
     assert all(c.message.role == MessageRole.ASSISTANT for c in chunks)
-    assert chunks[-1].additional_kwargs["completion_tokens"] == len(expected.raw.token_ids)
+    assert chunks[-1].additional_kwargs["completion_tokens"] == len(
+        expected.raw["result"].token_ids
+    )
+    assert chunks[-1].raw["usage"] == expected.raw["usage"]
 
 
 # ----------------------------------------------------------------------------- settings
@@ -229,7 +239,7 @@ def test_per_call_options_override_the_objects(engine: PersonaJudge, recorder: R
     call = recorder.calls[0]
     assert [p.text for p in call["personas"]] == ["the cat", "the dog"]
     assert (call["max_new_tokens"], call["seed"]) == (2, 9)
-    assert len(response.raw.token_ids) <= 2
+    assert len(response.raw["result"].token_ids) <= 2
     # The object itself is unchanged.
     assert llm.preferences == [FUNNY, BRIEF] and llm.max_tokens == 6
 
@@ -406,4 +416,24 @@ def test_base_model_without_chat_template_stops_at_the_next_user_turn(
     calls = record_engine_calls(base, monkeypatch)
     response = make_llm(base, stop=["the dog"]).chat([user("hello")])
     assert calls[0]["stop"] == ["the dog", "\nUser:"]
-    assert response.raw.text == response.message.content
+    assert response.raw["result"].text == response.message.content
+
+
+def test_token_counting_handler_reads_the_engines_usage(engine: PersonaJudge) -> None:
+    # LlamaIndex's TokenCountingHandler does dict(response.raw) and reads its "usage"; a raw
+    # that is no dict made every call raise (and "Empty Response" inside query engines).
+    from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
+
+    counter = TokenCountingHandler(tokenizer=lambda text: text.split())
+    llm = make_llm(engine, max_tokens=8, callback_manager=CallbackManager([counter]))
+    replies = [
+        llm.chat([user("hello")]),
+        llm.complete("why the cat"),
+        list(llm.stream_chat([user("the dog")]))[-1],
+        list(llm.stream_complete("hello world"))[-1],
+    ]
+    assert len(counter.llm_token_counts) == len(replies)
+    for event, reply in zip(counter.llm_token_counts, replies, strict=True):
+        result = reply.raw["result"]
+        assert event.prompt_token_count == result.prompt_tokens  # the engine's, not a guess
+        assert event.completion_token_count == len(result.token_ids)

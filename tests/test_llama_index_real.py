@@ -194,3 +194,55 @@ async def test_react_agent_calls_the_tool_and_uses_its_result(
     assert used == [(12, 7)]
     assert [r.tool_output.content for r in results] == ["84"]
     assert len(calls) >= 2 and "Observation: 84" in rendered(llm, calls[1])
+
+
+@pytest.fixture
+def counted_llm(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The module's LLM settings with a TokenCountingHandler in the callback manager, set as
+    LlamaIndex's docs do: in ``Settings.callback_manager``, which pipelines hand their LLM."""
+    from llama_index.core import Settings
+    from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
+
+    from pj_integrations.llama_index import PersonaJudgeLLM
+
+    counter = TokenCountingHandler(tokenizer=lambda text: text.split())
+    manager = CallbackManager([counter])
+    monkeypatch.setattr(Settings, "callback_manager", manager)
+    llm = PersonaJudgeLLM(
+        preferences=PREFERENCES, max_tokens=MAX_TOKENS, seed=0, callback_manager=manager
+    )
+    return llm, counter
+
+
+def test_query_engine_with_token_counting_answers_and_counts(
+    index: Any, counted_llm: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With TokenCountingHandler every call raised inside LlamaIndex's callback (it does
+    # dict(response.raw)), and the compact query engine turned that into "Empty Response".
+    llm, counter = counted_llm
+    calls = record_engine_calls(llm.get_engine(), monkeypatch)
+    engine = index.as_query_engine(llm=llm, similarity_top_k=2, response_mode="compact")
+    response = engine.query("When does the Quillby Bakery open?")
+    assert str(response).strip() and str(response) != "Empty Response"
+    assert len(counter.llm_token_counts) == len(calls) == 1
+    event = counter.llm_token_counts[0]
+    assert event.prompt_token_count > 40 and 0 < event.completion_token_count <= MAX_TOKENS
+    assert counter.total_llm_token_count == event.total_token_count
+
+
+async def test_chat_engine_with_token_counting_answers_and_counts(
+    index: Any, counted_llm: Any
+) -> None:
+    llm, counter = counted_llm
+    chat_engine = index.as_chat_engine(
+        chat_mode="condense_plus_context", llm=llm, similarity_top_k=1
+    )
+    first = chat_engine.chat("What is Quillby's signature pastry?")
+    assert first.response.strip() and first.response != "Empty Response"
+    second = await chat_engine.astream_chat("When is it baked?")
+    answer = "".join([piece async for piece in second.async_response_gen()])
+    assert answer.strip()
+    # Turn 1: one chat; turn 2: a condense call and a streamed chat, each counted from the
+    # engine's own usage.
+    assert len(counter.llm_token_counts) == 3
+    assert all(0 < event.completion_token_count <= MAX_TOKENS for event in counter.llm_token_counts)

@@ -71,10 +71,11 @@ class PersonaJudgeLLM(ConstrainedStructuredLLM):
     Messages are rendered with the model's own chat template; ``system_prompt`` (like any
     system message) is combined with each persona's text in the system turn. Responses
     carry the decoding statistics in ``additional_kwargs`` (``stats``, ``finish_reason``,
-    ``prompt_tokens``, ``completion_tokens``, ``personas``) and the engine's
-    :class:`~pj_core.results.GenerationResult` in ``raw``. While streaming, each chunk's
-    ``raw`` is the engine's :class:`~pj_core.results.StreamEvent`, and the last chunk carries
-    the statistics and the result.
+    ``prompt_tokens``, ``completion_tokens``, ``personas``). ``raw`` is a dict, as
+    LlamaIndex's callbacks expect (``TokenCountingHandler`` reads its ``usage``):
+    ``{"usage": {...}, "result": GenerationResult}``. While streaming, each chunk's ``raw`` is
+    ``{"event": StreamEvent}``, and the last chunk carries the statistics, the usage and the
+    result.
 
     For several users, make one copy each: ``llm.model_copy(update={"profile_id": "bob"})``.
     Copies share the loaded weights (one engine per model spec per process). For many

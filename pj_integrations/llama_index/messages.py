@@ -109,10 +109,38 @@ def message_to_dict(message: ChatMessage) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- responses
 
 
+def raw_of(result: GenerationResult) -> dict[str, Any]:
+    """A response's ``raw``: a dict, as LlamaIndex's callbacks read it (``TokenCountingHandler``
+    does ``dict(raw)`` and looks for ``usage``), with the engine's result under ``"result"``.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> raw = raw_of(SimpleNamespace(prompt_tokens=12, token_ids=[5, 6, 7]))
+        >>> raw["usage"]
+        {'prompt_tokens': 12, 'completion_tokens': 3, 'total_tokens': 15}
+    """
+    completion = len(result.token_ids)
+    usage = {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": result.prompt_tokens + completion,
+    }
+    return {"usage": usage, "result": result}
+
+
+def result_of(response: ChatResponse | CompletionResponse) -> GenerationResult | None:
+    """The engine's result a response carries (the last chunk's, when streaming), else None."""
+    raw = response.raw
+    result = raw.get("result") if isinstance(raw, dict) else None
+    return result if isinstance(result, GenerationResult) else None
+
+
 def completion_response(result: GenerationResult, plan: CallRequest) -> CompletionResponse:
-    """The answer of ``complete``: its text, the result as ``raw``, statistics in
-    ``additional_kwargs``."""
-    return CompletionResponse(text=result.text, raw=result, additional_kwargs=plan.info(result))
+    """The answer of ``complete``: its text, :func:`raw_of` the result as ``raw``,
+    statistics in ``additional_kwargs``."""
+    return CompletionResponse(
+        text=result.text, raw=raw_of(result), additional_kwargs=plan.info(result)
+    )
 
 
 def chat_response(result: GenerationResult, plan: CallRequest) -> ChatResponse:
@@ -124,7 +152,7 @@ def chat_response(result: GenerationResult, plan: CallRequest) -> ChatResponse:
     check_complete(result, plan.generate_kwargs)
     return ChatResponse(
         message=assistant_message(result, result.text),
-        raw=result,
+        raw=raw_of(result),
         additional_kwargs=plan.info(result),
     )
 
@@ -137,18 +165,19 @@ def assistant_message(result: GenerationResult, text: str) -> ChatMessage:
 
 
 def completion_chunks(events: Iterator[StreamEvent], plan: CallRequest) -> CompletionResponseGen:
-    """``stream_complete``'s chunks: cumulative ``text``, the new piece as ``delta``; the last
-    chunk carries the statistics and the result."""
+    """``stream_complete``'s chunks: cumulative ``text``, the new piece as ``delta``, and
+    ``raw={"event": StreamEvent}``; the last chunk carries the statistics, and
+    :func:`raw_of` the result as ``raw``."""
     text = ""
     for event in events:
         text += event.text
         if event.done and event.result is not None:
             info = plan.info(event.result)
             yield CompletionResponse(
-                text=text, delta=event.text, raw=event.result, additional_kwargs=info
+                text=text, delta=event.text, raw=raw_of(event.result), additional_kwargs=info
             )
         elif event.text:  # an empty piece is text held back to check for a stop string
-            yield CompletionResponse(text=text, delta=event.text, raw=event)
+            yield CompletionResponse(text=text, delta=event.text, raw={"event": event})
 
 
 def chat_chunks(events: Iterator[StreamEvent], plan: CallRequest) -> ChatResponseGen:
@@ -170,7 +199,7 @@ def chat_chunks(events: Iterator[StreamEvent], plan: CallRequest) -> ChatRespons
             yield ChatResponse(
                 message=assistant_message(event.result, text),
                 delta="" if calling else event.text,
-                raw=event.result,
+                raw=raw_of(event.result),
                 additional_kwargs=plan.info(event.result),
             )
         elif event.text:
@@ -179,5 +208,5 @@ def chat_chunks(events: Iterator[StreamEvent], plan: CallRequest) -> ChatRespons
                 yield ChatResponse(
                     message=ChatMessage(role=MessageRole.ASSISTANT, content=text),
                     delta=event.text,
-                    raw=event,
+                    raw={"event": event},
                 )

@@ -41,7 +41,7 @@ from llama_index.core.prompts import BasePromptTemplate, PromptTemplate
 from llama_index.core.types import PydanticProgramMode
 from pydantic import BaseModel, ValidationError
 
-from pj_core.results import GenerationResult
+from pj_integrations.llama_index.messages import result_of
 
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -164,8 +164,8 @@ def parse_object(response: ChatResponse, output_cls: type[Model]) -> Model:
         OutputParserException: the answer ended (budget or stop string) before the object
             was complete, or broke a rule of the schema the grammar does not enforce.
     """
-    result = response.raw
-    if not isinstance(result, GenerationResult):
+    result = result_of(response)
+    if result is None:
         raise OutputParserException(f"no engine result to parse a {output_cls.__name__} from")
     if isinstance(result.parsed, output_cls):
         return result.parsed
@@ -196,7 +196,7 @@ class ObjectStream(Generic[Model]):
         """The object so far; None for the last chunk, or while it is not yet an object."""
         self.last = chunk
         text = chunk.message.content or ""
-        if isinstance(chunk.raw, GenerationResult) or not text.strip():
+        if result_of(chunk) is not None or not text.strip():
             return None
         try:
             partial = self.flexible.model_validate(parse_partial_json(text))
