@@ -31,18 +31,24 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from pj_core.decoding.generation_config import GenerationConfig
-from pj_core.errors import InvalidGenerationConfigError, InvalidPersonaError, PersonaJudgeError
+from pj_core.errors import (
+    ContextOverflowError,
+    InvalidGenerationConfigError,
+    InvalidPersonaError,
+    PersonaJudgeError,
+)
 from pj_core.personas import (
     Persona,
     PersonaProfile,
@@ -88,6 +94,11 @@ CALL_OPTIONS: tuple[str, ...] = (*GENERATION_OPTIONS, *PERSONA_OPTIONS, *TOOL_OP
 """Every per-call option an adapter accepts (``model``: another model spec for this call)."""
 
 _ENGINE_NAMES = {"max_tokens": "max_new_tokens"}
+ADAPTER_BUDGET = "max_tokens"
+# The engine arguments that change a call's prompt (count_prompt_tokens takes these).
+_PROMPT_OPTIONS = frozenset(
+    {"strength", "neutral_system", "response_format", "tools", "tool_choice", "parallel_tool_calls"}
+)  # the answer budget's name in both adapters and the server
 # A saved profile stores the engine's names; the adapters expose the frameworks' names.
 _PROFILE_NAMES = {"max_new_tokens": "max_tokens"}
 
@@ -406,7 +417,26 @@ def run_batch(
     for outcome in outcomes:
         if isinstance(outcome, PersonaJudgeError):
             outcome.request_index = None  # an index into this batch, not the caller's list
+        if isinstance(outcome, ContextOverflowError):
+            outcome.naming_budget(ADAPTER_BUDGET)
     return outcomes
+
+
+@contextlib.contextmanager
+def adapter_names() -> Iterator[None]:
+    """Within it, a :class:`ContextOverflowError`'s hint names the adapters' budget
+    (``max_tokens``) instead of the engine's ``max_new_tokens``.
+
+    Example:
+        >>> with adapter_names():  # doctest: +ELLIPSIS
+        ...     raise ContextOverflowError.over_budget(100, 50, 120)
+        Traceback (most recent call last):
+        pj_core.errors.ContextOverflowError: ... lower max_tokens to at most 20
+    """
+    try:
+        yield
+    except ContextOverflowError as exc:
+        raise exc.naming_budget(ADAPTER_BUDGET) from None
 
 
 def name_request(exc: PersonaJudgeError, index: int) -> PersonaJudgeError:
@@ -481,18 +511,31 @@ class CallRequest:
     generate_kwargs: dict[str, Any]
 
     def generate(self) -> GenerationResult:
-        """Decode the call (``engine.generate``)."""
-        result: GenerationResult = self.engine.generate(
-            self.conversation, self.personas, **self.generate_kwargs
-        )
+        """Decode the call (``engine.generate``).
+
+        Raises:
+            ContextOverflowError: its hint names the adapters' ``max_tokens``.
+        """
+        with adapter_names():
+            result: GenerationResult = self.engine.generate(
+                self.conversation, self.personas, **self.generate_kwargs
+            )
         return result
 
     def stream(self) -> Iterator[StreamEvent]:
         """Decode the call as a stream of events (``engine.stream``)."""
-        events: Iterator[StreamEvent] = self.engine.stream(
-            self.conversation, self.personas, **self.generate_kwargs
-        )
+        with adapter_names():
+            events: Iterator[StreamEvent] = self.engine.stream(
+                self.conversation, self.personas, **self.generate_kwargs
+            )
         return events
+
+    def prompt_tokens(self) -> int:
+        """The tokens this call's prompt takes in the context window: chat template, persona
+        texts and tools included (:meth:`PersonaJudge.count_prompt_tokens`)."""
+        counted = {k: v for k, v in self.generate_kwargs.items() if k in _PROMPT_OPTIONS}
+        tokens: int = self.engine.count_prompt_tokens(self.conversation, self.personas, **counted)
+        return tokens
 
     @property
     def batchable(self) -> bool:
@@ -631,3 +674,27 @@ def counting_tokenizer(engine: PersonaJudge) -> tuple[Any, threading.Lock]:
         if key not in _TOKENIZERS:
             _TOKENIZERS[key] = (copy.deepcopy(engine.tokenizer), threading.Lock())
         return _TOKENIZERS[key]
+
+
+def prompt_overhead(
+    engine: PersonaJudge,
+    plan: Callable[[list[dict[str, str]], Mapping[str, Any]], CallRequest],
+) -> int:
+    """Tokens an adapter's call adds to its messages' own text: the chat template, the
+    longest persona text (and the neutral prompt of a guided call), measured on a system and
+    a user message of one word each. A framework that packs text up to a context window
+    (LlamaIndex's prompt helper) must leave this much room.
+
+    ``plan(conversation, options)`` is the adapter's request builder; when it fails (no
+    usable personas yet, which the call itself will report), the template alone is counted.
+    """
+    from pj_core.prompts import render_ids
+
+    word = "hello"
+    conversation = [{"role": "system", "content": word}, {"role": "user", "content": word}]
+    words = 2 * len(engine.tokenizer.encode(word, add_special_tokens=False))
+    try:
+        tokens = plan(conversation, {}).prompt_tokens()
+    except PersonaJudgeError:
+        tokens = len(render_ids(engine.tokenizer, conversation, None))
+    return max(tokens - words, 0)

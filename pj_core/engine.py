@@ -374,6 +374,39 @@ class PersonaJudge:
             tools=checked_tools,
         )
 
+    def count_prompt_tokens(
+        self,
+        conversation: str | Sequence[dict[str, str]],
+        personas: PersonasInput,
+        *,
+        strength: float | None = None,
+        neutral_system: str | None = None,
+        response_format: ResponseFormat | None = None,
+        tools: Sequence[ToolLike] | None = None,
+        tool_choice: str | None = None,
+        parallel_tool_calls: bool | None = None,
+    ) -> int:
+        """The tokens a call with these arguments puts in the context window before its
+        answer: the longest prompt it prefills (each persona's, with the chat template, the
+        persona text and the tools' text; the neutral prompt too when the call is guided).
+        ``prompt_tokens + max_new_tokens`` must fit :attr:`context_window`.
+
+        Raises:
+            PersonaJudgeError: as :meth:`generate` for the same arguments.
+
+        Example:
+            >>> pj.count_prompt_tokens("Hi!", ["Be funny.", "Be brief."])  # doctest: +SKIP
+            41
+        """
+        config = GenerationConfig.create(defaults=self.defaults, strength=strength)
+        conversation, _, _ = self.prepare_output(
+            conversation, response_format, tools, tool_choice, parallel_tool_calls
+        )
+        prompts, _ = self.render_prompts(conversation, personas)
+        if config.strength > 0:
+            prompts.append(self.render_neutral_prompt(conversation, neutral_system))
+        return max(len(prompt) for prompt in prompts)
+
     def prepare_output(
         self,
         conversation: str | Sequence[dict[str, Any]],
@@ -792,15 +825,8 @@ class PersonaJudge:
             raise InvalidPromptError("a persona prompt rendered to no tokens")
         prompt_tokens = max(len(p) for p in [*prompts, neutral_prompt or []])
         if prompt_tokens + config.max_new_tokens > self.context_window:
-            raise ContextOverflowError(
-                f"the prompt takes {prompt_tokens} tokens and max_new_tokens is "
-                f"{config.max_new_tokens}: {prompt_tokens + config.max_new_tokens} tokens do not "
-                f"fit the context window of {self.context_window}; shorten the conversation or "
-                f"the persona texts, or lower max_new_tokens to at most "
-                f"{max(self.context_window - prompt_tokens, 0)}",
-                prompt_tokens=prompt_tokens,
-                max_new_tokens=config.max_new_tokens,
-                context_window=self.context_window,
+            raise ContextOverflowError.over_budget(
+                prompt_tokens, config.max_new_tokens, self.context_window
             )
         strategy: StrategyName
         if config.decoder == "pool":

@@ -103,6 +103,9 @@ class ContextOverflowError(PersonaJudgeError, ValueError):
         context_window: the model's window.
     """
 
+    # The name of the answer budget the message's hint uses (None: the message names none).
+    budget_name: str | None = None
+
     def __init__(
         self, message: str, *, prompt_tokens: int, max_new_tokens: int, context_window: int
     ) -> None:
@@ -110,6 +113,61 @@ class ContextOverflowError(PersonaJudgeError, ValueError):
         self.prompt_tokens = prompt_tokens
         self.max_new_tokens = max_new_tokens
         self.context_window = context_window
+
+    @classmethod
+    def over_budget(
+        cls,
+        prompt_tokens: int,
+        max_new_tokens: int,
+        context_window: int,
+        budget_name: str = "max_new_tokens",
+    ) -> ContextOverflowError:
+        """The error of a prompt plus answer budget over the window, with a hint that can be
+        followed: a lower budget when one would fit, else a shorter prompt.
+
+        Example:
+            >>> print(ContextOverflowError.over_budget(100, 50, 120))  # doctest: +ELLIPSIS
+            the prompt takes 100 tokens and max_new_tokens is 50: ... lower max_new_tokens to at most 20
+            >>> print(ContextOverflowError.over_budget(130, 50, 120, "max_tokens"))
+            the prompt alone takes 130 tokens and the context window holds 120, so no answer fits; shorten the conversation or the persona texts
+        """  # noqa: E501
+        room = context_window - prompt_tokens
+        if room < 1:
+            message = (
+                f"the prompt alone takes {prompt_tokens} tokens and the context window holds "
+                f"{context_window}, so no answer fits; shorten the conversation or the persona "
+                "texts"
+            )
+        else:
+            message = (
+                f"the prompt takes {prompt_tokens} tokens and {budget_name} is {max_new_tokens}: "
+                f"{prompt_tokens + max_new_tokens} tokens do not fit the context window of "
+                f"{context_window}; shorten the conversation or the persona texts, or lower "
+                f"{budget_name} to at most {room}"
+            )
+        error = cls(
+            message,
+            prompt_tokens=prompt_tokens,
+            max_new_tokens=max_new_tokens,
+            context_window=context_window,
+        )
+        error.budget_name = budget_name
+        return error
+
+    def naming_budget(self, budget_name: str) -> ContextOverflowError:
+        """This error with its hint naming the budget as a caller knows it (an adapter's
+        ``max_tokens``); the same error when its message names no budget.
+
+        Example:
+            >>> error = ContextOverflowError.over_budget(100, 50, 120)
+            >>> str(error.naming_budget("max_tokens")).endswith("lower max_tokens to at most 20")
+            True
+        """
+        if self.budget_name is None or self.budget_name == budget_name or not self.args:
+            return self
+        self.args = (str(self.args[0]).replace(self.budget_name, budget_name), *self.args[1:])
+        self.budget_name = budget_name
+        return self
 
 
 class ProfileNotFoundError(PersonaJudgeError, KeyError):

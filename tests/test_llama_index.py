@@ -106,8 +106,14 @@ def user(text: str) -> ChatMessage:
 
 
 def test_metadata_comes_from_the_engine_and_settings(engine: PersonaJudge) -> None:
-    meta = make_llm(engine, max_tokens=17).metadata
-    assert (meta.context_window, meta.num_output, meta.model_name) == (256, 17, "tiny-llama")
+    llm = make_llm(engine, max_tokens=17)
+    meta = llm.metadata
+    assert (meta.num_output, meta.model_name) == (17, "tiny-llama")
+    # The window less what the engine adds to a system and a user message: the chat template
+    # and the longest persona text (issue 34, item 2).
+    talk = [{"role": "system", "content": "hello"}, {"role": "user", "content": "hello"}]
+    added = engine.count_prompt_tokens(talk, [FUNNY, BRIEF]) - 2
+    assert meta.context_window == 256 - added
     assert meta.is_chat_model is True
 
 

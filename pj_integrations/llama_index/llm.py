@@ -27,8 +27,10 @@ from pj_core.calls import (
     AdapterSettings,
     CallRequest,
     PersonaSources,
+    adapter_names,
     build_call,
     name_request,
+    prompt_overhead,
     shared_engine,
 )
 from pj_core.engine import PersonaJudge
@@ -181,11 +183,14 @@ class PersonaJudgeLLM(ConstrainedStructuredLLM):
 
     @property
     def metadata(self) -> LLMMetadata:
-        """Context window and name from the loaded model; ``num_output`` is ``max_tokens``
-        (the engine's default when unset)."""
+        """``num_output`` is ``max_tokens``; ``context_window`` is the model's window less what
+        the engine adds to the messages (chat template, persona texts:
+        :func:`pj_core.calls.prompt_overhead`), so text LlamaIndex packs up to it still fits.
+        LlamaIndex counts with ``Settings.tokenizer`` (tiktoken by default); to count in the
+        model's tokens, set ``Settings.tokenizer = llm.get_engine().tokenizer.encode``."""
         engine = self.get_engine()
         return LLMMetadata(
-            context_window=engine.context_window,
+            context_window=max(engine.context_window - prompt_overhead(engine, self._plan), 1),
             num_output=self.max_tokens or DEFAULTS.max_new_tokens,
             is_chat_model=True,
             is_function_calling_model=True,
@@ -432,7 +437,8 @@ class PersonaJudgeLLM(ConstrainedStructuredLLM):
                 self.rate_limiter.acquire()
         requests = [plan.batch_request() for plan in plans]
         # Every plan of one object decodes with the object's engine.
-        results: list[GenerationResult] = plans[0].engine.generate_batch(requests)
+        with adapter_names():
+            results: list[GenerationResult] = plans[0].engine.generate_batch(requests)
         return results
 
     # ------------------------------------------------------------------ async API

@@ -1,0 +1,141 @@
+"""Issue 34, hardening the adapters: each test here failed before its fix (the finding's number
+is in the test's name), on the tiny model through both adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langchain_core.messages import HumanMessage
+from llama_index.core.base.llms.types import ChatMessage
+
+from pj_core.engine import PersonaJudge
+from pj_core.errors import ContextOverflowError
+from pj_integrations.langchain import ChatPersonaJudge
+from pj_integrations.llama_index import PersonaJudgeLLM
+from tests._tiny import make_tiny_model, make_tiny_tokenizer
+
+WINDOW = 256  # the tiny model's context window (max_position_embeddings)
+PREFERENCES = ["be funny", "be brief"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    folder = tmp_path_factory.mktemp("tiny_hardening")
+    tokenizer = make_tiny_tokenizer()
+    model = make_tiny_model(len(tokenizer), seed=0)
+    model.config.max_position_embeddings = WINDOW
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def engine() -> PersonaJudge:
+    tokenizer = make_tiny_tokenizer()
+    return PersonaJudge(
+        make_tiny_model(len(tokenizer), seed=0), tokenizer, name="tiny", context_window=WINDOW
+    )
+
+
+def _lc(tiny_dir: str, **fields: Any) -> ChatPersonaJudge:
+    return ChatPersonaJudge(**{"model": tiny_dir, "preferences": PREFERENCES, "seed": 0, **fields})
+
+
+def _li(engine: PersonaJudge, **fields: Any) -> PersonaJudgeLLM:
+    return PersonaJudgeLLM(**{"engine": engine, "preferences": PREFERENCES, "seed": 0, **fields})
+
+
+# ----------------------------------------------------------------------------- 3: overflow hints
+
+
+def test_3_an_overflow_hint_names_the_adapters_max_tokens(
+    tiny_dir: str, engine: PersonaJudge
+) -> None:
+    lc, li = _lc(tiny_dir, max_tokens=WINDOW), _li(engine, max_tokens=WINDOW)
+    attempts = {
+        "langchain invoke": lambda: lc.invoke("hello"),
+        "langchain stream": lambda: list(lc.stream("hello")),
+        "langchain batch": lambda: lc.batch(["hello", "why the cat"]),
+        "llama_index complete": lambda: li.complete("hello"),
+        "llama_index stream_chat": lambda: list(li.stream_chat([ChatMessage(content="hello")])),
+        "llama_index complete_batch": lambda: li.complete_batch(["hello", "why"]),
+    }
+    for where, attempt in attempts.items():
+        with pytest.raises(ContextOverflowError) as info:
+            attempt()
+        message = str(info.value)
+        room = WINDOW - info.value.prompt_tokens
+        assert f"lower max_tokens to at most {room}" in message, (where, message)
+        assert "max_new_tokens" not in message, where
+
+
+@pytest.mark.parametrize("words", [WINDOW - 4, 2 * WINDOW])
+def test_3_a_prompt_that_alone_fills_the_window_asks_for_a_shorter_prompt(
+    tiny_dir: str, engine: PersonaJudge, words: int
+) -> None:
+    # WINDOW - 4 words fit alone but not with the chat template and a persona (the hint used
+    # to say "lower max_new_tokens to at most 0"); 2 * WINDOW do not fit at all.
+    long_text = " ".join(["cat"] * words)
+    for attempt in (
+        lambda: engine.generate(long_text, PREFERENCES, max_new_tokens=1),
+        lambda: _lc(tiny_dir, max_tokens=1).invoke([HumanMessage(long_text)]),
+        lambda: _li(engine, max_tokens=1).complete(long_text),
+    ):
+        with pytest.raises(ContextOverflowError) as info:
+            attempt()
+        message = str(info.value)
+        assert "shorten" in message and "max_tokens" not in message, message
+        assert "at most 0" not in message and "at most -" not in message, message
+        assert info.value.prompt_tokens >= WINDOW - 4
+
+
+def test_3_the_engine_keeps_its_own_parameter_name(engine: PersonaJudge) -> None:
+    with pytest.raises(ContextOverflowError, match=r"lower max_new_tokens to at most \d+$"):
+        engine.generate("hello", PREFERENCES, max_new_tokens=WINDOW)
+
+
+def test_3_the_errors_keep_their_numbers(tmp_path: Path, engine: PersonaJudge) -> None:
+    error = ContextOverflowError.over_budget(200, 100, WINDOW).naming_budget("max_tokens")
+    assert (error.prompt_tokens, error.max_new_tokens, error.context_window) == (200, 100, 256)
+    assert str(error).endswith("lower max_tokens to at most 56")
+
+
+# ----------------------------------------------------------------------------- 2: LlamaIndex window
+
+
+def test_2_tree_summarize_over_many_nodes_fits_the_window(
+    engine: PersonaJudge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # LlamaIndex packs retrieved text up to metadata.context_window; the engine then adds the
+    # chat template and the persona texts, which used to overflow mid-query.
+    from llama_index.core import Document, Settings, VectorStoreIndex
+    from llama_index.core.embeddings import MockEmbedding
+
+    monkeypatch.setattr(Settings, "tokenizer", engine.tokenizer.encode)  # as the docs say
+    long_personas = [" ".join(["be funny"] * 12), " ".join(["be brief"] * 12)]
+    llm = _li(engine, max_tokens=16, preferences=long_personas)
+    window = llm.metadata.context_window
+    overhead = WINDOW - window
+    assert overhead >= 24  # the template's markers and the longest persona text
+    words = ["the", "cat", "dog", "why", "hello", "world", "yes", "no"]
+    documents = [
+        Document(text=" ".join(words[(i + j) % len(words)] for j in range(60))) for i in range(24)
+    ]
+    index = VectorStoreIndex.from_documents(documents, embed_model=MockEmbedding(embed_dim=8))
+    seen: list[int] = []  # the prompt tokens of each call the query engine makes
+    generate = engine.generate
+
+    def checked_generate(conversation: Any, personas: Any, **kwargs: Any) -> Any:
+        seen.append(engine.count_prompt_tokens(conversation, personas, strength=0))
+        return generate(conversation, personas, **kwargs)
+
+    monkeypatch.setattr(engine, "generate", checked_generate)
+    query = index.as_query_engine(llm=llm, response_mode="tree_summarize", similarity_top_k=24)
+    response = query.query("why the cat")
+    assert str(response).strip()
+    assert len(seen) > 2  # several summaries, then the summary of the summaries
+    assert max(seen) + 16 <= WINDOW
+    # Packed close to the room left (LlamaIndex keeps a few tokens spare): a real test.
+    assert max(seen) >= WINDOW - 16 - 20
