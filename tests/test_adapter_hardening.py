@@ -3,6 +3,12 @@ is in the test's name), on the tiny model through both adapters."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,11 +16,14 @@ import pytest
 from langchain_core.messages import HumanMessage
 from llama_index.core.base.llms.types import ChatMessage
 
+from pj_core.calls import shared_engine
 from pj_core.engine import PersonaJudge
 from pj_core.errors import ContextOverflowError
 from pj_integrations.langchain import ChatPersonaJudge
 from pj_integrations.llama_index import PersonaJudgeLLM
-from tests._tiny import make_tiny_model, make_tiny_tokenizer
+from tests._tiny import long_seed, make_tiny_model, make_tiny_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
 
 WINDOW = 256  # the tiny model's context window (max_position_embeddings)
 PREFERENCES = ["be funny", "be brief"]
@@ -139,3 +148,92 @@ def test_2_tree_summarize_over_many_nodes_fits_the_window(
     assert max(seen) + 16 <= WINDOW
     # Packed close to the room left (LlamaIndex keeps a few tokens spare): a real test.
     assert max(seen) >= WINDOW - 16 - 20
+
+
+# ----------------------------------------------------------------------------- 4, 5: cancellation
+
+
+def _counted_slow_forwards(
+    engine: PersonaJudge, monkeypatch: pytest.MonkeyPatch, seconds: float
+) -> list[float]:
+    """Make each forward of ``engine``'s model take ``seconds`` longer; returns the list of
+    their start times (one per forward), to see when decoding stopped."""
+    started: list[float] = []
+    forward = engine.model.forward
+
+    @functools.wraps(forward)  # the engine reads the forward's signature
+    def slow_forward(*args: Any, **kwargs: Any) -> Any:
+        started.append(time.monotonic())
+        time.sleep(seconds)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", slow_forward)
+    return started
+
+
+@pytest.mark.parametrize("adapter", ["langchain", "llama_index"])
+async def test_4_a_cancelled_async_call_stops_decoding_within_one_round(
+    adapter: str, tiny_dir: str, engine: PersonaJudge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # asyncio.wait_for(llm.ainvoke(...), timeout) timed out, but the worker thread decoded
+    # to the end of the budget.
+    target = shared_engine(tiny_dir).engine if adapter == "langchain" else engine
+    seed = long_seed(target, 40)  # an answer that runs its whole budget of 40 tokens
+    settings = {"seed": seed, "max_tokens": 40, "temperature": 1.0}
+    forwards = _counted_slow_forwards(target, monkeypatch, 0.05)  # 40 tokens: over 2 s
+    if adapter == "langchain":
+        call: Any = _lc(tiny_dir, **settings).ainvoke("hello world")
+    else:
+        call = _li(engine, **settings).achat([ChatMessage(role="user", content="hello world")])
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(call, 0.5)
+    cancelled = time.monotonic()
+    assert len(forwards) >= 3  # it was decoding
+    await asyncio.sleep(1.0)  # 20 more forwards, had it gone on
+    # The pool decoder runs one forward per token (a round): the forward under way when the
+    # call was cancelled may finish, then the worker stops.
+    assert sum(start > cancelled for start in forwards) <= 1, len(forwards)
+
+
+SCRIPT = """
+import asyncio
+from llama_index.core.base.llms.types import ChatMessage
+from pj_integrations.langchain import ChatPersonaJudge
+from pj_integrations.llama_index import PersonaJudgeLLM
+
+PROMPT = "Tell me a long story about a cat and a dog."
+lc = ChatPersonaJudge(preferences=["humor", "concise"], max_tokens=200, seed=0)
+li = PersonaJudgeLLM(preferences=["humor", "concise"], max_tokens=200, seed=0)
+
+async def first_lc():
+    async for chunk in lc.astream(PROMPT):
+        if chunk.content:
+            return
+
+async def first_li():
+    async for chunk in await li.astream_chat([ChatMessage(role="user", content=PROMPT)]):
+        if chunk.delta:
+            return
+
+async def main():
+    await asyncio.gather(first_lc(), first_li(), first_lc(), first_li())
+
+asyncio.run(main())
+print("left early")
+"""
+
+
+@pytest.mark.real_model
+def test_5_leaving_streams_early_and_ending_the_script_exits_cleanly(tmp_path: Path) -> None:
+    # Four streams left after their first piece, then the script ends while their workers
+    # are inside a forward: the process aborted ("terminate called without an active
+    # exception", exit 134) in 3 of 3 runs before the workers were stopped and joined at exit.
+    script = tmp_path / "leave_early.py"
+    script.write_text(SCRIPT, encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
+    for _ in range(2):
+        done = subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "left early" in done.stdout and "terminate called" not in done.stderr

@@ -43,7 +43,7 @@ from pj_core.calls import (
 )
 from pj_core.engine import PersonaJudge
 from pj_core.personas import PersonaProfile, PreferenceSpec, check_user_id
-from pj_core.threads import iterate_in_thread
+from pj_core.threads import iterate_in_thread, last_in_thread
 from pj_integrations.langchain.batching import abatch_invokes, batch_invokes, current_slot
 from pj_integrations.langchain.config import reads_config_user, with_config_user
 from pj_integrations.langchain.messages import (
@@ -97,7 +97,7 @@ class ChatPersonaJudge(BaseChatModel):
         ...     print(chunk.content, end="", flush=True)
         >>> # The last chunk carries usage_metadata and response_metadata["stats"].
 
-    Async (generation runs in a worker thread; the event loop stays free):
+    Async (a worker thread decodes; cancelling the caller stops it at the next token):
         >>> await llm.ainvoke("Hello!")  # doctest: +SKIP
         >>> async for chunk in llm.astream("Hello!"):  # doctest: +SKIP
         ...     print(chunk.content, end="")
@@ -395,8 +395,13 @@ class ChatPersonaJudge(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        # Loading and decoding block for seconds: a worker thread keeps the event loop free.
-        return await asyncio.to_thread(self._generate_now, messages, stop, kwargs)
+        # Loading and decoding block for seconds: worker threads keep the event loop free.
+        if current_slot() is not None:  # one input of a batch: decoded with the others
+            return await asyncio.to_thread(self._generate_now, messages, stop, kwargs)
+        request = await asyncio.to_thread(self._request, messages, stop, kwargs)
+        final = await last_in_thread(request.stream)  # a cancelled caller stops decoding
+        assert final.result is not None  # the engine's last event carries the result
+        return ChatResult(generations=[ChatGeneration(message=ai_message(request, final.result))])
 
     def _stream(
         self,

@@ -38,7 +38,7 @@ from pj_core.errors import InvalidPromptError, PersonaJudgeError
 from pj_core.personas import PersonaProfile, PreferenceSpec
 from pj_core.results import GenerationResult, StreamEvent
 from pj_core.settings import DEFAULTS
-from pj_core.threads import iterate_in_thread
+from pj_core.threads import iterate_in_thread, last_in_thread
 from pj_integrations.llama_index.messages import (
     chat_chunks,
     chat_response,
@@ -66,9 +66,8 @@ class PersonaJudgeLLM(ConstrainedStructuredLLM):
     as a synonym of ``profile_id=``); a call's persona option replaces the object's. Any
     other keyword argument is an :class:`~pj_core.errors.InvalidGenerationConfigError`.
 
-    The async methods decode in a worker thread. Cancelling the awaiting task frees the
-    caller at once; an abandoned stream stops decoding at its next token, while a
-    non-streaming call runs to its end in the background (torch cannot be interrupted).
+    The async methods decode in a worker thread. Cancelling the awaiting task (or leaving a
+    stream) frees the caller at once and stops decoding at the next token.
 
     Messages are rendered with the model's own chat template; ``system_prompt`` (like any
     system message) is combined with each persona's text in the system turn. Responses
@@ -241,12 +240,15 @@ class PersonaJudgeLLM(ConstrainedStructuredLLM):
     # ------------------------------------------------------------------ running the engine
 
     @staticmethod
-    def _generate(plan: CallRequest) -> GenerationResult:
-        return plan.generate()
-
-    @staticmethod
     def _events(plan: CallRequest) -> Iterator[StreamEvent]:
         return plan.stream()
+
+    @staticmethod
+    async def _result(plan: CallRequest) -> GenerationResult:
+        """The call decoded in a worker thread, as a stream: cancelling the caller stops it."""
+        final = await last_in_thread(plan.stream)
+        assert final.result is not None  # the engine's last event carries the result
+        return final.result
 
     # ------------------------------------------------------------------ sync API
 
@@ -260,7 +262,7 @@ class PersonaJudgeLLM(ConstrainedStructuredLLM):
             'Hello there, sunshine!'
         """
         plan = self._plan(self._completion_conversation(prompt, formatted), kwargs)
-        return completion_response(self._generate(plan), plan)
+        return completion_response(plan.generate(), plan)
 
     @llm_completion_callback()
     def stream_complete(
@@ -274,7 +276,7 @@ class PersonaJudgeLLM(ConstrainedStructuredLLM):
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         """Answer a conversation rendered with the model's chat template."""
         plan = self._plan(self._chat_conversation(messages), kwargs)
-        return chat_response(self._generate(plan), plan)
+        return chat_response(plan.generate(), plan)
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
@@ -431,7 +433,7 @@ class PersonaJudgeLLM(ConstrainedStructuredLLM):
             return []
         if not all(plan.batchable for plan in plans):
             # An option generate_batch has no field for: only single calls honour it.
-            return [self._generate(plan) for plan in plans]
+            return [plan.generate() for plan in plans]
         if self.rate_limiter is not None:
             for _ in plans:  # one token per answer, as for single calls
                 self.rate_limiter.acquire()
@@ -449,13 +451,11 @@ class PersonaJudgeLLM(ConstrainedStructuredLLM):
     async def acomplete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponse:
-        """Async :meth:`complete`; generation runs in a worker thread."""
-
-        def run() -> CompletionResponse:
-            plan = self._plan(self._completion_conversation(prompt, formatted), kwargs)
-            return completion_response(self._generate(plan), plan)
-
-        return await asyncio.to_thread(run)
+        """Async :meth:`complete`; decoding runs in a worker thread and stops within a
+        token when the awaiting task is cancelled (e.g. ``asyncio.wait_for``)."""
+        conversation = self._completion_conversation(prompt, formatted)
+        plan = await asyncio.to_thread(self._plan, conversation, kwargs)
+        return completion_response(await self._result(plan), plan)
 
     @llm_completion_callback()
     async def astream_complete(
@@ -474,13 +474,11 @@ class PersonaJudgeLLM(ConstrainedStructuredLLM):
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        """Async :meth:`chat`; generation runs in a worker thread."""
-
-        def run() -> ChatResponse:
-            plan = self._plan(self._chat_conversation(messages), kwargs)
-            return chat_response(self._generate(plan), plan)
-
-        return await asyncio.to_thread(run)
+        """Async :meth:`chat`; decoding runs in a worker thread and stops within a token
+        when the awaiting task is cancelled."""
+        conversation = self._chat_conversation(messages)
+        plan = await asyncio.to_thread(self._plan, conversation, kwargs)
+        return chat_response(await self._result(plan), plan)
 
     @llm_chat_callback()
     async def astream_chat(
