@@ -305,6 +305,50 @@ def check_call_options(kwargs: Mapping[str, Any], extra_allowed: Iterable[str] =
         )
 
 
+# Names people write for an adapter setting that has another name.
+_SETTING_SYNONYMS = {
+    "max_new_tokens": "max_tokens",
+    "max_length": "max_tokens",
+    "num_predict": "max_tokens",
+    "user_id": "profile_id",
+    "personas": "preferences",
+    "model_name": "model",
+}
+
+
+def check_setting_names(data: Mapping[str, Any], known: Iterable[str], owner: str) -> None:
+    """Reject constructor arguments that are no setting of ``owner`` (a typo would otherwise
+    be dropped without a word), suggesting the setting meant. ``known``: the setting names
+    (for a pydantic model, :func:`field_names`).
+
+    Raises:
+        InvalidGenerationConfigError: naming each unknown argument and its likely setting.
+
+    Example:
+        >>> check_setting_names({"temprature": 0.3}, ["temperature", "top_p"], "Chat")
+        Traceback (most recent call last):
+        pj_core.errors.InvalidGenerationConfigError: Chat has no setting 'temprature' (did you mean 'temperature'?)
+    """  # noqa: E501
+    import difflib
+
+    names = set(known)
+    unknown = [name for name in data if name not in names]
+    if not unknown:
+        return
+    parts = []
+    for name in unknown:
+        meant = _SETTING_SYNONYMS.get(name)
+        close = [meant] if meant in names else difflib.get_close_matches(name, names, 1, 0.75)
+        parts.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise InvalidGenerationConfigError(f"{owner} has no setting " + ", ".join(parts))
+
+
+def field_names(model: type[Any]) -> set[str]:
+    """A pydantic model class's field names and their aliases."""
+    fields = model.model_fields
+    return {*fields, *(field.alias for field in fields.values() if field.alias)}
+
+
 def generation_kwargs(
     *,
     defaults: Mapping[str, Any],

@@ -18,7 +18,11 @@ from llama_index.core.base.llms.types import ChatMessage
 
 from pj_core.calls import shared_engine
 from pj_core.engine import PersonaJudge
-from pj_core.errors import ContextOverflowError
+from pj_core.errors import (
+    ContextOverflowError,
+    InvalidGenerationConfigError,
+    UnknownPreferenceError,
+)
 from pj_integrations.langchain import ChatPersonaJudge
 from pj_integrations.llama_index import PersonaJudgeLLM
 from tests._tiny import long_seed, make_tiny_model, make_tiny_tokenizer
@@ -237,3 +241,52 @@ def test_5_leaving_streams_early_and_ending_the_script_exits_cleanly(tmp_path: P
         )
         assert done.returncode == 0, done.stderr[-2000:]
         assert "left early" in done.stdout and "terminate called" not in done.stderr
+
+
+# ----------------------------------------------------------------------------- 6, 10: settings
+
+
+@pytest.mark.parametrize("adapter", ["langchain", "llama_index"])
+def test_6_unknown_constructor_arguments_are_refused_with_the_setting_meant(
+    adapter: str, tiny_dir: str, engine: PersonaJudge
+) -> None:
+    # They were dropped without a word: ChatPersonaJudge(max_new_tokens=5) answered with the
+    # default budget, and a typo'd temperature left the default temperature.
+    make = (
+        (lambda **kw: _lc(tiny_dir, **kw))
+        if adapter == "langchain"
+        else (lambda **kw: _li(engine, **kw))
+    )
+    cases = {
+        "max_new_tokens": "did you mean 'max_tokens'",
+        "temprature": "did you mean 'temperature'",
+        "user_id": "did you mean 'profile_id'",
+        "zzz_nothing_like_it": "has no setting 'zzz_nothing_like_it'",
+    }
+    for name, hint in cases.items():
+        with pytest.raises(InvalidGenerationConfigError, match=hint):
+            make(**{name: 5})
+    assert make(max_tokens=5, temperature=0.3).max_tokens == 5  # real settings still work
+
+
+def test_10_llama_index_settings_are_checked_at_construction(engine: PersonaJudge) -> None:
+    # PersonaJudgeLLM(max_tokens=-5) and preferences=["humr"] were accepted until the first
+    # call; ChatPersonaJudge already refused them at construction.
+    with pytest.raises(InvalidGenerationConfigError, match=r"max_tokens|max_new_tokens"):
+        _li(engine, max_tokens=-5)
+    with pytest.raises(UnknownPreferenceError, match="humr"):
+        _li(engine, preferences=["humr", "concise"])
+    with pytest.raises(InvalidGenerationConfigError, match="temperature"):
+        _li(engine, temperature="hot")
+
+
+def test_10_llama_index_refuses_a_messages_to_prompt_it_would_ignore(
+    engine: PersonaJudge,
+) -> None:
+    with pytest.raises(InvalidGenerationConfigError, match="messages_to_prompt"):
+        _li(engine, messages_to_prompt=lambda messages: "x")
+    # completion_to_prompt is honoured by complete()
+    llm = _li(engine, completion_to_prompt=lambda text: f"{text} why", max_tokens=2)
+    assert llm.complete("hello").raw["result"].prompt_tokens == engine.count_prompt_tokens(
+        [{"role": "user", "content": "hello why"}], PREFERENCES
+    )

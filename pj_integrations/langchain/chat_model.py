@@ -37,7 +37,9 @@ from pj_core.calls import (
     CallRequest,
     PersonaSources,
     build_call,
+    check_setting_names,
     counting_tokenizer,
+    field_names,
     settings_error,
     shared_engine,
 )
@@ -45,7 +47,7 @@ from pj_core.engine import PersonaJudge
 from pj_core.personas import PersonaProfile, PreferenceSpec, check_user_id
 from pj_core.threads import iterate_in_thread, last_in_thread
 from pj_integrations.langchain.batching import abatch_invokes, batch_invokes, current_slot
-from pj_integrations.langchain.config import reads_config_user, with_config_user
+from pj_integrations.langchain.config import NETWORK_PARAMS, reads_config_user, with_config_user
 from pj_integrations.langchain.messages import (
     ai_message,
     messages_of,
@@ -203,7 +205,9 @@ class ChatPersonaJudge(BaseChatModel):
 
     def __init__(self, **data: Any) -> None:
         # Bad settings raise our typed errors (which say what to fix), like every
-        # pj_core model, rather than pydantic's generic ValidationError.
+        # pj_core model, rather than pydantic's generic ValidationError; so do unknown ones.
+        known = field_names(type(self)) | NETWORK_PARAMS
+        check_setting_names(data, known, type(self).__name__)
         try:
             super().__init__(**data)
         except ValidationError as exc:

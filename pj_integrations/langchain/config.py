@@ -58,3 +58,9 @@ def reads_config_user(method: _Method) -> _Method:
         return method(self, input, config, **with_config_user(config, kwargs))
 
     return cast(_Method, with_user)
+
+
+# LangChain's standard chat model parameters that only a remote model uses: accepted (code
+# such as init_chat_model passes them to any chat model) and ignored, since a local model
+# has no connection to time out or retry and no key.
+NETWORK_PARAMS = frozenset({"timeout", "max_retries", "api_key"})

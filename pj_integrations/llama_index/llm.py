@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from llama_index.core.base.llms.types import (
@@ -17,9 +17,11 @@ from llama_index.core.base.llms.types import (
     CompletionResponseGen,
     LLMMetadata,
 )
-from llama_index.core.bridge.pydantic import Field, field_serializer
+from llama_index.core.bridge.pydantic import Field, field_serializer, model_validator
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.llm import ToolSelection
+from pydantic import ValidationError
+from typing_extensions import Self
 
 from pj_core.backends.hf.models import DEFAULT_MODEL
 from pj_core.calls import (
@@ -29,22 +31,26 @@ from pj_core.calls import (
     PersonaSources,
     adapter_names,
     build_call,
+    check_setting_names,
+    field_names,
     name_request,
     prompt_overhead,
+    settings_error,
     shared_engine,
 )
 from pj_core.engine import PersonaJudge
-from pj_core.errors import InvalidPromptError, PersonaJudgeError
+from pj_core.errors import InvalidGenerationConfigError, InvalidPromptError, PersonaJudgeError
 from pj_core.personas import PersonaProfile, PreferenceSpec
-from pj_core.results import GenerationResult, StreamEvent
+from pj_core.results import GenerationResult
 from pj_core.settings import DEFAULTS
 from pj_core.threads import iterate_in_thread, last_in_thread
 from pj_integrations.llama_index.messages import (
     chat_chunks,
+    chat_conversation,
     chat_response,
     completion_chunks,
+    completion_conversation,
     completion_response,
-    to_conversation,
 )
 from pj_integrations.llama_index.structured import ConstrainedStructuredLLM
 from pj_integrations.llama_index.tools import is_tool_result, tool_options, tool_selections
@@ -162,6 +168,25 @@ class PersonaJudgeLLM(ConstrainedStructuredLLM):
         description="A ready engine to use instead of loading `model` (e.g. a custom model).",
     )
 
+    def __init__(self, **data: Any) -> None:
+        # Unknown or bad settings: typed errors saying what to fix, at construction.
+        check_setting_names(data, field_names(type(self)), type(self).__name__)
+        if data.get("messages_to_prompt") is not None:
+            raise InvalidGenerationConfigError(
+                "PersonaJudgeLLM renders chat messages with the model's own chat template (the "
+                "personas go in its system turn), so messages_to_prompt would be ignored; drop "
+                "it (complete() honours completion_to_prompt)"
+            )
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise settings_error(exc, type(self).__name__) from None
+
+    @model_validator(mode="after")
+    def _check_settings(self) -> Self:
+        self._settings().check()
+        return self
+
     @classmethod
     def class_name(cls) -> str:
         return "PersonaJudgeLLM"
@@ -196,52 +221,30 @@ class PersonaJudgeLLM(ConstrainedStructuredLLM):
             model_name=engine.name,
         )
 
-    def _plan(self, conversation: list[dict[str, Any]], options: Mapping[str, Any]) -> CallRequest:
-        settings = AdapterSettings(
+    def _settings(self) -> AdapterSettings:
+        return AdapterSettings(
             model=self.model,
             generation={name: getattr(self, name) for name in GENERATION_OPTIONS},
             personas=PersonaSources(self.preferences, self.persona, self.profile_id),
             profile_store=self.profile_store,
             engine=self.engine,
         )
+
+    def _plan(self, conversation: list[dict[str, Any]], options: Mapping[str, Any]) -> CallRequest:
         # LlamaIndex has no per-run config carrying a user id.
-        return build_call(settings, conversation, options)
+        return build_call(self._settings(), conversation, options)
 
     # ------------------------------------------------------------------ prompts
 
     def _chat_conversation(self, messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
-        conversation = to_conversation(messages)
-        # LlamaIndex's predict() already prepends system_prompt as a system message; add it
-        # only when a caller handed us messages without it, so it is never said twice.
-        if self.system_prompt and not any(
-            turn["role"] == "system" and self.system_prompt in turn["content"]
-            for turn in conversation
-        ):
-            conversation.insert(0, {"role": "system", "content": self.system_prompt})
-        return conversation
+        return chat_conversation(messages, self.system_prompt)
 
     def _completion_conversation(self, prompt: str, formatted: bool) -> list[dict[str, str]]:
-        if not isinstance(prompt, str):
-            raise InvalidPromptError(
-                f"complete() takes the prompt as a str, got {type(prompt).__name__}"
-            )
-        # formatted=True is LlamaIndex's signal that the prompt already went through
-        # completion_to_prompt and carries the system prompt; don't apply them again.
-        if formatted:
-            return [{"role": "user", "content": prompt}]
-        conversation = []
-        if self.system_prompt:
-            conversation.append({"role": "system", "content": self.system_prompt})
-        # The field validator replaces a None completion_to_prompt with the identity.
-        to_prompt = self.completion_to_prompt or (lambda text: text)
-        conversation.append({"role": "user", "content": to_prompt(prompt)})
-        return conversation
+        return completion_conversation(
+            prompt, formatted, self.system_prompt, self.completion_to_prompt
+        )
 
     # ------------------------------------------------------------------ running the engine
-
-    @staticmethod
-    def _events(plan: CallRequest) -> Iterator[StreamEvent]:
-        return plan.stream()
 
     @staticmethod
     async def _result(plan: CallRequest) -> GenerationResult:
@@ -270,7 +273,7 @@ class PersonaJudgeLLM(ConstrainedStructuredLLM):
     ) -> CompletionResponseGen:
         """Stream an answer: each chunk's ``text`` is cumulative and ``delta`` the new piece."""
         plan = self._plan(self._completion_conversation(prompt, formatted), kwargs)
-        return completion_chunks(self._events(plan), plan)
+        return completion_chunks(plan.stream(), plan)
 
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
@@ -282,7 +285,7 @@ class PersonaJudgeLLM(ConstrainedStructuredLLM):
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         """Stream a chat answer; ``message.content`` is cumulative, ``delta`` the new piece."""
         plan = self._plan(self._chat_conversation(messages), kwargs)
-        return chat_chunks(self._events(plan), plan)
+        return chat_chunks(plan.stream(), plan)
 
     # ------------------------------------------------------------------ tools
     # FunctionCallingLLM's chat_with_tools / achat_with_tools / stream_chat_with_tools call
@@ -466,7 +469,7 @@ class PersonaJudgeLLM(ConstrainedStructuredLLM):
         plan = await asyncio.to_thread(self._plan, conversation, kwargs)
 
         async def chunks() -> CompletionResponseAsyncGen:
-            stream = iterate_in_thread(lambda: completion_chunks(self._events(plan), plan))
+            stream = iterate_in_thread(lambda: completion_chunks(plan.stream(), plan))
             async for chunk in stream:
                 yield chunk
 
@@ -489,7 +492,7 @@ class PersonaJudgeLLM(ConstrainedStructuredLLM):
         plan = await asyncio.to_thread(self._plan, conversation, kwargs)
 
         async def chunks() -> ChatResponseAsyncGen:
-            stream = iterate_in_thread(lambda: chat_chunks(self._events(plan), plan))
+            stream = iterate_in_thread(lambda: chat_chunks(plan.stream(), plan))
             async for chunk in stream:
                 yield chunk
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from llama_index.core.base.llms.types import (
@@ -104,6 +104,47 @@ def message_to_dict(message: ChatMessage) -> dict[str, Any]:
     if calls and turn["role"] == "assistant":
         turn["tool_calls"] = calls
     return turn
+
+
+def chat_conversation(
+    messages: Sequence[ChatMessage], system_prompt: str | None
+) -> list[dict[str, Any]]:
+    """The conversation of ``chat``: the messages, with ``system_prompt`` in front unless a
+    system message already says it (LlamaIndex's ``predict()`` prepends it itself; it is
+    never said twice)."""
+    conversation = to_conversation(messages)
+    if system_prompt and not any(
+        turn["role"] == "system" and system_prompt in turn["content"] for turn in conversation
+    ):
+        conversation.insert(0, {"role": "system", "content": system_prompt})
+    return conversation
+
+
+def completion_conversation(
+    prompt: str,
+    formatted: bool,
+    system_prompt: str | None,
+    completion_to_prompt: Callable[[str], str] | None,
+) -> list[dict[str, str]]:
+    """The conversation of ``complete``. ``formatted=True`` is LlamaIndex's signal that the
+    prompt already went through ``completion_to_prompt`` and carries the system prompt, so
+    neither is applied again.
+
+    Raises:
+        InvalidPromptError: ``prompt`` is not a str.
+    """
+    if not isinstance(prompt, str):
+        raise InvalidPromptError(
+            f"complete() takes the prompt as a str, got {type(prompt).__name__}"
+        )
+    if formatted:
+        return [{"role": "user", "content": prompt}]
+    conversation = []
+    if system_prompt:
+        conversation.append({"role": "system", "content": system_prompt})
+    to_prompt = completion_to_prompt or (lambda text: text)  # LlamaIndex may leave None
+    conversation.append({"role": "user", "content": to_prompt(prompt)})
+    return conversation
 
 
 # ----------------------------------------------------------------------------- responses
