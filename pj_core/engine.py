@@ -158,6 +158,14 @@ class PersonaJudge:
         self._step_timings: dict[tuple[int, int], StepTimings] = {}
         self.acceptance_rate_estimate = DEFAULT_ACCEPTANCE_RATE
 
+    def __copy__(self) -> PersonaJudge:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> PersonaJudge:
+        # One engine per loaded model: a deep copy of an object holding it (an adapter's
+        # model_copy(deep=True)) shares it instead of copying the weights and locks.
+        return self
+
     @classmethod
     def from_pretrained(
         cls,

@@ -4,6 +4,7 @@ is in the test's name), on the tiny model through both adapters."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import os
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from langchain_core.messages import HumanMessage
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, trim_messages
 from llama_index.core.base.llms.types import ChatMessage
 
 from pj_core.calls import shared_engine
@@ -21,8 +22,11 @@ from pj_core.engine import PersonaJudge
 from pj_core.errors import (
     ContextOverflowError,
     InvalidGenerationConfigError,
+    InvalidPromptError,
     UnknownPreferenceError,
 )
+from pj_core.personas import PersonaProfile
+from pj_core.personas.store import open_store
 from pj_integrations.langchain import ChatPersonaJudge
 from pj_integrations.llama_index import PersonaJudgeLLM
 from tests._tiny import long_seed, make_tiny_model, make_tiny_tokenizer
@@ -202,6 +206,8 @@ async def test_4_a_cancelled_async_call_stops_decoding_within_one_round(
 SCRIPT = """
 import asyncio
 from llama_index.core.base.llms.types import ChatMessage
+from pj_core.personas import PersonaProfile
+from pj_core.personas.store import open_store
 from pj_integrations.langchain import ChatPersonaJudge
 from pj_integrations.llama_index import PersonaJudgeLLM
 
@@ -290,3 +296,72 @@ def test_10_llama_index_refuses_a_messages_to_prompt_it_would_ignore(
     assert llm.complete("hello").raw["result"].prompt_tokens == engine.count_prompt_tokens(
         [{"role": "user", "content": "hello why"}], PREFERENCES
     )
+
+
+# ----------------------------------------------------------------------------- 7: deep copies
+
+
+def test_7_deep_copies_share_the_store_and_the_engine(tiny_dir: str, engine: PersonaJudge) -> None:
+    # copy.deepcopy / model_copy(deep=True) raised "cannot pickle '_thread.lock'" for an
+    # instance holding a ProfileStore object (LangChain deep-copies models in some helpers).
+    with open_store(":memory:") as store:
+        store.put(PersonaProfile(user_id="alice", preferences=["humor", "concise"]))
+        lc = ChatPersonaJudge(model=tiny_dir, profile_id="alice", profile_store=store, seed=0)
+        li = PersonaJudgeLLM(engine=engine, profile_id="alice", profile_store=store, seed=0)
+        for original in (lc, li):
+            for copied in (copy.deepcopy(original), original.model_copy(deep=True)):
+                assert copied is not original
+                assert copied.profile_store is store  # a handle on shared data: shared
+                assert copied.profile_id == "alice"
+        assert copy.deepcopy(li).engine is engine  # the loaded model is never copied
+        reply = copy.deepcopy(lc).invoke("hello", max_tokens=2)
+        assert reply.response_metadata["persona_source"] == "profile:alice"
+
+
+# ----------------------------------------------------------------------------- 9: token counts
+
+
+def test_9_counted_tokens_are_the_tokens_a_call_uses(tiny_dir: str) -> None:
+    # get_num_tokens_from_messages counted the text alone (9 where the call used 35: no chat
+    # template, no persona), so trim_messages kept too much.
+    llm = _lc(tiny_dir, max_tokens=2)
+
+    def used(messages: list[Any]) -> int:
+        usage = llm.invoke(messages).usage_metadata
+        assert usage is not None
+        return int(usage["input_tokens"])
+
+    talk = [SystemMessage("the dog"), HumanMessage("hello why the cat")]
+    assert llm.get_num_tokens_from_messages(talk) == used(talk)
+    longer = [*talk, AIMessage("yes no"), HumanMessage("why the dog")]
+    assert llm.get_num_tokens_from_messages(longer) == used(longer)
+    # Parts of a conversation, in any order (trim_messages counts reversed lists): never
+    # fewer tokens than the call uses, so what trim_messages keeps fits.
+    budget = used(talk)
+    history = [HumanMessage("hello"), AIMessage("yes"), HumanMessage("hello why the cat")]
+    kept = trim_messages(history, max_tokens=budget, token_counter=llm, strategy="last")
+    assert kept and used(kept) <= budget
+    assert llm.get_num_tokens_from_messages(history[::-1]) >= used(history)
+
+
+def test_10_complete_batch_takes_one_user_per_prompt(engine: PersonaJudge) -> None:
+    # complete_batch took one user for all prompts; a per-user batch needed one call per user.
+    with open_store(":memory:") as store:
+        store.put(PersonaProfile(user_id="alice", preferences=["humor", "concise"]))
+        store.put(PersonaProfile(user_id="bob", preferences=["be brief", "the cat"]))
+        llm = _li(engine, profile_store=store, max_tokens=4)
+        users = ["alice", None, "bob"]
+        replies = llm.complete_batch(["hello", "why", "the dog"], profile_ids=users)
+        sources = [r.additional_kwargs["persona_source"] for r in replies]
+        assert sources == ["profile:alice", "preferences", "profile:bob"]
+        for reply, prompt, user in zip(replies, ["hello", "why", "the dog"], users, strict=True):
+            alone = llm.complete(prompt, **({} if user is None else {"profile_id": user}))
+            assert (reply.raw or {})["result"].token_ids == (alone.raw or {})["result"].token_ids
+        talks = [[ChatMessage(role="user", content="hello")]] * 2
+        chats = llm.chat_batch(talks, profile_ids=["bob", "alice"])
+        assert [c.additional_kwargs["persona_source"] for c in chats] == [
+            "profile:bob",
+            "profile:alice",
+        ]
+        with pytest.raises(InvalidPromptError, match="one user id"):
+            llm.complete_batch(["hello", "why"], profile_ids=["alice"])

@@ -46,7 +46,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal
 
 from pj_core.errors import (
     InvalidPersonaError,
@@ -111,7 +111,16 @@ class AbstractProfileStore(ABC):
 
     Implementations must make each method atomic: a reader sees a whole profile or none,
     and :meth:`put_many` writes all profiles or none.
+
+    A store is a handle on shared data, like a connection pool: copying an object that holds
+    one (``copy.deepcopy``, pydantic's ``model_copy(deep=True)``) shares the store.
     """
+
+    def __copy__(self) -> AbstractProfileStore:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> AbstractProfileStore:
+        return self
 
     @abstractmethod
     def get(self, user_id: str) -> PersonaProfile:

@@ -19,11 +19,7 @@ from langchain_core.callbacks import (
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.language_models.model_profile import ModelProfile
-from langchain_core.messages import (
-    AIMessage,
-    AIMessageChunk,
-    BaseMessage,
-)
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import get_config_list
@@ -48,6 +44,7 @@ from pj_core.personas import PersonaProfile, PreferenceSpec, check_user_id
 from pj_core.threads import iterate_in_thread, last_in_thread
 from pj_integrations.langchain.batching import abatch_invokes, batch_invokes, current_slot
 from pj_integrations.langchain.config import NETWORK_PARAMS, reads_config_user, with_config_user
+from pj_integrations.langchain.counting import count_message_tokens
 from pj_integrations.langchain.messages import (
     ai_message,
     messages_of,
@@ -266,17 +263,25 @@ class ChatPersonaJudge(BaseChatModel):
         return self
 
     def get_token_ids(self, text: str) -> list[int]:
-        """Token ids of ``text`` with the model's own tokenizer (no special tokens added).
-
-        Example:
-            >>> ChatPersonaJudge(preferences="humor").get_token_ids("Hello")  # doctest: +SKIP
-            [19556]
-        """
+        """Token ids of ``text`` with the model's own tokenizer (no special tokens added)."""
         engine = shared_engine(self.model).engine
         self._note_context_window(engine)
         tokenizer, lock = counting_tokenizer(engine)
         with lock:
             return list(tokenizer.encode(text, add_special_tokens=False))
+
+    def get_num_tokens_from_messages(
+        self, messages: list[BaseMessage], tools: Sequence[Any] | None = None
+    ) -> int:
+        """Tokens ``messages`` take in a call's context window: chat template, persona texts
+        and tools' text included, added message by message so that ``trim_messages`` (which
+        counts parts, in any order) keeps what fits (:mod:`~.counting`)."""
+        options = tool_bindings(tools, None, None) if tools else {}
+        return count_message_tokens(
+            lambda part: self._request(part, None, options),
+            lambda text: len(self.get_token_ids(text)),
+            messages,
+        )
 
     # ------------------------------------------------------------------ per-user config
     # Every public entry point reads configurable["user_id"] from its RunnableConfig (see
@@ -329,22 +334,13 @@ class ChatPersonaJudge(BaseChatModel):
         return_exceptions: bool = False,
         **kwargs: Any,
     ) -> list[AIMessage]:
-        """Answer many inputs, each with its own user, personas and prompt, in ONE batched
-        decode (:meth:`pj_core.engine.PersonaJudge.generate_batch`) instead of one call each.
+        """Answer many inputs (each its own user, personas and prompt) in ONE batched decode.
 
-        Every input goes through :meth:`invoke` exactly as on its own (per-input ``config``
-        and its ``configurable["user_id"]``, keyword arguments and ``bind`` for all inputs,
-        LangChain's callbacks, cache, rate limiter and message ids); only the decoding is
-        shared (:mod:`pj_integrations.langchain.batching`). Each answer is invoke's with the
-        same seed (up to rare float rounding differences); ``stats`` describe the batched
-        run. A streamed input decodes on its own. An input that fails gets its typed error:
-        in its slot with ``return_exceptions=True``, else raised (before anything is decoded
-        when the input alone shows it). ``config["max_concurrency"]`` decodes that many at
-        a time.
-
-        Example:
-            >>> users = [{"configurable": {"user_id": u}} for u in ("alice", "bob")]
-            >>> chat.batch(["Hi!", "What is RAG?"], config=users)  # doctest: +SKIP
+        Every input goes through :meth:`invoke` as on its own (its ``config`` and user,
+        callbacks, cache, rate limiter); only the decoding is shared
+        (:mod:`pj_integrations.langchain.batching`), and each answer is invoke's with the
+        same seed. A failing input gets its typed error (in its slot with
+        ``return_exceptions=True``). See the class docstring for an example.
         """
         return batch_invokes(
             self.invoke,

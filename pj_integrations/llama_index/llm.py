@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from llama_index.core.base.llms.types import (
@@ -29,21 +28,20 @@ from pj_core.calls import (
     AdapterSettings,
     CallRequest,
     PersonaSources,
-    adapter_names,
     build_call,
     check_setting_names,
     field_names,
-    name_request,
     prompt_overhead,
     settings_error,
     shared_engine,
 )
 from pj_core.engine import PersonaJudge
-from pj_core.errors import InvalidGenerationConfigError, InvalidPromptError, PersonaJudgeError
+from pj_core.errors import InvalidGenerationConfigError
 from pj_core.personas import PersonaProfile, PreferenceSpec
 from pj_core.results import GenerationResult
 from pj_core.settings import DEFAULTS
 from pj_core.threads import iterate_in_thread, last_in_thread
+from pj_integrations.llama_index.batching import BatchCalls
 from pj_integrations.llama_index.messages import (
     chat_chunks,
     chat_conversation,
@@ -59,7 +57,7 @@ if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool
 
 
-class PersonaJudgeLLM(ConstrainedStructuredLLM):
+class PersonaJudgeLLM(BatchCalls, ConstrainedStructuredLLM):
     """A LlamaIndex LLM that answers with Persona-judge decoding on a local model.
 
     Personas come from exactly one of ``preferences`` (catalog names or free-text
@@ -348,103 +346,6 @@ class PersonaJudgeLLM(ConstrainedStructuredLLM):
             {'a': 2, 'b': 3}
         """
         return tool_selections(response, error_on_no_tool_call)
-
-    # ------------------------------------------------------------------ batches
-    # LlamaIndex's LLM interface has no batch call; these serve many prompts (e.g. many
-    # users' copies of one query) with one batched decode instead of one call each.
-
-    def complete_batch(
-        self, prompts: Sequence[str], formatted: bool = False, **kwargs: Any
-    ) -> list[CompletionResponse]:
-        """Answer several prompts in ONE batched decode
-        (:meth:`pj_core.engine.PersonaJudge.generate_batch`); responses in prompt order.
-
-        Each prompt is read as :meth:`complete` reads it, and ``kwargs`` (personas or
-        settings) apply to every prompt. Each response is :meth:`complete`'s for the same
-        settings and seed (up to rare float rounding differences between batched and single
-        forwards); its ``stats`` describe the batched run (``strategy`` is ``"lockstep"``).
-        A prompt that fails validation raises its typed error, whose message starts with
-        ``request <index>:``, before anything is decoded. LlamaIndex's per-call LLM events
-        belong to :meth:`complete` and are not emitted by a batch.
-
-        Example:
-            >>> llm = PersonaJudgeLLM(preferences=["humor", "concise"], max_tokens=32, seed=0)
-            >>> replies = llm.complete_batch(["Name a fruit.", "Name a tree."])  # doctest: +SKIP
-            >>> [r.additional_kwargs["finish_reason"] for r in replies]  # doctest: +SKIP
-            ['eos', 'eos']
-        """
-        if isinstance(prompts, str):
-            raise InvalidPromptError(
-                "complete_batch takes a list of prompts, e.g. ['Hi!', 'Why?']; for one prompt "
-                "use complete()"
-            )
-        plans = [
-            self._batch_plan(
-                index, functools.partial(self._completion_conversation, prompt, formatted), kwargs
-            )
-            for index, prompt in enumerate(prompts)
-        ]
-        results = self._generate_batch(plans)
-        return [
-            completion_response(result, plan) for result, plan in zip(results, plans, strict=True)
-        ]
-
-    def chat_batch(
-        self, messages_list: Sequence[Sequence[ChatMessage]], **kwargs: Any
-    ) -> list[ChatResponse]:
-        """Answer several conversations in ONE batched decode; responses in input order.
-
-        :meth:`complete_batch` for :meth:`chat`: each conversation is rendered as
-        :meth:`chat` renders it, and each response equals :meth:`chat`'s with the same
-        settings and seed.
-
-        Example:
-            >>> from llama_index.core.llms import ChatMessage
-            >>> llm = PersonaJudgeLLM(preferences=["concise", "expert"], max_tokens=48, seed=1)
-            >>> talks = [[ChatMessage(role="user", content="What is RAG?")],
-            ...          [ChatMessage(role="user", content="What is BM25?")]]
-            >>> [r.message.content for r in llm.chat_batch(talks)]  # doctest: +SKIP
-        """
-        if isinstance(messages_list, str) or any(
-            isinstance(item, ChatMessage | str) for item in messages_list
-        ):
-            raise InvalidPromptError(
-                "chat_batch takes a list of conversations, each a list of ChatMessage; for "
-                "one conversation use chat()"
-            )
-        plans = [
-            self._batch_plan(index, functools.partial(self._chat_conversation, messages), kwargs)
-            for index, messages in enumerate(messages_list)
-        ]
-        results = self._generate_batch(plans)
-        return [chat_response(result, plan) for result, plan in zip(results, plans, strict=True)]
-
-    def _batch_plan(
-        self,
-        index: int,
-        conversation: Callable[[], list[dict[str, Any]]],
-        options: Mapping[str, Any],
-    ) -> CallRequest:
-        """The plan of one batch item; its error names the item, as generate_batch's do."""
-        try:
-            return self._plan(conversation(), options)
-        except PersonaJudgeError as exc:
-            raise name_request(exc, index) from None
-
-    def _generate_batch(self, plans: list[CallRequest]) -> list[GenerationResult]:
-        if not plans:
-            return []
-        if not all(plan.batchable for plan in plans):
-            # An option generate_batch has no field for: only single calls honour it.
-            return [plan.generate() for plan in plans]
-        if self.rate_limiter is not None:
-            for _ in plans:  # one token per answer, as for single calls
-                self.rate_limiter.acquire()
-        requests = [plan.batch_request() for plan in plans]
-        # Every plan of one object decodes with the object's engine.
-        with adapter_names():
-            results: list[GenerationResult] = plans[0].engine.generate_batch(requests)
-        return results
 
     # ------------------------------------------------------------------ async API
     # Decoding is CPU/GPU-bound and synchronous; it runs in a worker thread so that other
