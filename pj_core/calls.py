@@ -285,6 +285,23 @@ def load_profile(user_id: str, store: ProfileStoreLike) -> PersonaProfile:
     return load_from_store(user_id, store)
 
 
+def profile_revision(user_id: str, store: ProfileStoreLike) -> int | None:
+    """The revision of ``user_id``'s saved profile; ``None`` when there is none, or the id is
+    invalid (a cache key only needs to change when the profile does).
+
+    Example:
+        >>> from pj_core.personas.store import open_store
+        >>> with open_store(":memory:") as store:
+        ...     _ = store.put(PersonaProfile(user_id="alice", preferences=["humor"]))
+        ...     profile_revision("alice", store), profile_revision("bob", store)
+        (1, None)
+    """
+    try:
+        return load_profile(user_id, store).revision
+    except PersonaJudgeError:
+        return None
+
+
 def profile_generation_defaults(profile: PersonaProfile) -> dict[str, Any]:
     """A profile's saved generation defaults under the adapters' option names."""
     return {_PROFILE_NAMES.get(k, k): v for k, v in profile.generation_kwargs().items()}

@@ -365,3 +365,37 @@ def test_10_complete_batch_takes_one_user_per_prompt(engine: PersonaJudge) -> No
         ]
         with pytest.raises(InvalidPromptError, match="one user id"):
             llm.complete_batch(["hello", "why"], profile_ids=["alice"])
+
+
+# ----------------------------------------------------------------------------- 8: LLM cache
+
+
+def test_8_an_edited_profile_is_a_new_llm_cache_key(tiny_dir: str) -> None:
+    # With an LLM cache, an edited profile kept returning the cached answers of its old
+    # personas: the cache key had no profile revision.
+    from langchain_core.caches import InMemoryCache
+
+    with open_store(":memory:") as store:
+        store.put(PersonaProfile(user_id="alice", preferences=["be funny", "be brief"]))
+        cache = InMemoryCache()
+        instance_user = ChatPersonaJudge(
+            model=tiny_dir, profile_id="alice", profile_store=store, seed=0, cache=cache
+        )
+        config_user = ChatPersonaJudge(
+            model=tiny_dir, preferences=PREFERENCES, profile_store=store, seed=0, cache=cache
+        )
+        alice: Any = {"configurable": {"user_id": "alice"}}
+        calls: list[Any] = [
+            lambda: instance_user.invoke("hello", max_tokens=3),
+            lambda: config_user.invoke("hello", config=alice, max_tokens=3),
+            lambda: config_user.invoke("hello", user_id="alice", max_tokens=3),
+        ]
+        for call in calls:
+            first = call()
+            assert call().response_metadata["personas"] == first.response_metadata["personas"]
+        cached = len(cache._cache)  # the cache's entries
+        store.put(PersonaProfile(user_id="alice", preferences=["the cat", "the dog"]))
+        for call in calls:
+            reply = call()
+            assert reply.response_metadata["personas"] == ["the cat", "the dog"]
+        assert len(cache._cache) == 2 * cached  # new keys; the old ones untouched

@@ -36,6 +36,7 @@ from pj_core.calls import (
     check_setting_names,
     counting_tokenizer,
     field_names,
+    profile_revision,
     settings_error,
     shared_engine,
 )
@@ -43,7 +44,12 @@ from pj_core.engine import PersonaJudge
 from pj_core.personas import PersonaProfile, PreferenceSpec, check_user_id
 from pj_core.threads import iterate_in_thread, last_in_thread
 from pj_integrations.langchain.batching import abatch_invokes, batch_invokes, current_slot
-from pj_integrations.langchain.config import NETWORK_PARAMS, reads_config_user, with_config_user
+from pj_integrations.langchain.config import (
+    NETWORK_PARAMS,
+    REVISION_KWARG,
+    reads_config_user,
+    with_config_user,
+)
 from pj_integrations.langchain.counting import count_message_tokens
 from pj_integrations.langchain.messages import (
     ai_message,
@@ -119,12 +125,9 @@ class ChatPersonaJudge(BaseChatModel):
         >>> await chat.abatch(["Hi!", []], return_exceptions=True)  # doctest: +SKIP
         [AIMessage(...), InvalidPromptError('the messages hold no human (user) message; ...')]
 
-    Response metadata:
-        ``model_name``, ``finish_reason`` ("eos", "stop" or "length"), ``stats`` (Persona-judge
-        counts: rounds, drafted, accepted, acceptance_rate, tokens_per_second, ...),
-        ``personas`` (the persona texts used) and ``persona_source`` (``"preferences"``,
-        ``"persona"`` or ``"profile:<user id>"``). ``usage_metadata`` counts tokens with the
-        model's tokenizer; ``input_tokens`` is the longest persona prompt.
+    Response metadata: ``model_name``, ``finish_reason``, ``stats`` (rounds, acceptance_rate,
+    tokens_per_second, ...), ``personas``, ``persona_source`` (``"preferences"``, ``"persona"``
+    or ``"profile:<user id>"``); ``usage_metadata``'s ``input_tokens``: the longest prompt.
 
     Tools: :meth:`bind_tools`; objects: :meth:`with_structured_output`; both valid by
     construction. Not supported: images and other non-text inputs.
@@ -222,7 +225,6 @@ class ChatPersonaJudge(BaseChatModel):
 
     @model_validator(mode="after")
     def _check_settings(self) -> Self:
-        # Fail at construction, not at the first call.
         self._settings().check()
         return self
 
@@ -239,6 +241,8 @@ class ChatPersonaJudge(BaseChatModel):
         for name in ("preferences", "persona", "profile_id"):
             if getattr(self, name) is not None:
                 params[name] = getattr(self, name)
+        if self.profile_id is not None:  # an edited profile makes a new LLM cache key
+            params[REVISION_KWARG] = profile_revision(self.profile_id, self.profile_store)
         return params
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
@@ -472,7 +476,8 @@ class ChatPersonaJudge(BaseChatModel):
     def _request(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
     ) -> CallRequest:
-        options = kwargs if stop is None else {**kwargs, "stop": stop}
+        options = {k: v for k, v in kwargs.items() if k != REVISION_KWARG}  # for the cache key
+        options = options if stop is None else {**options, "stop": stop}
         request = build_call(self._settings(), to_conversation(messages), options)
         model = kwargs.get("model")
         if model is None or os.fspath(model) == self.model:

@@ -55,7 +55,8 @@ def reads_config_user(method: _Method) -> _Method:
     def with_user(
         self: Any, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> Any:
-        return method(self, input, config, **with_config_user(config, kwargs))
+        kwargs = with_config_user(config, kwargs)
+        return method(self, input, config, **with_profile_revision(kwargs, self.profile_store))
 
     return cast(_Method, with_user)
 
@@ -64,3 +65,19 @@ def reads_config_user(method: _Method) -> _Method:
 # such as init_chat_model passes them to any chat model) and ignored, since a local model
 # has no connection to time out or retry and no key.
 NETWORK_PARAMS = frozenset({"timeout", "max_retries", "api_key"})
+
+
+REVISION_KWARG = "profile_revision"
+"""A call's keyword argument carrying the saved revision of the profile it reads: LangChain
+builds its LLM cache key from the call's keyword arguments, so an edited profile is a new key
+(the adapter drops it before building the request)."""
+
+
+def with_profile_revision(kwargs: dict[str, Any], store: Any) -> dict[str, Any]:
+    """``kwargs`` with the revision of the profile its ``user_id``/``profile_id`` names (none
+    when the call names no user, or the user has no saved profile: the call then says so)."""
+    from pj_core.calls import profile_revision
+
+    user = kwargs.get("user_id") or kwargs.get("profile_id")
+    revision = profile_revision(user, store) if isinstance(user, str) else None
+    return kwargs if revision is None else {**kwargs, REVISION_KWARG: revision}
