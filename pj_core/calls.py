@@ -94,11 +94,11 @@ CALL_OPTIONS: tuple[str, ...] = (*GENERATION_OPTIONS, *PERSONA_OPTIONS, *TOOL_OP
 """Every per-call option an adapter accepts (``model``: another model spec for this call)."""
 
 _ENGINE_NAMES = {"max_tokens": "max_new_tokens"}
-ADAPTER_BUDGET = "max_tokens"
+ADAPTER_BUDGET = "max_tokens"  # the answer budget's name in both adapters and the server
 # The engine arguments that change a call's prompt (count_prompt_tokens takes these).
 _PROMPT_OPTIONS = frozenset(
     {"strength", "neutral_system", "response_format", "tools", "tool_choice", "parallel_tool_calls"}
-)  # the answer budget's name in both adapters and the server
+)
 # A saved profile stores the engine's names; the adapters expose the frameworks' names.
 _PROFILE_NAMES = {"max_new_tokens": "max_tokens"}
 

@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, overload
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -363,23 +363,24 @@ class PersonaJudge:
             seed=seed,
             stop=stop,
         )
-        conversation, constraint, checked_tools = self.prepare_output(
-            conversation, response_format, tools, tool_choice, parallel_tool_calls
-        )
-        prompts, names = self.render_prompts(conversation, personas)
-        neutral = (
-            self.render_neutral_prompt(conversation, neutral_system)
-            if config.strength > 0
-            else None
+        rendered = self._render_call(
+            conversation,
+            personas,
+            config.strength,
+            neutral_system,
+            response_format,
+            tools,
+            tool_choice,
+            parallel_tool_calls,
         )
         return self.stream_prepared(
-            prompts,
-            names,
+            rendered.prompts,
+            rendered.names,
             config,
             logit_transforms=logit_transforms,
-            neutral_prompt=neutral,
-            constraint=constraint,
-            tools=checked_tools,
+            neutral_prompt=rendered.neutral,
+            constraint=rendered.constraint,
+            tools=rendered.tools,
         )
 
     def count_prompt_tokens(
@@ -407,13 +408,38 @@ class PersonaJudge:
             41
         """
         config = GenerationConfig.create(defaults=self.defaults, strength=strength)
-        conversation, _, _ = self.prepare_output(
+        rendered = self._render_call(
+            conversation,
+            personas,
+            config.strength,
+            neutral_system,
+            response_format,
+            tools,
+            tool_choice,
+            parallel_tool_calls,
+        )
+        return max(len(prompt) for prompt in [*rendered.prompts, rendered.neutral or []])
+
+    def _render_call(
+        self,
+        conversation: str | Sequence[dict[str, str]],
+        personas: PersonasInput,
+        strength: float,
+        neutral_system: str | None,
+        response_format: ResponseFormat | None,
+        tools: Sequence[ToolLike] | None,
+        tool_choice: str | None,
+        parallel_tool_calls: bool | None,
+    ) -> _RenderedCall:
+        """What a call prefills, as :meth:`stream` decodes it and :meth:`count_prompt_tokens`
+        counts it: the output rules, each persona's prompt and the neutral prompt (guided
+        calls only)."""
+        conversation, constraint, checked_tools = self.prepare_output(
             conversation, response_format, tools, tool_choice, parallel_tool_calls
         )
-        prompts, _ = self.render_prompts(conversation, personas)
-        if config.strength > 0:
-            prompts.append(self.render_neutral_prompt(conversation, neutral_system))
-        return max(len(prompt) for prompt in prompts)
+        prompts, names = self.render_prompts(conversation, personas)
+        neutral = self.render_neutral_prompt(conversation, neutral_system) if strength > 0 else None
+        return _RenderedCall(prompts, names, neutral, constraint, checked_tools)
 
     def prepare_output(
         self,
@@ -971,6 +997,16 @@ LARGE_PROMPT_CHARS_PER_TOKEN = 4
 """A prompt with more characters than the context window times this is counted in tokens
 before rendering (with a second tokenizer, see :meth:`PersonaJudge.check_prompt_size`), so
 one that cannot fit is refused without holding the tokenizer lock that every call shares."""
+
+
+class _RenderedCall(NamedTuple):
+    """A call's rendered prompts and output rules (:meth:`PersonaJudge._render_call`)."""
+
+    prompts: list[list[int]]
+    names: list[str]
+    neutral: list[int] | None
+    constraint: CompiledConstraint | None
+    tools: list[Tool] | None
 
 
 def _is_list_like(value: object) -> bool:

@@ -91,7 +91,6 @@ def _nucleus(probs: torch.Tensor, top_p: float, chosen: torch.Tensor | None) -> 
     drop = drop.scatter(-1, order, drop_ranked)
     probs = probs.masked_fill(drop, 0.0)
     return probs / probs.sum(dim=-1, keepdim=True)
-    return probs
 
 
 def sample_index(probs: torch.Tensor, u: float) -> int:
