@@ -36,6 +36,7 @@ import copy
 import dataclasses
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -116,33 +117,42 @@ class SharedModel:
     engine: Any
 
 
-_SHARED: dict[str, SharedModel] = {}
-_SHARED_LOCK = threading.Lock()
+# Engines by model identity (every spelling of a spec shares one), least recently used first,
+# at most max_loaded_models() of them.
+_SHARED: OrderedDict[str, SharedModel] = OrderedDict()
+_SHARED_LOCK = threading.Lock()  # guards _SHARED (held for microseconds)
+_LOADING_LOCK = threading.Lock()  # one load at a time
 
 
 def shared_engine(spec: str | os.PathLike[str]) -> SharedModel:
     """The process-wide :class:`SharedModel` for ``spec``, loading it on first use.
 
-    Loading happens once per spec even when many threads ask at the same time; later calls
-    return the cached object without touching the weights. ``pj_core.backends.hf.models.load_model``
-    already shares weights per spec; this cache also shares the engine built on them.
+    Every spelling of one model (an alias and its GGUF file, a relative and an absolute path)
+    gets the same engine (``pj_core.backends.hf.models.model_identity``). Loading happens once
+    even when many threads ask at the same time; later calls return the cached object without
+    touching the weights. At most ``max_loaded_models()`` engines stay cached (default 3,
+    ``$PJ_MAX_LOADED_MODELS``): loading one more releases the least recently used, whose
+    memory is freed once no running call holds it.
 
     Raises:
         ModelNotFoundError, ModelPackageMissingError, ModelLoadError: from ``load_model``.
     """
-    key = os.fspath(spec)
-    shared = _SHARED.get(key)
+    from pj_core.backends.hf.models import max_loaded_models, model_identity
+
+    key = model_identity(spec)
+    limit = max_loaded_models()  # a bad setting fails before any loading
+    shared = _use(key)
     if shared is not None:
         return shared
-    # One lock for all specs: loading two models at once gains nothing on a small machine and
-    # a per-spec lock table would need its own lock anyway.
-    with _SHARED_LOCK:
-        shared = _SHARED.get(key)
+    # One loading lock for all specs: loading two models at once gains nothing on a small
+    # machine. Calls on models already loaded do not wait for it.
+    with _LOADING_LOCK:
+        shared = _use(key)
         if shared is None:
             from pj_core.backends.hf.models import load_model
             from pj_core.engine import PersonaJudge
 
-            loaded = load_model(key)
+            loaded = load_model(spec)
             engine = PersonaJudge(
                 loaded.model,
                 loaded.tokenizer,
@@ -151,13 +161,30 @@ def shared_engine(spec: str | os.PathLike[str]) -> SharedModel:
                 eos_token_ids=loaded.eos_token_ids,
             )
             shared = SharedModel(loaded=loaded, engine=engine)
-            _SHARED[key] = shared
+            with _SHARED_LOCK:
+                _SHARED[key] = shared
+                while len(_SHARED) > limit:
+                    _SHARED.popitem(last=False)
     return shared
 
 
+def _use(key: str) -> SharedModel | None:
+    """The cached engine of ``key``, marked most recently used."""
+    with _SHARED_LOCK:
+        shared = _SHARED.get(key)
+        if shared is not None:
+            _SHARED.move_to_end(key)
+        return shared
+
+
 def is_loaded(spec: str | os.PathLike[str]) -> bool:
-    """Whether :func:`shared_engine` has already loaded ``spec`` in this process."""
-    return os.fspath(spec) in _SHARED
+    """Whether :func:`shared_engine` holds a loaded engine for ``spec`` (any spelling of it)."""
+    from pj_core.backends.hf.models import model_identity
+
+    try:
+        return model_identity(spec) in _SHARED
+    except PersonaJudgeError:  # not a model at all: certainly not loaded
+        return False
 
 
 @dataclass(frozen=True)
@@ -524,6 +551,8 @@ class AdapterSettings:
         profile_store: where ``user_id``/``profile_id`` profiles are read (``None``: the
             default store).
         engine: a ready engine to decode with instead of the shared one of ``model``.
+        allowed_models: specs a call's ``model=`` may name besides ``model`` and the built-in
+            aliases (:func:`call_model`).
     """
 
     model: str | os.PathLike[str]
@@ -531,6 +560,7 @@ class AdapterSettings:
     personas: PersonaSources = PersonaSources()
     profile_store: ProfileStoreLike = None
     engine: PersonaJudge | None = None
+    allowed_models: Sequence[str | os.PathLike[str]] = ()
 
     def check(self) -> None:
         """Check the settings as the engine will (so an adapter fails at construction, not
@@ -563,6 +593,8 @@ class CallRequest:
         persona_source: where they came from (``"profile:<user id>"``, ``"persona"`` or
             ``"preferences"``).
         generate_kwargs: the keyword arguments of ``engine.generate`` (engine names).
+        model_name: the model as the call named it (the adapter's spec or the call's
+            ``model=``; the engine's name for an adapter built on a ready engine).
     """
 
     engine: PersonaJudge
@@ -570,6 +602,7 @@ class CallRequest:
     personas: list[Persona]
     persona_source: str
     generate_kwargs: dict[str, Any]
+    model_name: str
 
     def generate(self) -> GenerationResult:
         """Decode the call (``engine.generate``).
@@ -658,18 +691,7 @@ def build_call(
         ({'temperature': 0.5, 'seed': 1}, 'preferences')
     """
     check_call_options(options, extra_allowed=("model", *TOOL_OPTIONS))
-    model = options.get("model")
-    if model is not None:
-        if not isinstance(model, str | os.PathLike):
-            raise InvalidGenerationConfigError(
-                f"model must be a model alias or path, got {type(model).__name__}"
-            )
-        if settings.engine is not None and os.fspath(model) != os.fspath(settings.model):
-            raise InvalidGenerationConfigError(
-                f"model={os.fspath(model)!r} was given to a call of an adapter built on a "
-                "ready engine; build another adapter for that model"
-            )
-    spec = model if model is not None else settings.model
+    spec = call_model(settings, options.get("model"))
     choice = choose_personas(
         PersonaSources(
             preferences=options.get("preferences"),
@@ -694,11 +716,72 @@ def build_call(
         kwargs["stop"] = [*(kwargs.get("stop") or ()), *layout_stops]
     return CallRequest(
         engine=engine,
+        model_name=engine.name if settings.engine is not None else os.fspath(spec),
         conversation=conversation,
         personas=choice.personas,
         persona_source=choice.source,
         generate_kwargs=kwargs,
     )
+
+
+def call_model(settings: AdapterSettings, model: object) -> str | os.PathLike[str]:
+    """The model spec a call decodes with: its ``model=`` if the adapter allows it, else the
+    instance's.
+
+    A call may name the instance's model (any spelling of it), a built-in alias, or a spec in
+    ``settings.allowed_models``: a prompt-driven agent or a request handler that forwards
+    options must not make the process load whatever path it is given. An adapter built on a
+    ready engine takes no other model.
+
+    Raises:
+        InvalidGenerationConfigError: a spec that is not a string or path, or not allowed
+            (nothing is loaded, and the message does not say whether the path exists).
+
+    Example:
+        >>> settings = AdapterSettings(model="smollm2-135m-instruct", generation={})
+        >>> call_model(settings, "gemma3-270m")
+        'gemma3-270m'
+        >>> call_model(settings, "/etc")
+        Traceback (most recent call last):
+        ...
+        pj_core.errors.InvalidGenerationConfigError: model='/etc' is not allowed in a call: ...
+    """
+    from pj_core.backends.hf.models import BUILTIN_MODELS
+
+    if model is None:
+        return settings.model
+    if not isinstance(model, str | os.PathLike):
+        raise InvalidGenerationConfigError(
+            f"model must be a model alias or path, got {type(model).__name__}"
+        )
+    text = os.fspath(model)
+    if settings.engine is not None:
+        if text == os.fspath(settings.model):
+            return model
+        raise InvalidGenerationConfigError(
+            f"model={text!r} was given to a call of an adapter built on a ready engine; build "
+            "another adapter for that model"
+        )
+    trusted = [os.fspath(settings.model), *(os.fspath(m) for m in settings.allowed_models)]
+    if text in trusted or text.strip().lower() in BUILTIN_MODELS:
+        return model
+    if _identity_or_none(text) in {_identity_or_none(m) for m in trusted} - {None}:
+        return model  # another spelling of an allowed model
+    raise InvalidGenerationConfigError(
+        f"model={text!r} is not allowed in a call: a call may name the adapter's model "
+        f"({trusted[0]!r}), a built-in alias ({', '.join(BUILTIN_MODELS)}) or a model listed "
+        "in the adapter's allowed_models; to decode with this one, add it there (e.g. "
+        f"allowed_models=[{text!r}]) or build an adapter with model={text!r}"
+    )
+
+
+def _identity_or_none(spec: str) -> str | None:
+    from pj_core.backends.hf.models import model_identity
+
+    try:
+        return model_identity(spec)
+    except PersonaJudgeError:
+        return None
 
 
 def settings_error(exc: ValidationError, owner: str) -> PersonaJudgeError:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import copy
 import functools
+import gc
 import os
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +19,19 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, trim_messages
 from llama_index.core.base.llms.types import ChatMessage
 
-from pj_core.calls import shared_engine
+from pj_core import calls
+from pj_core.backends.hf import models
+from pj_core.backends.hf.models import (
+    MAX_LOADED_MODELS_ENV_VAR,
+    load_model,
+    max_loaded_models,
+)
+from pj_core.calls import is_loaded, shared_engine
 from pj_core.engine import PersonaJudge
 from pj_core.errors import (
     ContextOverflowError,
     InvalidGenerationConfigError,
+    InvalidModelOptionError,
     InvalidPromptError,
     UnknownPreferenceError,
 )
@@ -399,3 +409,102 @@ def test_8_an_edited_profile_is_a_new_llm_cache_key(tiny_dir: str) -> None:
             reply = call()
             assert reply.response_metadata["personas"] == ["the cat", "the dog"]
         assert len(cache._cache) == 2 * cached  # new keys; the old ones untouched
+
+
+# ----------------------------------------------------------------------------- 11: per-call models
+
+
+def _save_tiny(folder: Path, seed: int) -> str:
+    tokenizer = make_tiny_tokenizer()
+    model = make_tiny_model(len(tokenizer), seed=seed)
+    model.config.max_position_embeddings = WINDOW
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_11_a_call_cannot_load_a_path_the_adapter_does_not_allow(
+    tiny_dir: str, tmp_path: Path
+) -> None:
+    other = _save_tiny(tmp_path / "other", seed=3)
+    missing = str(tmp_path / "no_such_model")
+    li = PersonaJudgeLLM(model=tiny_dir, preferences=PREFERENCES, seed=0, max_tokens=4)
+    attempts = {
+        "langchain invoke": lambda spec: _lc(tiny_dir, max_tokens=4).invoke("hello", model=spec),
+        "langchain stream": lambda spec: list(_lc(tiny_dir, max_tokens=4).stream("hi", model=spec)),
+        "llama_index complete": lambda spec: li.complete("hello", model=spec),
+    }
+    for where, attempt in attempts.items():
+        messages = []
+        for spec in (other, missing):
+            with pytest.raises(InvalidGenerationConfigError, match="allowed_models") as caught:
+                attempt(spec)
+            messages.append(str(caught.value).replace(spec, "<spec>"))
+        # The same answer whether the path holds a model or nothing: a caller learns nothing.
+        assert messages[0] == messages[1], where
+        assert not is_loaded(other), where
+
+
+def test_11_allowed_models_and_other_spellings_decode(
+    tiny_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = _save_tiny(tmp_path / "other", seed=4)
+    lc = _lc(tiny_dir, max_tokens=4, allowed_models=[other])
+    assert lc.invoke("hello", model=other).response_metadata["model_name"] == other
+    li = PersonaJudgeLLM(model=tiny_dir, preferences=PREFERENCES, allowed_models=[other])
+    assert li.complete("hello", model=other, max_tokens=4).text is not None
+    # Another spelling of an allowed model (relative, with a trailing separator) is that model.
+    monkeypatch.chdir(tmp_path)
+    relative = os.path.join(".", "other", "")
+    reply = lc.invoke("hello", model=relative)
+    assert reply.response_metadata["model_name"] == relative
+    # The built-in aliases are always allowed, in any case; a near miss is not.
+    settings = calls.AdapterSettings(model=tiny_dir, generation={})
+    assert calls.call_model(settings, " Gemma3-270M") == " Gemma3-270M"
+    with pytest.raises(InvalidGenerationConfigError, match="allowed_models"):
+        lc.invoke("hello", model="gemma3-270m-nope")
+
+
+def test_11_every_spelling_of_a_spec_shares_one_cached_engine(
+    tiny_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = Path(tiny_dir)
+    monkeypatch.chdir(folder.parent)
+    spellings: list[str | os.PathLike[str]] = [
+        tiny_dir,
+        tiny_dir + os.sep,
+        os.path.join(tiny_dir, "."),
+        os.path.join(".", folder.name),
+        os.path.join("..", folder.parent.name, folder.name),
+        folder,
+    ]
+    before = set(calls._SHARED)
+    engines = {id(shared_engine(spec).engine) for spec in spellings}
+    assert len(engines) == 1
+    assert len(set(calls._SHARED) - before) <= 1
+    assert all(is_loaded(spec) for spec in spellings)
+
+
+def test_11_at_most_max_loaded_models_stay_loaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(MAX_LOADED_MODELS_ENV_VAR, "1")
+    first, second = (_save_tiny(tmp_path / f"m{i}", seed=10 + i) for i in range(2))
+    weights = weakref.ref(shared_engine(first).engine.model)
+    assert is_loaded(first)
+    shared_engine(second)
+    assert is_loaded(second) and not is_loaded(first)
+    assert len(calls._SHARED) == 1 and len(models._loaded) == 1
+    gc.collect()
+    assert weights() is None  # released: nothing held the first model any more
+    # A model still in use when it leaves the cache is not loaded a second time.
+    held = load_model(second)
+    load_model(first)
+    assert load_model(second) is held
+
+
+def test_11_a_bad_max_loaded_models_is_a_typed_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    for value in ("0", "-2", "three"):
+        monkeypatch.setenv(MAX_LOADED_MODELS_ENV_VAR, value)
+        with pytest.raises(InvalidModelOptionError, match=MAX_LOADED_MODELS_ENV_VAR):
+            max_loaded_models()

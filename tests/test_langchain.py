@@ -226,7 +226,10 @@ def test_same_seed_same_answer_and_ls_params(llm: ChatPersonaJudge, tiny_dir: st
     assert llm._get_ls_params(model="other")["ls_model_name"] == "other"
 
 
-def test_model_override_per_call(llm: ChatPersonaJudge, other_tiny_dir: str) -> None:
+def test_model_override_per_call(tiny_dir: str, other_tiny_dir: str) -> None:
+    llm = ChatPersonaJudge(
+        model=tiny_dir, preferences="humor", max_tokens=12, allowed_models=[other_tiny_dir]
+    )
     message = llm.invoke(QUESTION, model=other_tiny_dir)
     assert message.response_metadata["model_name"] == other_tiny_dir
 

@@ -261,7 +261,9 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     """
     config = config or ServerConfig()
     engine = config.engine if config.engine is not None else shared_engine(config.model).engine
-    name = config.served_model_name or engine.name
+    name = config.served_model_name or (
+        engine.name if config.engine is not None else os.fspath(config.model)
+    )
     store = (
         config.profile_store
         if isinstance(config.profile_store, AbstractProfileStore)

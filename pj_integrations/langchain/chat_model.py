@@ -36,7 +36,6 @@ from pj_core.calls import (
     check_setting_names,
     counting_tokenizer,
     field_names,
-    profile_revision,
     settings_error,
     shared_engine,
 )
@@ -47,6 +46,7 @@ from pj_integrations.langchain.batching import abatch_invokes, batch_invokes, cu
 from pj_integrations.langchain.config import (
     NETWORK_PARAMS,
     REVISION_KWARG,
+    identifying_params,
     reads_config_user,
     with_config_user,
 )
@@ -136,6 +136,11 @@ class ChatPersonaJudge(BaseChatModel):
     model: str = DEFAULT_MODEL
     """Model spec: a built-in alias or a local path. Every instance with the same spec shares
     one copy of the weights, loaded on the first call."""
+
+    allowed_models: list[str] | None = None
+    """Specs a call's ``model=`` may name besides ``model`` and the built-in aliases; a call
+    naming any other path is refused (nothing loads). At most 3 models stay loaded
+    (``$PJ_MAX_LOADED_MODELS``)."""
 
     preferences: PreferenceSpec | None = None
     """Default personas: catalog preference names and/or free-text sentences (a string, a
@@ -236,14 +241,7 @@ class ChatPersonaJudge(BaseChatModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        params: dict[str, Any] = {"model": self.model}
-        params.update({k: v for k, v in self._settings().generation.items() if v is not None})
-        for name in ("preferences", "persona", "profile_id"):
-            if getattr(self, name) is not None:
-                params[name] = getattr(self, name)
-        if self.profile_id is not None:  # an edited profile makes a new LLM cache key
-            params[REVISION_KWARG] = profile_revision(self.profile_id, self.profile_store)
-        return params
+        return identifying_params(self._settings())
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         return langsmith_params(
@@ -492,6 +490,7 @@ class ChatPersonaJudge(BaseChatModel):
                 preferences=self.preferences, persona=self.persona, profile_id=self.profile_id
             ),
             profile_store=self.profile_store,
+            allowed_models=self.allowed_models or (),
         )
 
     def _note_context_window(self, engine: PersonaJudge) -> None:

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import ensure_config
+
+if TYPE_CHECKING:
+    from pj_core.calls import AdapterSettings
 
 CONFIG_USER_ID_KEY = "user_id"
 """Key of ``RunnableConfig["configurable"]`` holding the id of the user a call is for."""
@@ -81,3 +84,21 @@ def with_profile_revision(kwargs: dict[str, Any], store: Any) -> dict[str, Any]:
     user = kwargs.get("user_id") or kwargs.get("profile_id")
     revision = profile_revision(user, store) if isinstance(user, str) else None
     return kwargs if revision is None else {**kwargs, REVISION_KWARG: revision}
+
+
+def identifying_params(settings: AdapterSettings) -> dict[str, Any]:
+    """A chat model's ``_identifying_params`` (LangChain's LLM cache key): the model, the
+    generation settings and persona options that are set, and the saved revision of the
+    instance's profile, so an edited profile makes a new key."""
+    from pj_core.calls import profile_revision
+
+    params: dict[str, Any] = {"model": settings.model}
+    params.update({k: v for k, v in settings.generation.items() if v is not None})
+    for name in ("preferences", "persona", "profile_id"):
+        if getattr(settings.personas, name) is not None:
+            params[name] = getattr(settings.personas, name)
+    if settings.personas.profile_id is not None:
+        params[REVISION_KWARG] = profile_revision(
+            settings.personas.profile_id, settings.profile_store
+        )
+    return params

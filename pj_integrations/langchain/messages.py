@@ -187,7 +187,7 @@ def usage(result: GenerationResult) -> UsageMetadata:
 
 def response_metadata(request: CallRequest, result: GenerationResult) -> dict[str, Any]:
     return {
-        "model_name": request.engine.name,
+        "model_name": request.model_name,
         "finish_reason": result.finish_reason,
         "stats": stats_dict(result.stats),
         "personas": [persona.text for persona in request.personas],

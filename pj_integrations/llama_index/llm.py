@@ -105,6 +105,10 @@ class PersonaJudgeLLM(BatchCalls, ConstrainedStructuredLLM):
         default=DEFAULT_MODEL,
         description="Model alias ('smollm2-135m-instruct', 'gemma3-270m'), path or hub id.",
     )
+    allowed_models: list[str] | None = Field(
+        default=None,
+        description="Specs a call's model= may name besides `model` and the built-in aliases.",
+    )
     preferences: PreferenceSpec | None = Field(
         default=None, description="Catalog preference names or free-text sentences."
     )
@@ -216,7 +220,7 @@ class PersonaJudgeLLM(BatchCalls, ConstrainedStructuredLLM):
             num_output=self.max_tokens or DEFAULTS.max_new_tokens,
             is_chat_model=True,
             is_function_calling_model=True,
-            model_name=engine.name,
+            model_name=engine.name if self.engine is not None else self.model,
         )
 
     def _settings(self) -> AdapterSettings:
@@ -226,6 +230,7 @@ class PersonaJudgeLLM(BatchCalls, ConstrainedStructuredLLM):
             personas=PersonaSources(self.preferences, self.persona, self.profile_id),
             profile_store=self.profile_store,
             engine=self.engine,
+            allowed_models=self.allowed_models or (),
         )
 
     def _plan(self, conversation: list[dict[str, Any]], options: Mapping[str, Any]) -> CallRequest:

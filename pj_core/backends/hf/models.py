@@ -33,6 +33,8 @@ import os
 import re
 import threading
 import uuid
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -412,10 +414,65 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 # Loading
 
 _LoadKey = tuple[str, str, str, bool, bool]
-_loaded: dict[_LoadKey, LoadedModel] = {}
-_named: dict[tuple[_LoadKey, str], LoadedModel] = {}
+# Strong references to the most recently used models, oldest first, at most
+# max_loaded_models() of them; _alive finds any that is still in use after it left _loaded, so
+# one set of weights is never loaded twice.
+_loaded: OrderedDict[_LoadKey, LoadedModel] = OrderedDict()
+_alive: weakref.WeakValueDictionary[_LoadKey, LoadedModel] = weakref.WeakValueDictionary()
+_named: weakref.WeakValueDictionary[tuple[_LoadKey, str], LoadedModel] = (
+    weakref.WeakValueDictionary()
+)
 _key_locks: dict[_LoadKey, threading.Lock] = {}
 _registry_lock = threading.Lock()
+
+MAX_LOADED_MODELS_ENV_VAR = "PJ_MAX_LOADED_MODELS"
+DEFAULT_MAX_LOADED_MODELS = 3  # as Ollama's OLLAMA_MAX_LOADED_MODELS on a CPU
+
+
+def max_loaded_models() -> int:
+    """How many models a process keeps loaded when nothing else uses them:
+    ``$PJ_MAX_LOADED_MODELS``, default 3. Loading one more releases the least recently used
+    (its memory is freed once no engine or caller still holds it).
+
+    Raises:
+        InvalidModelOptionError: the variable is not a whole number >= 1.
+
+    Example:
+        >>> max_loaded_models()
+        3
+    """
+    text = os.environ.get(MAX_LOADED_MODELS_ENV_VAR, "").strip()
+    if not text:
+        return DEFAULT_MAX_LOADED_MODELS
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise InvalidModelOptionError(
+            f"${MAX_LOADED_MODELS_ENV_VAR}={text!r}: give a whole number of models >= 1, "
+            f"or unset it for the default ({DEFAULT_MAX_LOADED_MODELS})"
+        )
+    return value
+
+
+def model_identity(spec: str | os.PathLike[str]) -> str:
+    """The identity of the weights ``spec`` names, without reading them: the same for every
+    spelling of one model (an alias and its file, a relative and an absolute path, a
+    directory and the one GGUF file in it).
+
+    Raises:
+        ModelNotFoundError, ModelPackageMissingError, ModelLoadError: as :func:`load_model`.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> (folder / "m.gguf").write_bytes(b"")
+        0
+        >>> model_identity(folder) == model_identity(folder / "m.gguf")
+        True
+    """
+    return _resolve(spec).key
 
 
 def load_model(
@@ -466,26 +523,50 @@ def load_model(
         lock = _key_locks.setdefault(key, threading.Lock())
     # One lock per key: loading one model does not block loading another.
     with lock:
-        loaded = _loaded.get(key)
+        loaded = _alive.get(key) or _named_alive(key)
         if loaded is None:
             loaded = _load_uncached(
                 source, resolved_device, resolved_dtype, trust_remote_code, pack=pack
             )
-            _loaded[key] = loaded
+            _alive[key] = loaded
             verification = model_cache.pending(loaded.model)
             if verification is not None:  # changed files: the next load reads them again
                 verification.on_failure.append(lambda: _forget(key))
+        _keep(key, loaded)
         if loaded.name == source.name:
             return loaded
         # Another spec (e.g. the alias vs its file path) shares the weights under its own name.
-        return _named.setdefault((key, source.name), dataclasses.replace(loaded, name=source.name))
+        named = _named.get((key, source.name))
+        if named is None:
+            named = _named[(key, source.name)] = dataclasses.replace(loaded, name=source.name)
+        return named
+
+
+def _named_alive(key: _LoadKey) -> LoadedModel | None:
+    """A copy under another name that a caller still holds (its weights are loaded)."""
+    for (named_key, _), named in list(_named.items()):
+        if named_key == key:
+            _alive[key] = named
+            return named
+    return None
+
+
+def _keep(key: _LoadKey, loaded: LoadedModel) -> None:
+    """Mark ``key`` most recently used; release the least recently used beyond the limit."""
+    limit = max_loaded_models()
+    with _registry_lock:
+        _loaded[key] = loaded
+        _loaded.move_to_end(key)
+        while len(_loaded) > limit:
+            _loaded.popitem(last=False)
 
 
 def _forget(key: tuple[object, ...]) -> None:
     """Drop one loaded model from the registry (its cached files failed verification)."""
     with _registry_lock:
         _loaded.pop(key, None)  # type: ignore[arg-type]
-        for named in [k for k in _named if k[0] == key]:
+        _alive.pop(key, None)  # type: ignore[arg-type]
+        for named in [k for k in list(_named.keys()) if k[0] == key]:
             _named.pop(named, None)
 
 
@@ -496,6 +577,7 @@ def clear_loaded_models() -> None:
     """
     with _registry_lock:
         _loaded.clear()
+        _alive.clear()
         _named.clear()
         _key_locks.clear()
 
@@ -537,8 +619,8 @@ def _load_uncached(
         model=model,
         tokenizer=tokenizer,
         name=source.name,
-        context_window=_context_window(model, tokenizer),
-        eos_token_ids=_eos_token_ids(model, tokenizer),
+        context_window=context_window_of(model, tokenizer),
+        eos_token_ids=eos_token_ids_of(model, tokenizer),
         device=device,
         dtype=dtype,
         packed_linear_layers=packed,
@@ -608,7 +690,15 @@ def _load_folder(
     return model, tokenizer
 
 
-def _context_window(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
+def context_window_of(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None
+) -> int:
+    """The most positions ``model`` takes: its config's length field, else the tokenizer's
+    ``model_max_length`` when that is a sane number.
+
+    Raises:
+        ModelLoadError: neither states a context length.
+    """
     config: Any = model.config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     for attribute in (
@@ -622,7 +712,7 @@ def _context_window(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) 
         if isinstance(value, int) and value > 0:
             return value
     # Tokenizers without a limit report a huge sentinel (~1e30); only trust sane values.
-    limit = getattr(tokenizer, "model_max_length", None)
+    limit = getattr(tokenizer, "model_max_length", None) if tokenizer is not None else None
     if isinstance(limit, int) and 0 < limit < 10_000_000:
         return limit
     raise ModelLoadError(
@@ -639,12 +729,18 @@ def _as_ids(value: object) -> list[int]:
     return []
 
 
-def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
+def eos_token_ids_of(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None
+) -> tuple[int, ...]:
+    """Every id that ends an answer: the config's and generation config's EOS ids, the
+    tokenizer's EOS and the turn-end tokens of common chat formats it knows
+    (:data:`TURN_END_TOKENS`), first seen first."""
     candidates = _as_ids(getattr(model.config, "eos_token_id", None))
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:
         candidates += _as_ids(getattr(generation_config, "eos_token_id", None))
-    candidates += _as_ids(tokenizer.eos_token_id)
-    vocab = tokenizer.get_vocab()
-    candidates += [vocab[token] for token in TURN_END_TOKENS if token in vocab]
+    if tokenizer is not None:
+        candidates += _as_ids(tokenizer.eos_token_id)
+        vocab = tokenizer.get_vocab()
+        candidates += [vocab[token] for token in TURN_END_TOKENS if token in vocab]
     return tuple(dict.fromkeys(candidates))  # de-duplicated, first-seen order
