@@ -1,5 +1,6 @@
 """Model backends: loading a model and running its forwards with KV caches.
 
-Today there is one, :mod:`pj_core.backends.hf` (transformers); a backend protocol in front
-of it comes next, so decoding can run on llama.cpp too.
+:mod:`pj_core.backends.protocol` says what the decoding needs of a model (``Backend`` and
+``Rows``); :mod:`pj_core.backends.hf.backend` implements it over transformers, the one
+backend today. llama.cpp comes next.
 """

@@ -179,6 +179,26 @@ class BatchedContexts:
                 if len(prefix) >= prefix_cache.min_tokens:
                     prefix_cache.store(prefix, self._row_slots(row))
 
+    @classmethod
+    def from_merged(
+        cls, model: PreTrainedModel, merged: MergedRows, prefix_cache: PrefixCache | None = None
+    ) -> BatchedContexts:
+        """The rows of ``merged`` as a batch to step (no forward; they share its cache)."""
+        contexts = cls.__new__(cls)
+        contexts.model = model
+        contexts.forward_passes = 0
+        contexts.prefix_cache = prefix_cache
+        contexts._device = model_device(model)
+        contexts._cache, contexts._mask = merged.cache, merged.mask
+        contexts._next_position = merged.next_position
+        return contexts
+
+    def row_caches(self) -> list[DynamicCache]:
+        """One plain cache per row, holding only that row's slots (padding removed)."""
+        if self._mask.shape[1] == 0:  # nothing cached yet: no cache layers either
+            return [DynamicCache() for _ in range(self.rows)]
+        return [DynamicCache(ddp_cache_data=self._row_slots(row)) for row in range(self.rows)]
+
     def _prefill_reusing(self, prefixes: Sequence[Sequence[int]]) -> bool:
         """Prefill with the prefix cache's slots for the beginnings it holds: ONE forward
         feeds every row the rest of its prefix (:class:`MergedRows` lays the reused slots out
@@ -364,11 +384,20 @@ class MergedRows:
         for row, length in enumerate(lengths):
             self._mask[row, width - length :] = 1
         self._next_position = torch.tensor(lengths, dtype=torch.long, device=self._device)
+        if width == 0:
+            raise ValueError("cannot merge caches that are all empty")
+        # A row with no token yet may have no cache layers at all: it merges as zero slots
+        # shaped like a row that has some.
+        template = next(cache for cache, length in zip(caches, lengths, strict=True) if length)
         per_layer = []
-        for layers in zip(*(cache.layers for cache in caches), strict=True):
+        for index, (ref_keys, ref_values) in enumerate(map(_layer_tensors, template.layers)):
             keys, values = [], []
-            for layer, length in zip(layers, lengths, strict=True):
-                k, v = _layer_tensors(layer) if length else _empty_like_layer(layers)
+            for cache, length in zip(caches, lengths, strict=True):
+                k, v = (
+                    _layer_tensors(cache.layers[index])
+                    if length
+                    else (ref_keys[:, :, :0], ref_values[:, :, :0])
+                )
                 pad = width - length
                 keys.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))
                 values.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
@@ -412,6 +441,11 @@ class MergedRows:
         """``[rows, slots]``: 1 where a slot holds one of the row's tokens."""
         return self._mask
 
+    @property
+    def next_position(self) -> torch.Tensor:
+        """``[rows]``: the position each row's next token takes (its token count)."""
+        return self._next_position
+
     def split(self) -> list[DynamicCache]:
         """One plain cache per row, holding only that row's slots (padding removed)."""
         caches = []
@@ -426,13 +460,3 @@ class MergedRows:
             ]
             caches.append(DynamicCache(ddp_cache_data=per_layer))
         return caches
-
-
-def _empty_like_layer(layers: Sequence[object]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-length keys/values shaped like the first non-empty layer among ``layers``."""
-    for layer in layers:
-        keys = getattr(layer, "keys", None)
-        if isinstance(keys, torch.Tensor) and keys.dim() == 4:
-            k, v = _layer_tensors(layer)
-            return k[:, :, :0, :], v[:, :, :0, :]
-    raise ValueError("cannot merge caches that are all empty")
