@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from pj_core.backends.hf.models import load_model
-from pj_core.decoding.strategy_choice import measure_step_timings, predicted_seconds_per_token
+from pj_core.decoding.strategy_choice import predicted_seconds_per_token
 from pj_core.engine import PersonaJudge
 from pj_core.personas import Persona
 from pj_core.prompts import render_ids
@@ -125,7 +125,7 @@ def main() -> None:
                 results.setdefault("forward_passes", {})["speculative"] = out.stats.forward_passes
             else:
                 results.setdefault("forward_passes", {})["lockstep"] = out.stats.forward_passes
-    timings = measure_step_timings(loaded.model, n_personas=2, lookahead=args.lookahead)
+    timings = pj.backend.step_timings(n_personas=2, lookahead=args.lookahead)
     alpha = statistics.mean(acceptance)
     predicted = predicted_seconds_per_token(
         timings, lookahead=args.lookahead, acceptance_rate=alpha

@@ -28,8 +28,10 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, overload
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from pj_core.backends.hf.backend import HFBackend
 from pj_core.backends.hf.model_cache import check_verified
 from pj_core.backends.hf.models import DEFAULT_MODEL
+from pj_core.backends.protocol import Backend
 from pj_core.decoding.constraints import (
     CompiledConstraint,
     ConstraintMask,
@@ -54,7 +56,6 @@ from pj_core.decoding.strategy_choice import (
     DEFAULT_ACCEPTANCE_RATE,
     StepTimings,
     choose_strategy,
-    measure_step_timings,
 )
 from pj_core.errors import (
     ContextOverflowError,
@@ -140,7 +141,14 @@ class PersonaJudge:
         self.context_window = context_window or _default_context_window(model)
         ids = eos_token_ids if eos_token_ids is not None else _default_eos_ids(model, tokenizer)
         self.eos_token_ids: frozenset[int] = frozenset(int(i) for i in ids)
-        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        # The decoding reaches the model only through the backend protocol.
+        self.backend: Backend = HFBackend(
+            model,
+            tokenizer,
+            eos_token_ids=sorted(self.eos_token_ids),
+            context_window=self.context_window,
+        )
+        self.vocab_size = self.backend.vocab_size
         from pj_core.prompts import max_token_chars
 
         # No text longer than this fits the window, whatever it says: longer prompts are refused
@@ -755,10 +763,7 @@ class PersonaJudge:
             timings = self._step_timings.get(key)
             alpha = self.acceptance_rate_estimate
         if timings is None:
-            pad = getattr(self.tokenizer, "pad_token_id", None) or 0
-            timings = measure_step_timings(
-                self.model, n_personas=n_personas, lookahead=lookahead, token_id=int(pad)
-            )
+            timings = self.backend.step_timings(n_personas=n_personas, lookahead=lookahead)
             with self._auto_lock:
                 self._step_timings.setdefault(key, timings)
         return choose_strategy(timings, lookahead=lookahead, acceptance_rate=alpha)
@@ -909,7 +914,7 @@ class PersonaJudge:
         # The neutral row only reaches strategies that guide (batched rows do not yet).
         guided = {} if neutral_prompt is None else {"neutral": neutral_prompt}
         emissions = run(
-            self.model,
+            self.backend,
             prompts,
             config,
             eos_ids=self.eos_token_ids,

@@ -20,9 +20,8 @@ from collections.abc import Generator, Sequence
 from typing import Protocol
 
 import torch
-from transformers import PreTrainedModel
 
-from pj_core.backends.hf.kv import BatchedContexts
+from pj_core.backends.protocol import Backend
 from pj_core.decoding.generation_config import GenerationConfig
 from pj_core.decoding.logits import LogitPipeline, Position
 from pj_core.decoding.rounds import (
@@ -37,9 +36,13 @@ from pj_core.decoding.sampling import sample_index
 
 
 class StepContexts(Protocol):
-    """What the lockstep loop needs of its persona rows (see :class:`BatchedContexts`)."""
+    """What the lockstep loop needs of its persona rows: the stepping part of
+    :class:`pj_core.backends.protocol.Rows` (a batch's per-request view has only this)."""
 
-    forward_passes: int
+    @property
+    def forward_passes(self) -> int:
+        """Forwards run for these rows so far."""
+        ...
 
     def step(self, tokens: Sequence[int]) -> torch.Tensor:
         """Append one token to every row; return each row's next-token logits."""
@@ -47,7 +50,7 @@ class StepContexts(Protocol):
 
 
 def lockstep_emissions(
-    model: PreTrainedModel,
+    backend: Backend,
     prompts: Sequence[Sequence[int]],
     config: GenerationConfig,
     *,
@@ -64,9 +67,9 @@ def lockstep_emissions(
     :func:`pj_core.decoding.speculative.speculative_emissions`.
 
     ``contexts`` holds the persona rows (and the neutral row last, if any), already prefilled
-    with every prompt but its last token; by default a :class:`BatchedContexts` of this call
-    alone is built here.
-    :mod:`pj_core.batch` passes rows of one batch shared by many requests instead.
+    with every prompt but its last token; by default ``backend`` makes rows of this call alone
+    (``layout="batched"``). :mod:`pj_core.batch` passes rows of one batch shared by many
+    requests instead.
     ``pipeline`` turns logits into p and q (default: ``config``'s filters, no transforms).
     ``neutral`` is the neutral row's prompt (the conversation with no persona text), when the
     call guides its personas (``config.strength > 0``): it becomes one more row of the batch,
@@ -78,7 +81,7 @@ def lockstep_emissions(
     k = len(prompts)  # persona rows 0..k-1; the neutral row, if any, is row k
     started = time.perf_counter()
     if contexts is None:
-        contexts = BatchedContexts(model, [row[:-1] for row in rows])
+        contexts = backend.rows([row[:-1] for row in rows], layout="batched")
     counters.prefill_seconds += time.perf_counter() - started
     next_inputs = [row[-1] for row in rows]
     answer: list[int] = []  # the tokens emitted so far

@@ -17,10 +17,11 @@ Example:
     >>> import torch
     >>> from pj_core.decoding.generation_config import GenerationConfig
     >>> from pj_core.decoding.rounds import Counters
+    >>> from pj_core.backends.hf.backend import HFBackend
     >>> from tests._tiny import make_tiny_model
     >>> config = GenerationConfig.create(decoder="pool", max_new_tokens=3)
     >>> emissions = pool_emissions(
-    ...     make_tiny_model(vocab_size=22), [[2, 5, 6], [2, 7]], config,
+    ...     HFBackend(make_tiny_model(vocab_size=22)), [[2, 5, 6], [2, 7]], config,
     ...     eos_ids=frozenset(), generator=torch.Generator().manual_seed(0), counters=Counters())
     >>> [e.outcome for e in emissions]
     ['pooled', 'pooled', 'pooled']
@@ -32,9 +33,8 @@ import time
 from collections.abc import Generator, Sequence
 
 import torch
-from transformers import PreTrainedModel
 
-from pj_core.backends.hf.kv import BatchedContexts
+from pj_core.backends.protocol import Backend
 from pj_core.decoding.generation_config import GenerationConfig
 from pj_core.decoding.lockstep import StepContexts
 from pj_core.decoding.logits import LogitPipeline, Position
@@ -63,7 +63,7 @@ def pooled_logits(guided: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 def pool_emissions(
-    model: PreTrainedModel,
+    backend: Backend,
     prompts: Sequence[Sequence[int]],
     config: GenerationConfig,
     *,
@@ -85,7 +85,7 @@ def pool_emissions(
     weights = torch.full((k,), 1.0 / k)  # [personas], uniform
     started = time.perf_counter()
     if contexts is None:
-        contexts = BatchedContexts(model, [row[:-1] for row in rows])
+        contexts = backend.rows([row[:-1] for row in rows], layout="batched")
     counters.prefill_seconds += time.perf_counter() - started
     next_inputs = [row[-1] for row in rows]
     answer: list[int] = []

@@ -14,8 +14,9 @@ packed for oneDNN (the default, :mod:`pj_core.backends.hf.cpu_linear`) one row c
 ((4 · 52 + 68) / 4.3 ≈ 64 ms per token at α ≈ 0.92); with PyTorch's default kernels the same
 forwards cost 80, 115 and 140 ms, and speculative (≈ 108 ms) beat lockstep (115 ms). On a
 GPU a small batch costs about one row, so lockstep wins there. Rather than guess from the
-device name, :func:`measure_step_timings` times the three kinds of forward on the model
-itself (a few forwards, once per PersonaJudge, persona count and lookahead) and
+device name, the backend times the three kinds of forward on the model itself
+(:meth:`pj_core.backends.protocol.Backend.step_timings`: a few forwards, once per
+PersonaJudge, persona count and lookahead) and
 :func:`choose_strategy` compares the predicted costs. α is the running acceptance rate
 measured by earlier calls of the same PersonaJudge, starting from
 :data:`DEFAULT_ACCEPTANCE_RATE`.
@@ -30,32 +31,20 @@ Example:
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
-
-import torch
-from transformers import DynamicCache, PreTrainedModel
-
-from pj_core.backends.hf.kv import BatchedContexts, forward_logits, model_device
+from pj_core.backends.protocol import StepTimings
 from pj_core.results import StrategyName
+
+__all__ = [
+    "DEFAULT_ACCEPTANCE_RATE",
+    "StepTimings",
+    "choose_strategy",
+    "expected_tokens_per_round",
+    "predicted_seconds_per_token",
+]
 
 # Two different persona prompts on SmolLM2 agree on ~93% of the probability mass per token at
 # T=0.7, top-k 20, top-p 0.9 (docs/engine.md); 0.9 is a slightly conservative start.
 DEFAULT_ACCEPTANCE_RATE = 0.9
-# Context length of the timing forwards: about a short chat prompt.
-CALIBRATION_CONTEXT = 64
-CALIBRATION_REPEATS = 3
-
-
-@dataclass(frozen=True)
-class StepTimings:
-    """Seconds per forward of the three kinds the strategies run."""
-
-    single_step: float  # one row, one new token (a draft step)
-    verify: float  # one row, λ + 1 new tokens (a judge pass)
-    batch_step: float  # k rows, one new token each (a lockstep step)
 
 
 def expected_tokens_per_round(lookahead: int, acceptance_rate: float) -> float:
@@ -88,48 +77,3 @@ def choose_strategy(
         timings, lookahead=lookahead, acceptance_rate=acceptance_rate
     )
     return "speculative" if costs["speculative"] <= costs["lockstep"] else "lockstep"
-
-
-def _timed(step: Callable[[], object], device: torch.device) -> float:
-    # GPU kernels run asynchronously: wait for them, or we would time only the launch.
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - started
-
-
-def measure_step_timings(
-    model: PreTrainedModel, *, n_personas: int, lookahead: int, token_id: int = 0
-) -> StepTimings:
-    """Time the three kinds of forward on ``model`` (median of a few, after one warm-up each).
-
-    Uses a synthetic context of :data:`CALIBRATION_CONTEXT` copies of ``token_id``.
-    """
-    device = model_device(model)
-    context = [token_id] * CALIBRATION_CONTEXT
-
-    def single_row(new_tokens: int) -> float:
-        samples = []
-        for _ in range(CALIBRATION_REPEATS + 1):
-            cache = DynamicCache()
-            forward_logits(model, torch.tensor([context], device=device), cache, keep=1)
-            ids = torch.tensor([[token_id] * new_tokens], device=device)
-            samples.append(
-                _timed(lambda: forward_logits(model, ids, cache, keep=new_tokens), device)  # noqa: B023
-            )
-        return statistics.median(samples[1:])
-
-    def batch_row() -> float:
-        samples = []
-        for _ in range(CALIBRATION_REPEATS + 1):
-            contexts = BatchedContexts(model, [context] * n_personas)
-            samples.append(_timed(lambda: contexts.step([token_id] * n_personas), device))  # noqa: B023
-        return statistics.median(samples[1:])
-
-    with torch.inference_mode():
-        return StepTimings(
-            single_step=single_row(1), verify=single_row(lookahead + 1), batch_step=batch_row()
-        )
