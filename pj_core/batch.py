@@ -301,7 +301,7 @@ def generate_batch(
             fail(index, exc)
     results: dict[int, GenerationResult] = {}
     if running:
-        results = decode_shared(engine.model, prepared, running, fail)
+        results = decode_shared(engine.backend, prepared, running, fail)
     outcomes: list[GenerationResult | PersonaJudgeError] = []
     for index in range(len(requests)):
         outcomes.append(failed[index] if index in failed else results[index])

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from pj_core.backends.hf.prefix_cache import PrefixCache
+from pj_core.backends.protocol import Backend
 from pj_core.batch import BatchRequest, start_request
 from pj_core.decoding.batched import RunningRequest, SharedDecoder
 from pj_core.errors import (
@@ -138,8 +138,15 @@ class ContinuousBatcher:
                 f"prefix_cache_tokens must be a whole number >= 0 (0: off), got "
                 f"{prefix_cache_tokens!r}"
             )
-        self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
         self.engine = engine
+        # The engine's model, with a cache of prompt beginnings when asked for.
+        self.backend: Backend = (
+            engine.backend.with_prefix_cache(prefix_cache_tokens)
+            if prefix_cache_tokens
+            else engine.backend
+        )
+        # The transformers backend's cache, for its statistics (hits); None when off.
+        self.prefix_cache = getattr(self.backend, "prefix_cache", None)
         self.max_rows = max_rows
         self.max_queue = max_queue
         self.stats = SchedulerStats()
@@ -264,18 +271,11 @@ class ContinuousBatcher:
                 for item in [*self._active.values(), *admitted]:
                     item.out.put(exc)
                 self._active.clear()
-                if self.prefix_cache is not None:
-                    self.prefix_cache.clear()  # a forward broke: keep nothing it may have made
+                self.backend.clear_prefix_cache()  # a forward broke: keep nothing it made
                 decoder = self._decoder()
 
     def _decoder(self) -> SharedDecoder:
-        return SharedDecoder(
-            self.engine.model,
-            self._fail,
-            self._deliver,
-            keep_results=False,
-            prefix_cache=self.prefix_cache,
-        )
+        return SharedDecoder(self.backend, self._fail, self._deliver, keep_results=False)
 
     def _take_fitting(self, decoder: SharedDecoder) -> list[_Submitted]:
         """The waiting requests to admit now, in arrival order, while their rows fit in

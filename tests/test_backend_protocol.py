@@ -93,7 +93,7 @@ def _random_operations(model: PreTrainedModel, seed: int, layout: str) -> int:
             rows.add(added)
             checked.texts += [list(t) for t in added]
         elif kind == "keep" and n:
-            kept = rng.sample(range(n), rng.randrange(1, n + 1))
+            kept = rng.sample(range(n), rng.randrange(0, n + 1))  # maybe none
             rows.keep(kept)
             checked.texts = [checked.texts[row] for row in kept]
         else:

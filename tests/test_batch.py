@@ -16,6 +16,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
+from pj_core.backends.hf.backend import HFBackend
 from pj_core.backends.hf.kv import BatchedContexts
 from pj_core.backends.hf.models import LoadedModel
 from pj_core.batch import BatchRequest, generate_batch
@@ -254,7 +255,7 @@ def test_a_request_failing_while_decoding_leaves_the_others_exact(
 
 def test_shared_rows_drop_leaves_the_other_rows_exact(tiny_model: LlamaForCausalLM) -> None:
     prefixes = [[[5, 6, 7, 8, 9, 10], [11]], [[12, 13], [14, 15, 16]]]
-    shared = SharedRows(tiny_model, prefixes)
+    shared = SharedRows(HFBackend(tiny_model), prefixes)
     alone = BatchedContexts(tiny_model, prefixes[1])
     with torch.inference_mode():
         shared.step({0: [3, 3], 1: [4, 4]})

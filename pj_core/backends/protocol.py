@@ -28,6 +28,7 @@ The operations and where the decoding uses them:
 ``Rows.keep``              continuous batching: finished requests leave
 ``backend.step_timings``   ``strategy="auto"``: what a draft step, a judge pass and a batch
                            step cost on this model and device
+``with_prefix_cache``      a server: prompts that begin alike share their prefill
 =========================  =================================================================
 
 Every result must equal (up to floating-point differences between batched and single-row
@@ -165,4 +166,15 @@ class Backend(Protocol):
     def step_timings(self, *, n_personas: int, lookahead: int) -> StepTimings:
         """Time a draft step, a judge pass of ``lookahead + 1`` tokens and a step of
         ``n_personas`` rows on this backend's model and device (median of a few)."""
+        ...
+
+    def with_prefix_cache(self, tokens: int) -> Backend:
+        """A backend over the same model (no second copy of the weights) whose batched rows
+        reuse the keys and values of prompt beginnings it prefilled before, keeping at most
+        ``tokens`` tokens of them (least recently used dropped first). A server sees the same
+        beginnings again and again: a user's persona text, a chat's earlier turns."""
+        ...
+
+    def clear_prefix_cache(self) -> None:
+        """Forget every kept prompt beginning (e.g. after a failed forward)."""
         ...

@@ -7,8 +7,9 @@ a shared step, in the shape :func:`~pj_core.decoding.lockstep.lockstep_emissions
 :func:`decode_shared` (step until every request has finished, dropping finished rows).
 
 Example:
+    >>> from pj_core.backends.hf.backend import HFBackend
     >>> from tests._tiny import make_tiny_model
-    >>> rows = SharedRows(make_tiny_model(vocab_size=22), [[[5, 6], [7]], [[8, 9]]])
+    >>> rows = SharedRows(HFBackend(make_tiny_model(vocab_size=22)), [[[5, 6], [7]], [[8, 9]]])
     >>> rows.rows_of(1)
     [2]
 """
@@ -21,10 +22,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel
 
-from pj_core.backends.hf.kv import BatchedContexts
-from pj_core.backends.hf.prefix_cache import PrefixCache
+from pj_core.backends.protocol import Backend
 from pj_core.decoding.generation_config import GenerationConfig
 from pj_core.errors import PersonaJudgeError
 from pj_core.results import GenerationResult, StreamEvent
@@ -39,8 +38,10 @@ class SharedRows:
     padding columns no remaining row needs).
 
     Example:
+        >>> from pj_core.backends.hf.backend import HFBackend
         >>> from tests._tiny import make_tiny_model
-        >>> rows = SharedRows(make_tiny_model(vocab_size=22), [[[5, 6], [7]], [[8, 9, 10], [11]]])
+        >>> backend = HFBackend(make_tiny_model(vocab_size=22))
+        >>> rows = SharedRows(backend, [[[5, 6], [7]], [[8, 9, 10], [11]]])
         >>> {r: t.shape for r, t in rows.step({0: [3, 3], 1: [4, 4]}).items()}
         {0: torch.Size([2, 22]), 1: torch.Size([2, 22])}
         >>> rows.drop(1); rows.step({0: [5, 5]})[0].shape
@@ -49,9 +50,8 @@ class SharedRows:
 
     def __init__(
         self,
-        model: PreTrainedModel,
+        backend: Backend,
         prefixes: Sequence[Sequence[Sequence[int]]] | Mapping[int, Sequence[Sequence[int]]],
-        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self._requests: list[int] = []  # request of each row, in row order
         flat: list[Sequence[int]] = []
@@ -59,7 +59,7 @@ class SharedRows:
         for request, rows in by_request.items():
             self._requests += [request] * len(rows)
             flat += list(rows)
-        self._contexts = BatchedContexts(model, flat, prefix_cache)
+        self._contexts = backend.rows(flat, layout="batched")
 
     @property
     def forward_passes(self) -> int:
@@ -92,7 +92,7 @@ class SharedRows:
         for request, rows in prefixes.items():
             self._requests += [request] * len(rows)
             flat += list(rows)
-        self._contexts.add_rows(flat)
+        self._contexts.add(flat)
 
     def drop(self, request: int) -> None:
         """Remove the rows of a finished request from the batch."""
@@ -100,7 +100,7 @@ class SharedRows:
         if len(keep) == len(self._requests):
             return
         self._requests = [self._requests[row] for row in keep]
-        self._contexts.keep_rows(keep)
+        self._contexts.keep(keep)
 
 
 class RequestRows:
@@ -158,24 +158,23 @@ class SharedDecoder:
 
     ``fail(index, error)`` records (or raises) a request's own error; ``on_event(index,
     event)``, if given, sees every event of every request as it happens (the final one with
-    the request's timing statistics); ``prefix_cache``, if given, lends its slots to prompts
-    that begin like earlier ones (:mod:`pj_core.backends.hf.prefix_cache`) and keeps the new
-    ones; ``keep_results=False`` keeps no results (a long-running
+    the request's timing statistics); prompts that begin like earlier ones share their
+    prefill when ``backend`` has a prefix cache
+    (:meth:`pj_core.backends.protocol.Backend.with_prefix_cache`); ``keep_results=False``
+    keeps no results (a long-running
     scheduler that only delivers events). :func:`decode_shared` adds every request at once and
     steps until all are done; a server's scheduler adds requests as they arrive.
     """
 
     def __init__(
         self,
-        model: PreTrainedModel,
+        backend: Backend,
         fail: Callable[[int, PersonaJudgeError], None],
         on_event: Callable[[int, StreamEvent], None] | None = None,
         *,
         keep_results: bool = True,
-        prefix_cache: PrefixCache | None = None,
     ) -> None:
-        self.model = model
-        self.prefix_cache = prefix_cache  # prompt beginnings reused across prefills
+        self.backend = backend
         self.fail = fail
         self.on_event = on_event
         self.keep_results = keep_results  # False: results only reach on_event (a server)
@@ -199,7 +198,7 @@ class SharedDecoder:
             prefixes = {index: [p[:-1] for p in prepared[index]] for index in group}
             with torch.inference_mode():
                 if self._rows is None:
-                    self._rows = SharedRows(self.model, prefixes, self.prefix_cache)
+                    self._rows = SharedRows(self.backend, prefixes)
                 else:
                     self._rows.add(prefixes)
             prefill_seconds = time.perf_counter() - started
@@ -310,7 +309,7 @@ def prefill_groups(
 
 
 def decode_shared(
-    model: PreTrainedModel,
+    backend: Backend,
     prepared: Mapping[int, list[list[int]]],
     running: dict[int, RunningRequest],
     fail: Callable[[int, PersonaJudgeError], None],
@@ -322,7 +321,7 @@ def decode_shared(
     when it is guided); ``running[i]`` its event stream, whose emission source reads its
     rows of each shared step through ``running[i].rows``. Returns each finished request's
     result, with the shared prefill and its own decode time in ``stats``."""
-    decoder = SharedDecoder(model, fail)
+    decoder = SharedDecoder(backend, fail)
     decoder.add(prepared, running)
     while decoder.running:
         decoder.step()

@@ -102,6 +102,26 @@ class HFBackend:
     def rows(self, prefixes: Sequence[Sequence[int]], *, layout: RowLayout) -> HFRows:
         return HFRows(self.model, prefixes, layout=layout, prefix_cache=self.prefix_cache)
 
+    def with_prefix_cache(self, tokens: int) -> HFBackend:
+        """This model with a :class:`PrefixCache` of ``tokens`` tokens (see the protocol).
+
+        Example:
+            >>> from tests._tiny import make_tiny_model
+            >>> backend = HFBackend(make_tiny_model(vocab_size=22), eos_token_ids=(1,))
+            >>> backend.with_prefix_cache(4096).prefix_cache.max_tokens
+            4096
+        """
+        return HFBackend(
+            self.model,
+            eos_token_ids=self._eos,
+            context_window=self._window,
+            prefix_cache=PrefixCache(tokens),
+        )
+
+    def clear_prefix_cache(self) -> None:
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
+
     def step_timings(self, *, n_personas: int, lookahead: int) -> StepTimings:
         """Median seconds of a few forwards of each kind, after one warm-up each, over a
         context of :data:`CALIBRATION_CONTEXT` tokens."""
@@ -159,6 +179,7 @@ class HFRows:
         self.model = model
         self._device = model_device(model)
         self._prefix_cache = prefix_cache
+        self._layout = layout
         self._lengths = [len(prefix) for prefix in prefixes]
         self._passes = 0  # forwards of layouts already let go
         self._caches: list[DynamicCache] | None = None
@@ -238,6 +259,9 @@ class HFRows:
         self._split_pair()
         if self._batch is not None:
             self._batch.add_rows(prefixes)
+        elif not self._lengths and self._layout == "batched":  # rows for a batch, at last
+            self._batch = BatchedContexts(self.model, prefixes, self._prefix_cache)
+            self._caches = None
         else:
             added, passes = prefill_split(self.model, prefixes)
             assert self._caches is not None  # one layout always holds the rows
@@ -249,11 +273,7 @@ class HFRows:
         kept = [self._row(row) for row in rows]
         self._split_pair()
         if self._batch is not None:
-            if kept:
-                self._batch.keep_rows(kept)
-            else:  # a batch of no rows: back to the (empty) separate layout
-                self._passes += self._batch.forward_passes
-                self._batch, self._caches = None, []
+            self._batch.keep_rows(kept)  # none at all: an empty batch that rows can join
         else:
             assert self._caches is not None
             self._caches = [self._caches[row] for row in kept]
