@@ -104,10 +104,14 @@ class PersonaJudge:
         model: a transformers causal LM that runs with a ``DynamicCache`` (eval mode).
         tokenizer: its tokenizer.
         name: display name (defaults to the model's ``name_or_path``).
-        context_window: the most tokens prompt plus answer may take (defaults to the model
-            config's ``max_position_embeddings``).
-        eos_token_ids: every id that ends the answer (defaults to the model's generation
-            config and the tokenizer's EOS).
+        context_window: the most tokens prompt plus answer may take (default: from the
+            model's config, as :func:`pj_core.backends.hf.models.load_model` finds it).
+        eos_token_ids: every id that ends the answer (default: the configs' and the
+            tokenizer's EOS and the chat formats' turn-end tokens it knows, as ``load_model``
+            finds them; so ``PersonaJudge(model, tokenizer)`` and ``from_pretrained`` agree).
+
+    Raises:
+        ModelLoadError: the config states no context length and none was given.
         defaults: the settings a call's ``None`` falls back to (default
             :data:`pj_core.settings.DEFAULTS`; :data:`pj_core.settings.PAPER` decodes as the
             paper does unless a call says otherwise).
@@ -138,16 +142,13 @@ class PersonaJudge:
         self.defaults = defaults
         self.tokenizer = tokenizer
         self.name = name or str(getattr(model, "name_or_path", "") or type(model).__name__)
-        self.context_window = context_window or _default_context_window(model)
-        ids = eos_token_ids if eos_token_ids is not None else _default_eos_ids(model, tokenizer)
-        self.eos_token_ids: frozenset[int] = frozenset(int(i) for i in ids)
-        # The decoding reaches the model only through the backend protocol.
+        # The decoding reaches the model only through the backend protocol, and the backend
+        # is the one source of what ends an answer and how long a context may be.
         self.backend: Backend = HFBackend(
-            model,
-            tokenizer,
-            eos_token_ids=sorted(self.eos_token_ids),
-            context_window=self.context_window,
+            model, tokenizer, eos_token_ids=eos_token_ids, context_window=context_window
         )
+        self.context_window = self.backend.context_window
+        self.eos_token_ids: frozenset[int] = frozenset(self.backend.eos_token_ids)
         self.vocab_size = self.backend.vocab_size
         from pj_core.prompts import max_token_chars
 
@@ -1034,29 +1035,6 @@ def _trace_entry(emission: Emission, piece: str, names: list[str]) -> TokenTrace
         outcome=emission.outcome,
         round=emission.round,
     )
-
-
-def _default_context_window(model: PreTrainedModel) -> int:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
-    window = getattr(config or model.config, "max_position_embeddings", None)
-    if not isinstance(window, int) or window <= 0:
-        raise InvalidGenerationConfigError(
-            "the model config has no max_position_embeddings; pass context_window= to PersonaJudge"
-        )
-    return window
-
-
-def _default_eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    ids: list[int] = []
-    for source in (getattr(model, "generation_config", None), model.config):
-        value = getattr(source, "eos_token_id", None)
-        if isinstance(value, int):
-            ids.append(value)
-        elif isinstance(value, list | tuple):
-            ids.extend(int(v) for v in value)
-    if tokenizer.eos_token_id is not None:
-        ids.append(int(tokenizer.eos_token_id))
-    return sorted(set(ids))
 
 
 def _parsed(constraint: CompiledConstraint | None, finish: FinishReason, text: str) -> Any:

@@ -172,3 +172,21 @@ def test_step_timings_time_the_three_kinds_of_forward(model: PreTrainedModel) ->
     timings = HFBackend(model, eos_token_ids=(1,)).step_timings(n_personas=3, lookahead=4)
     assert isinstance(timings, StepTimings)
     assert min(timings.single_step, timings.verify, timings.batch_step) > 0
+
+
+def test_an_engine_built_by_hand_ends_answers_as_from_pretrained(tmp_path: object) -> None:
+    """One source for EOS ids and the window: ``PersonaJudge(model, tokenizer)`` used to miss
+    the chat template's turn-end token that ``from_pretrained`` counts."""
+    from pathlib import Path
+
+    from pj_core.engine import PersonaJudge
+
+    folder = Path(str(tmp_path)) / "tiny"
+    tokenizer = make_tiny_tokenizer()
+    make_tiny_model(len(tokenizer)).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    loaded = PersonaJudge.from_pretrained(str(folder), device="cpu")
+    by_hand = PersonaJudge(loaded.model, loaded.tokenizer)
+    assert by_hand.eos_token_ids == loaded.eos_token_ids
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in by_hand.eos_token_ids
+    assert by_hand.context_window == loaded.context_window

@@ -31,7 +31,6 @@ from tests._tiny import make_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-EOS = frozenset({1})
 SAMPLED: dict[str, Any] = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
 FILTERED: dict[str, Any] = {"temperature": 0.8, "top_k": 6, "top_p": 0.9}
 
@@ -99,7 +98,7 @@ def test_cached_engine_emits_the_tokens_of_a_no_cache_reference_loop(
             alternate=alternate,
             max_new_tokens=9,
             seed=seed,
-            eos_ids=EOS,
+            eos_ids=pj.eos_token_ids,
             **settings,
         )
         out = pj.generate_from_ids(
