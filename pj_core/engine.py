@@ -63,6 +63,7 @@ from pj_core.errors import (
     InvalidGenerationConfigError,
     InvalidPromptError,
     InvalidToolError,
+    ModelLoadError,
     PersonaJudgeError,
 )
 from pj_core.results import (
@@ -138,15 +139,73 @@ class PersonaJudge:
         eos_token_ids: Sequence[int] | None = None,
         defaults: Settings = DEFAULTS,
     ) -> None:
-        self.model = model.eval()
+        model = model.eval()
+        self._setup(
+            HFBackend(model, tokenizer, eos_token_ids=eos_token_ids, context_window=context_window),
+            tokenizer,
+            name=name or str(getattr(model, "name_or_path", "") or type(model).__name__),
+            defaults=defaults,
+            model=model,
+        )
+
+    @classmethod
+    def from_backend(
+        cls,
+        backend: Backend,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        name: str | None = None,
+        defaults: Settings = DEFAULTS,
+    ) -> PersonaJudge:
+        """An engine that decodes on any :class:`pj_core.backends.protocol.Backend` (its EOS
+        ids and context window come from it); ``tokenizer`` renders the prompts and decodes
+        the answers, so it must speak the backend's token ids.
+
+        Example:
+            >>> from pj_core.backends.hf.backend import HFBackend
+            >>> from tests._tiny import make_tiny_model, make_tiny_tokenizer
+            >>> tokenizer = make_tiny_tokenizer()
+            >>> backend = HFBackend(make_tiny_model(len(tokenizer)), tokenizer)
+            >>> pj = PersonaJudge.from_backend(backend, tokenizer, name="tiny")
+            >>> len(pj.generate_from_ids([[2, 4, 9], [2, 4, 11]], max_new_tokens=3).token_ids) <= 3
+            True
+        """
+        engine = cls.__new__(cls)
+        engine._setup(
+            backend, tokenizer, name=name or type(backend).__name__, defaults=defaults, model=None
+        )
+        return engine
+
+    @property
+    def model(self) -> PreTrainedModel:
+        """The transformers model, for what needs one besides decoding (perplexity scoring).
+
+        Raises:
+            ModelLoadError: the engine runs on another backend (:meth:`from_backend`).
+        """
+        if self._model is None:
+            raise ModelLoadError(
+                f"the engine {self.name!r} decodes on {type(self.backend).__name__}, which is "
+                "no transformers model; build it with PersonaJudge(model, tokenizer) for this"
+            )
+        return self._model
+
+    def _setup(
+        self,
+        backend: Backend,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        name: str,
+        defaults: Settings,
+        model: PreTrainedModel | None,
+    ) -> None:
+        self._model = model
         self.defaults = defaults
         self.tokenizer = tokenizer
-        self.name = name or str(getattr(model, "name_or_path", "") or type(model).__name__)
+        self.name = name
         # The decoding reaches the model only through the backend protocol, and the backend
         # is the one source of what ends an answer and how long a context may be.
-        self.backend: Backend = HFBackend(
-            model, tokenizer, eos_token_ids=eos_token_ids, context_window=context_window
-        )
+        self.backend = backend
         self.context_window = self.backend.context_window
         self.eos_token_ids: frozenset[int] = frozenset(self.backend.eos_token_ids)
         self.vocab_size = self.backend.vocab_size
@@ -838,7 +897,8 @@ class PersonaJudge:
         as the last transform, and the final result's ``parsed``; with ``tools`` (from
         :meth:`prepare_output`) the final result's ``tool_calls`` instead.
         """
-        check_verified(self.model)  # a cached model's files passed their full hash check
+        if self._model is not None:  # a cached model's files passed their full hash check
+            check_verified(self._model)
         transforms = build_transforms(logit_transforms)
         if constraint is not None:  # last: no other transform may unmask a forbidden token
             transforms = (*transforms, ConstraintMask(constraint.matcher()))

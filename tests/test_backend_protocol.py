@@ -8,6 +8,7 @@ layouts, with a fixed seed.
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from transformers import PreTrainedModel
 from pj_core.backends.hf.backend import HFBackend, HFRows
 from pj_core.backends.protocol import Backend, Rows, StepTimings
 from tests._tiny import make_tiny_model, make_tiny_tokenizer
+from tests._toy_backend import ToyBackend, ToyLM
 
 VOCAB = 22
 ATOL = 1e-4  # float32 on the tiny model: batched and single-row kernels agree far closer
@@ -26,7 +28,7 @@ def model() -> PreTrainedModel:
     return make_tiny_model(vocab_size=VOCAB, seed=5)
 
 
-def _reference(model: PreTrainedModel, tokens: list[int]) -> torch.Tensor:
+def _reference(model: Any, tokens: list[int]) -> torch.Tensor:
     """``[len(tokens), vocab]``: the logits after each token, from one uncached forward."""
     with torch.inference_mode():
         out = model(input_ids=torch.tensor([tokens]), use_cache=False)
@@ -40,7 +42,7 @@ def _tokens(rng: random.Random, n: int) -> list[int]:
 class _Checked:
     """Rows and the token sequence each row should hold, checked after every operation."""
 
-    def __init__(self, model: PreTrainedModel, rows: Rows, texts: list[list[int]]) -> None:
+    def __init__(self, model: Any, rows: Rows, texts: list[list[int]]) -> None:
         self.model, self.rows, self.texts = model, rows, texts
 
     def expect(self, row: int, logits: torch.Tensor, keep: int) -> None:
@@ -53,9 +55,8 @@ class _Checked:
         assert [self.rows.length(r) for r in range(self.rows.count)] == [len(t) for t in self.texts]
 
 
-def _random_operations(model: PreTrainedModel, seed: int, layout: str) -> int:
+def _random_operations(backend: Backend, model: Any, seed: int, layout: str) -> int:
     rng = random.Random(seed)
-    backend = HFBackend(model, eos_token_ids=(1,))
     texts = [_tokens(rng, rng.randrange(0, 6)) for _ in range(rng.randrange(1, 4))]
     checked = _Checked(model, backend.rows(texts, layout=layout), [list(t) for t in texts])  # type: ignore[arg-type]
     rows, operations = checked.rows, 0
@@ -104,16 +105,23 @@ def _random_operations(model: PreTrainedModel, seed: int, layout: str) -> int:
 
 
 @pytest.mark.parametrize("layout", ["separate", "batched"])
+@pytest.mark.parametrize("kind", ["transformers", "toy"])
 def test_random_operations_give_the_logits_of_an_uncached_forward(
-    model: PreTrainedModel, layout: str
+    model: PreTrainedModel, layout: str, kind: str
 ) -> None:
-    done = sum(_random_operations(model, seed, layout) for seed in range(25))
+    """On both backends: the transformers one and the toy one of the tests."""
+    if kind == "toy":
+        lm: Any = ToyLM(VOCAB, seed=5)
+        backend: Backend = ToyBackend(lm)
+    else:
+        lm, backend = model, HFBackend(model, eos_token_ids=(1,))
+    done = sum(_random_operations(backend, lm, seed, layout) for seed in range(25))
     assert done > 250  # the sequences really ran (most operations apply)
 
 
 def test_the_transformers_backend_satisfies_the_protocol(model: PreTrainedModel) -> None:
     backend: Backend = HFBackend(model, eos_token_ids=(1, 2))
-    assert isinstance(backend, Backend)
+    assert isinstance(backend, Backend) and isinstance(ToyBackend(ToyLM(VOCAB)), Backend)
     rows: Rows = backend.rows([[3, 4]], layout="separate")
     assert isinstance(rows, Rows)
     assert (backend.vocab_size, backend.eos_token_ids, backend.context_window) == (
@@ -190,3 +198,24 @@ def test_an_engine_built_by_hand_ends_answers_as_from_pretrained(tmp_path: objec
     assert by_hand.eos_token_ids == loaded.eos_token_ids
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in by_hand.eos_token_ids
     assert by_hand.context_window == loaded.context_window
+
+
+def test_the_public_engine_runs_on_the_toy_backend() -> None:
+    from pj_core.engine import PersonaJudge
+    from pj_core.errors import ModelLoadError
+
+    tokenizer = make_tiny_tokenizer()
+    pj = PersonaJudge.from_backend(ToyBackend(ToyLM(len(tokenizer), seed=2)), tokenizer)
+    personas = ["be funny", "be brief"]
+    request = {"conversation": "hello world", "personas": personas, "max_new_tokens": 8}
+    alone = [pj.generate(**request, seed=s, strategy="speculative") for s in range(3)]
+    assert all(out.token_ids and out.stats.forward_passes > 0 for out in alone)
+    # Lockstep, a stream and a batch on the toy rows: the same tokens, exactly.
+    assert pj.generate(**request, seed=0, strategy="lockstep").token_ids == alone[0].token_ids
+    streamed = [e.result for e in pj.stream(**request, seed=1) if e.done]
+    assert streamed[0] is not None and streamed[0].token_ids == alone[1].token_ids
+    batch = pj.generate_batch([{**request, "seed": s} for s in range(3)])
+    assert [r.token_ids for r in batch] == [out.token_ids for out in alone]
+    assert pj.choose_strategy(n_personas=2, lookahead=4) in ("speculative", "lockstep")
+    with pytest.raises(ModelLoadError, match="ToyBackend"):
+        _ = pj.model

@@ -28,6 +28,7 @@ from tests._engine_reference import (
     tiny_prompt,
 )
 from tests._tiny import make_tiny_model
+from tests._toy_backend import ToyBackend, ToyLM
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -38,6 +39,15 @@ FILTERED: dict[str, Any] = {"temperature": 0.8, "top_k": 6, "top_p": 0.9}
 @pytest.fixture(scope="module")
 def pj() -> PersonaJudge:
     return PersonaJudge(make_tiny_model(len(TOKENIZER), seed=1), TOKENIZER, defaults=PAPER)
+
+
+@pytest.fixture(scope="module", params=["transformers", "toy"])
+def engine_and_lm(request: pytest.FixtureRequest, pj: PersonaJudge) -> tuple[PersonaJudge, Any]:
+    """The engine on each backend, with the model its references run full forwards of."""
+    if request.param == "transformers":
+        return pj, pj.model
+    lm = ToyLM(len(TOKENIZER), seed=1)
+    return PersonaJudge.from_backend(ToyBackend(lm), TOKENIZER, defaults=PAPER), lm
 
 
 @pytest.fixture(scope="module")
@@ -82,17 +92,18 @@ def test_batched_contexts_give_each_rows_own_next_token_logits(pj: PersonaJudge)
     ],
 )
 def test_cached_engine_emits_the_tokens_of_a_no_cache_reference_loop(
-    pj: PersonaJudge,
+    engine_and_lm: tuple[PersonaJudge, Any],
     prompts: list[list[int]],
     n_personas: int,
     lookahead: int,
     alternate: bool,
     settings: dict[str, Any],
 ) -> None:
+    pj, lm = engine_and_lm
     used = prompts[:n_personas]
     for seed in range(6):
         expected = reference_generate(
-            pj.model,
+            lm,
             used,
             lookahead=lookahead,
             alternate=alternate,
@@ -150,8 +161,9 @@ def test_greedy_with_fixed_roles_is_the_judges_greedy_decoding(
     greedy: dict[str, Any] = {"temperature": 0.0, "top_k": 0, "top_p": 1.0}
     out = pj.generate_from_ids(prompts[:2], alternate=False, max_new_tokens=12, **greedy)
     judge_prompt = torch.tensor([prompts[1]])
+    model: Any = pj.model  # a LlamaForCausalLM: it has generate()
     with torch.inference_mode():
-        reference = pj.model.generate(
+        reference = model.generate(
             judge_prompt,
             attention_mask=torch.ones_like(judge_prompt),
             do_sample=False,
@@ -160,7 +172,7 @@ def test_greedy_with_fixed_roles_is_the_judges_greedy_decoding(
             pad_token_id=0,
         )[0, len(prompts[1]) :].tolist()
     assert out.token_ids == reference
-    draft_alone = pj.model.generate(
+    draft_alone = model.generate(
         torch.tensor([prompts[0]]),
         attention_mask=torch.ones(1, len(prompts[0]), dtype=torch.long),
         do_sample=False,

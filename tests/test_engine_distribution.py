@@ -31,21 +31,30 @@ from tests._engine_reference import (
     tv_tolerance,
 )
 from tests._tiny import make_tiny_model
+from tests._toy_backend import ToyBackend, ToyLM
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
-EOS = frozenset({1})
+TOY_SEED = 0
 SETTINGS: dict[str, Any] = {"temperature": 1.0, "top_k": 2, "top_p": 1.0}
 LENGTH = 3
 LOOKAHEAD = 2
 SAMPLES = 600
 
 
-@pytest.fixture(scope="module")
-def pj() -> PersonaJudge:
-    # Model seed 3 with these prompts: two personas that disagree strongly (TV ~0.9 between
-    # their own answer distributions), so the role schedule visibly shapes the output.
-    return PersonaJudge(make_tiny_model(len(TOKENIZER), seed=3), TOKENIZER, defaults=PAPER)
+@pytest.fixture(scope="module", params=["transformers", "toy"])
+def case(request: pytest.FixtureRequest) -> tuple[PersonaJudge, Any]:
+    """The engine on each backend, and the model the exact distributions are computed on.
+
+    Model seed 3 (and toy seed 0) with these prompts: two personas that disagree strongly,
+    so the role schedule visibly shapes the output (each test checks that it does)."""
+    if request.param == "transformers":
+        model = make_tiny_model(len(TOKENIZER), seed=3)
+        # EOS: <eos> only, as these distributions were chosen with (not the template's
+        # <|im_end|>, which the engine would add by default).
+        return PersonaJudge(model, TOKENIZER, eos_token_ids=[1], defaults=PAPER), model
+    lm = ToyLM(len(TOKENIZER), seed=TOY_SEED)
+    return PersonaJudge.from_backend(ToyBackend(lm), TOKENIZER, defaults=PAPER), lm
 
 
 @pytest.fixture(scope="module")
@@ -76,35 +85,37 @@ def _tolerance(exact: dict[tuple[int, ...], float]) -> float:
 
 
 def _exact(
-    pj: PersonaJudge, prompts: list[list[int]], alternate: bool
+    case: tuple[PersonaJudge, Any], prompts: list[list[int]], alternate: bool
 ) -> dict[tuple[int, ...], float]:
+    pj, model = case
     return exact_sequence_distribution(
-        pj.model,
+        model,
         prompts,
         lookahead=LOOKAHEAD,
         alternate=alternate,
         length=LENGTH,
-        eos_ids=EOS,
+        eos_ids=pj.eos_token_ids,
         **SETTINGS,
     )
 
 
 def test_fixed_roles_follow_the_judges_own_distribution(
-    pj: PersonaJudge, prompts: list[list[int]]
+    case: tuple[PersonaJudge, Any], prompts: list[list[int]]
 ) -> None:
-    exact = _exact(pj, prompts, alternate=False)
+    pj, model = case
+    exact = _exact(case, prompts, alternate=False)
     judge_alone = autoregressive_distribution(
-        pj.model,
+        model,
         prompts[1],
         length=LENGTH,
-        eos_ids=EOS,
+        eos_ids=pj.eos_token_ids,
         **SETTINGS,
     )
     draft_alone = autoregressive_distribution(
-        pj.model,
+        model,
         prompts[0],
         length=LENGTH,
-        eos_ids=EOS,
+        eos_ids=pj.eos_token_ids,
         **SETTINGS,
     )
     # The round-process enumeration agrees with the theorem: the judge's distribution.
@@ -117,10 +128,11 @@ def test_fixed_roles_follow_the_judges_own_distribution(
 
 @pytest.mark.parametrize("strategy", ["speculative", "lockstep"])
 def test_alternating_roles_follow_the_round_wise_composition(
-    pj: PersonaJudge, prompts: list[list[int]], strategy: str
+    case: tuple[PersonaJudge, Any], prompts: list[list[int]], strategy: str
 ) -> None:
-    exact = _exact(pj, prompts, alternate=True)
+    pj, _ = case
+    exact = _exact(case, prompts, alternate=True)
     tolerance = _tolerance(exact)
-    assert total_variation(exact, _exact(pj, prompts, alternate=False)) > 2 * tolerance
+    assert total_variation(exact, _exact(case, prompts, alternate=False)) > 2 * tolerance
     empirical = _empirical(pj, prompts, alternate=True, strategy=strategy)
     assert total_variation(empirical, exact) < tolerance

@@ -50,7 +50,13 @@ PERSONAS = ["yes yes yes", "no no no"]
 
 @pytest.fixture(scope="module")
 def pj() -> PersonaJudge:
-    return PersonaJudge(make_tiny_model(len(TOKENIZER), seed=7), TOKENIZER, defaults=PAPER)
+    # EOS: <eos> only, as the exact distributions here assume.
+    return PersonaJudge(
+        make_tiny_model(len(TOKENIZER), seed=7),
+        TOKENIZER,
+        defaults=PAPER,
+        eos_token_ids=sorted(EOS),
+    )
 
 
 @pytest.fixture(scope="module")

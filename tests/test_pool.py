@@ -55,7 +55,10 @@ class PersonaBias(LogitTransform):
 
 @pytest.fixture(scope="module")
 def pj() -> PersonaJudge:
-    return PersonaJudge(make_tiny_model(len(TOKENIZER), seed=7), TOKENIZER)
+    # EOS: <eos> only, as the exact distributions here assume.
+    return PersonaJudge(
+        make_tiny_model(len(TOKENIZER), seed=7), TOKENIZER, eos_token_ids=sorted(EOS)
+    )
 
 
 def _prompts(pj: PersonaJudge, personas: list[str]) -> list[list[int]]:
