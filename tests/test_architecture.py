@@ -526,3 +526,46 @@ def test_pj_core_is_framework_neutral() -> None:
             }:
                 found.append(f"{path.relative_to(ROOT)}:{statement.line}: {statement.target}")
     assert not found, found
+
+
+def _decoding_backend_imports(files: dict[str, Path]) -> list[str]:
+    """Imports in ``files`` (module name -> path) of transformers or of a backend other than
+    the protocol, TYPE_CHECKING ones included (a type import still ties code to a backend)."""
+    found = []
+    for name, path in files.items():
+        for statement in _imports(path, name):
+            target = statement.target
+            module = target if not statement.names else f"{target}.{statement.names[0]}"
+            if target.split(".")[0] == "transformers" or (
+                target.startswith("pj_core.backends")
+                and not module.startswith("pj_core.backends.protocol")
+                and target != "pj_core.backends.protocol"
+            ):
+                found.append(f"{path.name}:{statement.line}: {target}")
+    return found
+
+
+def test_the_decoding_imports_no_transformers_and_no_backend() -> None:
+    """Issue 35: the algorithm reaches a model only through ``pj_core.backends.protocol``."""
+    assert _decoding_backend_imports(_module_files(CORE / "decoding")) == []
+
+
+def test_the_backend_import_check_catches_each_kind(tmp_path: Path) -> None:
+    planted = tmp_path / "a.py"
+    planted.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "from pj_core.backends.protocol import Backend\n"
+        "from pj_core.backends import protocol\n"
+        "import transformers\n"
+        "from pj_core.backends.hf.kv import BatchedContexts\n"
+        "if TYPE_CHECKING:\n"
+        "    from transformers import PreTrainedModel\n"
+        "def f():\n"
+        "    from pj_core.backends import hf\n"
+    )
+    assert _decoding_backend_imports({"planted.a": planted}) == [
+        "a.py:4: transformers",
+        "a.py:5: pj_core.backends.hf.kv",
+        "a.py:7: transformers",
+        "a.py:9: pj_core.backends",
+    ]

@@ -207,7 +207,11 @@ def test_the_public_engine_runs_on_the_toy_backend() -> None:
     tokenizer = make_tiny_tokenizer()
     pj = PersonaJudge.from_backend(ToyBackend(ToyLM(len(tokenizer), seed=2)), tokenizer)
     personas = ["be funny", "be brief"]
-    request = {"conversation": "hello world", "personas": personas, "max_new_tokens": 8}
+    request: dict[str, Any] = {
+        "conversation": "hello world",
+        "personas": personas,
+        "max_new_tokens": 8,
+    }
     alone = [pj.generate(**request, seed=s, strategy="speculative") for s in range(3)]
     assert all(out.token_ids and out.stats.forward_passes > 0 for out in alone)
     # Lockstep, a stream and a batch on the toy rows: the same tokens, exactly.

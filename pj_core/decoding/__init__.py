@@ -13,7 +13,8 @@
 - :mod:`~pj_core.decoding.stopping`: incremental detokenisation and stop strings;
 - :mod:`~pj_core.decoding.generation_config`: one call's validated settings.
 
-It reads model forwards through :mod:`pj_core.backends.hf` and knows nothing of personas,
-prompts or requests: the request layer (:mod:`pj_core.engine`, :mod:`pj_core.batch`) sits
-above it.
+It reaches a model only through the backend protocol (:mod:`pj_core.backends.protocol`;
+it imports no transformers and no backend, ``tests/test_architecture.py`` checks) and knows
+nothing of personas, prompts or requests: the request layer (:mod:`pj_core.engine`,
+:mod:`pj_core.batch`) sits above it.
 """
