@@ -179,12 +179,7 @@ def _use(key: str) -> SharedModel | None:
 
 def is_loaded(spec: str | os.PathLike[str]) -> bool:
     """Whether :func:`shared_engine` holds a loaded engine for ``spec`` (any spelling of it)."""
-    from pj_core.backends.hf.models import model_identity
-
-    try:
-        return model_identity(spec) in _SHARED
-    except PersonaJudgeError:  # not a model at all: certainly not loaded
-        return False
+    return _identity_or_none(spec) in _SHARED  # not a model at all: certainly not loaded
 
 
 @dataclass(frozen=True)
@@ -775,7 +770,9 @@ def call_model(settings: AdapterSettings, model: object) -> str | os.PathLike[st
     )
 
 
-def _identity_or_none(spec: str) -> str | None:
+def _identity_or_none(spec: str | os.PathLike[str]) -> str | None:
+    """:func:`~pj_core.backends.hf.models.model_identity`, or None for a spec that names no
+    model."""
     from pj_core.backends.hf.models import model_identity
 
     try:

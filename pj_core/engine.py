@@ -110,12 +110,12 @@ class PersonaJudge:
         eos_token_ids: every id that ends the answer (default: the configs' and the
             tokenizer's EOS and the chat formats' turn-end tokens it knows, as ``load_model``
             finds them; so ``PersonaJudge(model, tokenizer)`` and ``from_pretrained`` agree).
-
-    Raises:
-        ModelLoadError: the config states no context length and none was given.
         defaults: the settings a call's ``None`` falls back to (default
             :data:`pj_core.settings.DEFAULTS`; :data:`pj_core.settings.PAPER` decodes as the
             paper does unless a call says otherwise).
+
+    Raises:
+        ModelLoadError: the config states no context length and none was given.
 
     One instance is safe to call from several threads at once: every call has its own caches
     and random generator, and the model is only read.
