@@ -46,6 +46,24 @@ class ModelLoadError(PersonaJudgeError, RuntimeError):
     """Model files were found but could not be loaded (corrupt, unsupported, ...)."""
 
 
+class BackendNotInstalledError(ModelLoadError, ImportError):
+    """A backend whose optional package is not installed; the message gives the pip command.
+
+    Attributes:
+        install_command: the command that installs what is missing.
+    """
+
+    def __init__(self, message: str, *, install_command: str) -> None:
+        super().__init__(message)
+        self.install_command = install_command
+
+
+class BackendCapacityError(PersonaJudgeError, RuntimeError):
+    """A backend has no room for more rows or tokens now (every sequence slot or key/value
+    cell of a llama.cpp context is taken); the message names the setting to raise. Nothing
+    was changed: the call can be retried when other calls have ended."""
+
+
 class ModelOutputError(PersonaJudgeError, RuntimeError):
     """The model produced logits that cannot be sampled (NaN): broken weights, or a numeric
     overflow in a low-precision dtype."""

@@ -8,13 +8,13 @@ operation computes its logits with one full forward of the whole sequence.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from types import SimpleNamespace
 
 import torch
 
 from pj_core.backends.protocol import RowLayout, StepTimings
+from pj_core.backends.timing import measure_step_timings
 
 
 class ToyLM(torch.nn.Module):
@@ -115,19 +115,7 @@ class ToyBackend:
         return ToyRows(self.lm, prefixes)
 
     def step_timings(self, *, n_personas: int, lookahead: int) -> StepTimings:
-        def timed(run: object) -> float:
-            started = time.perf_counter()
-            assert callable(run)
-            run()
-            return time.perf_counter() - started
-
-        one = self.rows([[2] * 16], layout="separate")
-        many = self.rows([[2] * 16] * n_personas, layout="batched")
-        return StepTimings(
-            single_step=timed(lambda: one.extend(0, [2], keep=1)),
-            verify=timed(lambda: one.extend(0, [2] * (lookahead + 1), keep=lookahead + 1)),
-            batch_step=timed(lambda: many.step([2] * n_personas)),
-        )
+        return measure_step_timings(self, n_personas=n_personas, lookahead=lookahead)
 
     def with_prefix_cache(self, tokens: int) -> ToyBackend:
         return self  # nothing is cached, so nothing is shared

@@ -8,6 +8,8 @@ layouts, with a fixed seed.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import pytest
@@ -35,32 +37,50 @@ def _reference(model: Any, tokens: list[int]) -> torch.Tensor:
     return out.logits[0].float()
 
 
-def _tokens(rng: random.Random, n: int) -> list[int]:
-    return [rng.randrange(2, VOCAB) for _ in range(n)]
+Reference = Callable[[list[int]], torch.Tensor]
+"""``[len(tokens), vocab]``: the logits after each token, from one forward without a cache."""
 
 
 class _Checked:
     """Rows and the token sequence each row should hold, checked after every operation."""
 
-    def __init__(self, model: Any, rows: Rows, texts: list[list[int]]) -> None:
-        self.model, self.rows, self.texts = model, rows, texts
+    def __init__(
+        self, reference: Reference, rows: Rows, texts: list[list[int]], atol: float
+    ) -> None:
+        self.reference, self.rows, self.texts, self.atol = reference, rows, texts, atol
 
     def expect(self, row: int, logits: torch.Tensor, keep: int) -> None:
-        want = _reference(self.model, self.texts[row])[-keep:]
-        assert logits.shape == (keep, VOCAB)
-        torch.testing.assert_close(logits, want, atol=ATOL, rtol=0)
+        want = self.reference(self.texts[row])[-keep:]
+        assert logits.shape == want.shape == (keep, want.shape[-1])
+        torch.testing.assert_close(logits, want, atol=self.atol, rtol=0)
 
     def lengths_agree(self) -> None:
         assert self.rows.count == len(self.texts)
         assert [self.rows.length(r) for r in range(self.rows.count)] == [len(t) for t in self.texts]
 
 
-def _random_operations(backend: Backend, model: Any, seed: int, layout: str) -> int:
+def random_operations(
+    backend: Backend,
+    reference: Reference,
+    seed: int,
+    layout: str,
+    *,
+    vocab: int = VOCAB,
+    atol: float = ATOL,
+    operations: int = 14,
+) -> int:
+    """Run ``operations`` random protocol operations on rows of ``backend`` (token ids below
+    ``vocab``), checking each result against ``reference``; returns how many applied."""
     rng = random.Random(seed)
+
+    def _tokens(rng: random.Random, n: int) -> list[int]:
+        return [rng.randrange(2, vocab) for _ in range(n)]
+
     texts = [_tokens(rng, rng.randrange(0, 6)) for _ in range(rng.randrange(1, 4))]
-    checked = _Checked(model, backend.rows(texts, layout=layout), [list(t) for t in texts])  # type: ignore[arg-type]
-    rows, operations = checked.rows, 0
-    for _ in range(14):
+    rows = backend.rows(texts, layout=layout)  # type: ignore[arg-type]
+    checked = _Checked(reference, rows, [list(t) for t in texts], atol)
+    done = 0
+    for _ in range(operations):
         kind = rng.choice(
             ["extend", "extend", "together", "together", "truncate", "step", "add", "keep"]
         )
@@ -74,7 +94,7 @@ def _random_operations(backend: Backend, model: Any, seed: int, layout: str) -> 
             chosen = rng.sample(range(n), rng.randrange(1, n + 1))
             feeds = [_tokens(rng, rng.randrange(1, 4)) for _ in chosen]
             logits = rows.extend_together(chosen, feeds)
-            assert logits.shape == (len(chosen), VOCAB)
+            assert logits.shape == (len(chosen), backend.vocab_size)
             for i, (row, new) in enumerate(zip(chosen, feeds, strict=True)):
                 checked.texts[row] += new
                 checked.expect(row, logits[i : i + 1], 1)
@@ -99,9 +119,9 @@ def _random_operations(backend: Backend, model: Any, seed: int, layout: str) -> 
             checked.texts = [checked.texts[row] for row in kept]
         else:
             continue
-        operations += 1
+        done += 1
         checked.lengths_agree()
-    return operations
+    return done
 
 
 @pytest.mark.parametrize("layout", ["separate", "batched"])
@@ -115,7 +135,9 @@ def test_random_operations_give_the_logits_of_an_uncached_forward(
         backend: Backend = ToyBackend(lm)
     else:
         lm, backend = model, HFBackend(model, eos_token_ids=(1,))
-    done = sum(_random_operations(backend, lm, seed, layout) for seed in range(25))
+    done = sum(
+        random_operations(backend, partial(_reference, lm), seed, layout) for seed in range(25)
+    )
     assert done > 250  # the sequences really ran (most operations apply)
 
 

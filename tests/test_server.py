@@ -397,3 +397,12 @@ def test_pj_serve_refuses_a_public_address_without_keys(capsys: pytest.CaptureFi
     assert main(["serve", "--host", "0.0.0.0"]) != 0
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "loopback" in err
+
+
+def test_a_backend_without_room_is_a_503_to_retry_later() -> None:
+    """A llama.cpp context with every sequence or cell taken is the server's state, not the
+    request's fault: 503, not 400 or 500."""
+    from pj_core.errors import BackendCapacityError
+    from pj_core.server.app import status_of
+
+    assert status_of(BackendCapacityError("no room")) == (503, "backend_capacity")

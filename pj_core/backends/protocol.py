@@ -1,8 +1,8 @@
 """The backend protocol: what Persona-judge's decoding needs of a model.
 
 The decoding (:mod:`pj_core.decoding`) drives a model only through these two protocols, so
-the same algorithm runs on transformers (:class:`pj_core.backends.hf.backend.HFBackend`) and,
-next, on llama.cpp.
+the same algorithm runs on transformers (:class:`pj_core.backends.hf.backend.HFBackend`) and
+on llama.cpp (:class:`pj_core.backends.llamacpp.backend.LlamaCppBackend`).
 
 Terms:
 
@@ -34,7 +34,9 @@ The operations and where the decoding uses them:
 Every result must equal (up to floating-point differences between batched and single-row
 kernels) what one forward of the row's whole token sequence, without any cache, gives at the
 same positions; ``tests/test_backend_protocol.py`` checks it for every backend on random
-sequences of these operations.
+sequences of these operations (``tests/test_llamacpp_backend.py`` for llama.cpp, where the
+8-bit quantisation of activations turns such last-bit differences into small steps: it states
+the tolerance and shows that one wrong token exceeds it).
 """
 
 from __future__ import annotations

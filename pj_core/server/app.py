@@ -45,6 +45,7 @@ from pj_core.backends.hf.models import DEFAULT_MODEL
 from pj_core.calls import AdapterSettings, PersonaSources, build_call, shared_engine
 from pj_core.errors import (
     AuthenticationError,
+    BackendCapacityError,
     ContextOverflowError,
     InvalidGenerationConfigError,
     InvalidPersonaError,
@@ -138,6 +139,7 @@ STATUSES: tuple[tuple[type[Exception], int, str], ...] = (
     (ServerBusyError, 429, "server_busy"),
     (RequestTimeoutError, 504, "timeout"),
     (ProfileStoreError, 503, "profile_store_unavailable"),
+    (BackendCapacityError, 503, "backend_capacity"),  # no room now: retry later
     (ModelOutputError, 500, "model_output_error"),
     (ValueError, 400, "invalid_value"),  # the Invalid*Error family: a value the caller can fix
 )

@@ -23,9 +23,7 @@ Example:
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -40,10 +38,7 @@ from pj_core.backends.hf.kv import (
 from pj_core.backends.hf.models import context_window_of, eos_token_ids_of
 from pj_core.backends.hf.prefix_cache import PrefixCache
 from pj_core.backends.protocol import RowLayout, StepTimings
-
-# Context length of the timing forwards (strategy="auto"): about a short chat prompt.
-CALIBRATION_CONTEXT = 64
-CALIBRATION_REPEATS = 3
+from pj_core.backends.timing import measure_step_timings
 
 
 class HFBackend:
@@ -123,41 +118,18 @@ class HFBackend:
             self.prefix_cache.clear()
 
     def step_timings(self, *, n_personas: int, lookahead: int) -> StepTimings:
-        """Median seconds of a few forwards of each kind, after one warm-up each, over a
-        context of :data:`CALIBRATION_CONTEXT` tokens."""
+        """:func:`pj_core.backends.timing.measure_step_timings` on this model's device."""
         device = model_device(self.model)
-        token = 0
-        context = [token] * CALIBRATION_CONTEXT
 
-        def median_of(make: Callable[[], Callable[[], object]]) -> float:
-            samples = [_timed(make(), device) for _ in range(CALIBRATION_REPEATS + 1)]
-            return statistics.median(samples[1:])
-
-        def extend(tokens: int) -> Callable[[], object]:
-            rows = self.rows([context], layout="separate")
-            return lambda: rows.extend(0, [token] * tokens, keep=tokens)
-
-        def step() -> Callable[[], object]:
-            rows = self.rows([context] * n_personas, layout="batched")
-            return lambda: rows.step([token] * n_personas)
+        def synchronize() -> None:
+            # GPU kernels run asynchronously: wait for them, or only the launch is timed.
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
 
         with torch.inference_mode():
-            return StepTimings(
-                single_step=median_of(lambda: extend(1)),
-                verify=median_of(lambda: extend(lookahead + 1)),
-                batch_step=median_of(step),
+            return measure_step_timings(
+                self, n_personas=n_personas, lookahead=lookahead, synchronize=synchronize
             )
-
-
-def _timed(run: Callable[[], object], device: torch.device) -> float:
-    # GPU kernels run asynchronously: wait for them, or we would time only the launch.
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    run()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - started
 
 
 class HFRows:
