@@ -20,7 +20,7 @@ _moved.install()  # old module paths (pj_core.kv, pj_core.models, ...) for one r
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
-    "load_model": "pj_core.backends.hf.models",
+    "load_model": "pj_core.backends.loading",
     "LoadedModel": "pj_core.backends.hf.models",
     "DEFAULT_MODEL": "pj_core.backends.hf.models",
     "PersonaJudge": "pj_core.engine",
@@ -45,7 +45,7 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from pj_core.backends.hf.models import DEFAULT_MODEL as DEFAULT_MODEL
     from pj_core.backends.hf.models import LoadedModel as LoadedModel
-    from pj_core.backends.hf.models import load_model as load_model
+    from pj_core.backends.loading import load_model as load_model
     from pj_core.engine import PersonaJudge as PersonaJudge
     from pj_core.personas import CATALOG as CATALOG
     from pj_core.personas import GenerationDefaults as GenerationDefaults

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from pj_core.backends import backend_name
 from pj_core.decoding.generation_config import GenerationConfig
 from pj_core.errors import (
     ContextOverflowError,
@@ -124,8 +125,9 @@ _SHARED_LOCK = threading.Lock()  # guards _SHARED (held for microseconds)
 _LOADING_LOCK = threading.Lock()  # one load at a time
 
 
-def shared_engine(spec: str | os.PathLike[str]) -> SharedModel:
-    """The process-wide :class:`SharedModel` for ``spec``, loading it on first use.
+def shared_engine(spec: str | os.PathLike[str], backend: str | None = None) -> SharedModel:
+    """The process-wide :class:`SharedModel` for ``spec`` on ``backend`` (``"transformers"``,
+    the default, or ``"llama.cpp"``), loading it on first use.
 
     Every spelling of one model (an alias and its GGUF file, a relative and an absolute path)
     gets the same engine (``pj_core.backends.hf.models.model_identity``). Loading happens once
@@ -136,10 +138,13 @@ def shared_engine(spec: str | os.PathLike[str]) -> SharedModel:
 
     Raises:
         ModelNotFoundError, ModelPackageMissingError, ModelLoadError: from ``load_model``.
+        InvalidModelOptionError: an unknown backend.
+        BackendNotInstalledError: llama.cpp without llama-cpp-python.
     """
-    from pj_core.backends.hf.models import max_loaded_models, model_identity
+    from pj_core.backends.hf.models import max_loaded_models
 
-    key = model_identity(spec)
+    on = backend_name(backend)
+    key = _engine_key(spec, on)
     limit = max_loaded_models()  # a bad setting fails before any loading
     shared = _use(key)
     if shared is not None:
@@ -149,17 +154,11 @@ def shared_engine(spec: str | os.PathLike[str]) -> SharedModel:
     with _LOADING_LOCK:
         shared = _use(key)
         if shared is None:
-            from pj_core.backends.hf.models import load_model
+            from pj_core.backends.loading import load_model
             from pj_core.engine import PersonaJudge
 
-            loaded = load_model(spec)
-            engine = PersonaJudge(
-                loaded.model,
-                loaded.tokenizer,
-                name=loaded.name,
-                context_window=loaded.context_window,
-                eos_token_ids=loaded.eos_token_ids,
-            )
+            engine = PersonaJudge.from_pretrained(spec, backend=on)
+            loaded = load_model(spec, backend=on)  # the same object: load_model keeps it
             shared = SharedModel(loaded=loaded, engine=engine)
             with _SHARED_LOCK:
                 _SHARED[key] = shared
@@ -177,9 +176,22 @@ def _use(key: str) -> SharedModel | None:
         return shared
 
 
-def is_loaded(spec: str | os.PathLike[str]) -> bool:
-    """Whether :func:`shared_engine` holds a loaded engine for ``spec`` (any spelling of it)."""
-    return _identity_or_none(spec) in _SHARED  # not a model at all: certainly not loaded
+def _engine_key(spec: str | os.PathLike[str], backend: str | None) -> str:
+    """The key of ``spec``'s engine on ``backend`` in :data:`_SHARED`: the model's identity
+    (every spelling of it), marked with the backend unless it is transformers."""
+    from pj_core.backends.hf.models import model_identity
+
+    on = backend_name(backend)
+    return model_identity(spec) if on == "transformers" else f"{on}:{model_identity(spec)}"
+
+
+def is_loaded(spec: str | os.PathLike[str], backend: str | None = None) -> bool:
+    """Whether :func:`shared_engine` holds a loaded engine for ``spec`` (any spelling of it)
+    on ``backend``."""
+    try:
+        return _engine_key(spec, backend) in _SHARED
+    except PersonaJudgeError:  # not a model (or backend) at all: certainly not loaded
+        return False
 
 
 @dataclass(frozen=True)
@@ -548,6 +560,8 @@ class AdapterSettings:
         engine: a ready engine to decode with instead of the shared one of ``model``.
         allowed_models: specs a call's ``model=`` may name besides ``model`` and the built-in
             aliases (:func:`call_model`).
+        backend: what runs the model: ``"transformers"`` (``None``, the default) or
+            ``"llama.cpp"`` (the GGUF file as it is; needs llama-cpp-python).
     """
 
     model: str | os.PathLike[str]
@@ -556,6 +570,7 @@ class AdapterSettings:
     profile_store: ProfileStoreLike = None
     engine: PersonaJudge | None = None
     allowed_models: Sequence[str | os.PathLike[str]] = ()
+    backend: str | None = None
 
     def check(self) -> None:
         """Check the settings as the engine will (so an adapter fails at construction, not
@@ -575,6 +590,7 @@ class AdapterSettings:
             )
         if self.personas.preferences is not None:
             resolve_personas(self.personas.preferences)  # unknown names and bad texts fail
+        backend_name(self.backend)  # an unknown backend fails here too
 
 
 @dataclass(frozen=True)
@@ -705,7 +721,11 @@ def build_call(
         overrides={name: options[name] for name in GENERATION_OPTIONS if name in options},
     )
     kwargs.update({name: options[name] for name in TOOL_OPTIONS if options.get(name) is not None})
-    engine = settings.engine if settings.engine is not None else shared_engine(spec).engine
+    engine = (
+        settings.engine
+        if settings.engine is not None
+        else shared_engine(spec, settings.backend).engine
+    )
     layout_stops = stop_strings(engine.tokenizer)
     if layout_stops:
         kwargs["stop"] = [*(kwargs.get("stop") or ()), *layout_stops]

@@ -239,6 +239,7 @@ class PersonaJudge:
         cls,
         spec: str | os.PathLike[str] | None = DEFAULT_MODEL,
         *,
+        backend: str | None = None,
         defaults: Settings = DEFAULTS,
         **load_kwargs: Any,
     ) -> PersonaJudge:
@@ -247,17 +248,26 @@ class PersonaJudge:
         Args:
             spec: a built-in alias (default ``"smollm2-135m-instruct"``; None means the
                 default too), a ``.gguf`` file, a model directory or a cached hub id.
+            backend: ``"transformers"`` (default) or ``"llama.cpp"``: the GGUF file as it
+                is, quantised (needs llama-cpp-python).
             defaults: the engine's default settings (see the class).
-            load_kwargs: ``device``, ``dtype``, ``trust_remote_code`` for ``load_model``.
+            load_kwargs: for ``load_model``: ``device``, ``dtype``, ``trust_remote_code``
+                (transformers); ``n_ctx``, ``n_threads`` (llama.cpp).
 
         Example:
             >>> pj = PersonaJudge.from_pretrained("smollm2-135m-instruct")  # doctest: +SKIP
             >>> from pj_core.settings import PAPER
             >>> paper = PersonaJudge.from_pretrained(defaults=PAPER)  # doctest: +SKIP
+            >>> fast = PersonaJudge.from_pretrained(backend="llama.cpp")  # doctest: +SKIP
         """
-        from pj_core.backends.hf.models import load_model
+        from pj_core.backends.hf.models import LoadedModel
+        from pj_core.backends.loading import load_model
 
-        loaded = load_model(DEFAULT_MODEL if spec is None else spec, **load_kwargs)
+        loaded = load_model(DEFAULT_MODEL if spec is None else spec, backend=backend, **load_kwargs)
+        if not isinstance(loaded, LoadedModel):  # llama.cpp
+            return cls.from_backend(
+                loaded.backend, loaded.tokenizer, name=loaded.name, defaults=defaults
+            )
         return cls(
             loaded.model,
             loaded.tokenizer,

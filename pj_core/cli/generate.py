@@ -63,6 +63,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     add_persona_source_arguments(parser)
     parser.add_argument("--model", default=None, help="model spec (default smollm2-135m-instruct)")
+    parser.add_argument(
+        "--backend",
+        default=None,
+        help="transformers (default) or llama.cpp (the GGUF file as it is, quantised; "
+        "needs llama-cpp-python)",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: auto)")
     parser.add_argument(
         "--lookahead",
@@ -193,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
     GenerationConfig.create(**{k: v for k, v in settings.items() if k in SETTING_NAMES})
     normalize_conversation(args.prompt)
     load_kwargs = {"device": args.device} if args.device else {}
-    engine = PersonaJudge.from_pretrained(args.model, **load_kwargs)
+    engine = PersonaJudge.from_pretrained(args.model, backend=args.backend, **load_kwargs)
     result: GenerationResult | None = None
     response_format = response_format_from_args(args)
     for event in engine.stream(args.prompt, personas, response_format=response_format, **settings):

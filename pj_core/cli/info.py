@@ -1,13 +1,15 @@
 """``pj info``: load a model and show what persona-judge knows about it.
 
-Prints the name, device, dtype, context window, end-of-turn token ids and load time, then the
-exact prompt text each persona prefix would decode from.
+Prints the name, backend, device, dtype (or llama.cpp's quantisation), context window,
+end-of-turn token ids and load time, then the exact prompt text each persona prefix would
+decode from.
 
 Examples::
 
     pj info
     pj info gemma3-270m --persona "Answer with playful humour." --persona "Be concise."
     pj info ./my-model-dir --prompt "Explain RAG in one paragraph." --device cpu
+    pj info smollm2-135m-instruct --backend llama.cpp
 """
 
 from __future__ import annotations
@@ -54,6 +56,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
     parser.add_argument(
+        "--backend",
+        default=None,
+        help="transformers (default) or llama.cpp (the GGUF file as it is, quantised)",
+    )
+    parser.add_argument(
         "--trust-remote-code",
         action="store_true",
         help="run code shipped with the model (only for models you trust)",
@@ -73,12 +80,17 @@ def _kernels(packed_layers: int) -> str:
 def run(args: argparse.Namespace) -> int:
     """Load the model, print its settings and one rendered prompt per persona."""
     from pj_core.backends.hf.cpu_linear import weight_count
-    from pj_core.backends.hf.models import load_model
+    from pj_core.backends.hf.models import LoadedModel
+    from pj_core.backends.loading import load_model
     from pj_core.prompts import has_chat_template, render_ids, render_text, supports_system_role
 
     start = time.perf_counter()
     loaded = load_model(
-        args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code
+        args.model,
+        backend=args.backend,
+        device=args.device,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
     )
     seconds = time.perf_counter() - start
     tokenizer = loaded.tokenizer
@@ -89,13 +101,27 @@ def run(args: argparse.Namespace) -> int:
     else:
         layout = "chat template without a system role, persona in the first user message"
     eos = ", ".join(f"{i} ({tokenizer.convert_ids_to_tokens(i)})" for i in loaded.eos_token_ids)
+    if isinstance(loaded, LoadedModel):
+        model_rows = [
+            ("backend", "transformers"),
+            ("class", type(loaded.model).__name__),
+            ("parameters", f"{weight_count(loaded.model) / 1e6:.1f} M"),
+            ("linear kernels", _kernels(loaded.packed_linear_layers)),
+            ("device", str(loaded.device)),
+            ("dtype", str(loaded.dtype).removeprefix("torch.")),
+        ]
+    else:
+        backend = loaded.backend
+        model_rows = [
+            ("backend", f"llama.cpp ({backend.description})"),
+            ("file", str(loaded.path)),
+            ("parameters", f"{backend.parameters / 1e6:.1f} M"),
+            ("device", f"cpu, {backend.n_threads} threads"),
+            ("kv cache", f"{backend.n_ctx} cells, shared by all calls at once"),
+        ]
     rows = [
         ("model", loaded.name),
-        ("class", type(loaded.model).__name__),
-        ("parameters", f"{weight_count(loaded.model) / 1e6:.1f} M"),
-        ("linear kernels", _kernels(loaded.packed_linear_layers)),
-        ("device", str(loaded.device)),
-        ("dtype", str(loaded.dtype).removeprefix("torch.")),
+        *model_rows,
         ("context window", f"{loaded.context_window} tokens"),
         ("eos token ids", eos),
         ("load time", f"{seconds:.2f} s"),

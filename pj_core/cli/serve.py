@@ -39,6 +39,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "the answer.",
     )
     parser.add_argument("--model", default=None, help="model spec (default smollm2-135m-instruct)")
+    parser.add_argument(
+        "--backend",
+        default=None,
+        help="transformers (default) or llama.cpp (the GGUF file as it is, quantised; "
+        "needs llama-cpp-python)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument(
@@ -188,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(
         ServerConfig(
             model=args.model or DEFAULT_MODEL,
+            backend=args.backend,
             served_model_name=args.served_model_name,
             profile_store=args.store,
             preferences=args.preference or None,

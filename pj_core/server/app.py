@@ -109,12 +109,16 @@ class ServerConfig:
             earlier turns); ``0`` turns prefix reuse off. ``None``: the scheduler's default
             (:data:`pj_core.scheduler.DEFAULT_PREFIX_CACHE_TOKENS`).
 
+        backend: what runs ``model``: ``"transformers"`` (``None``) or ``"llama.cpp"`` (the
+            GGUF file as it is; needs llama-cpp-python). Unused with ``engine``.
+
     Example:
         >>> ServerConfig(preferences=["humor", "concise"]).max_body_bytes
         4194304
     """
 
     model: str | os.PathLike[str] = DEFAULT_MODEL
+    backend: str | None = None
     engine: PersonaJudge | None = None
     served_model_name: str | None = None
     profile_store: AbstractProfileStore | str | os.PathLike[str] | None = None
@@ -262,7 +266,11 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         ProfileStoreError: the profile store cannot be opened.
     """
     config = config or ServerConfig()
-    engine = config.engine if config.engine is not None else shared_engine(config.model).engine
+    engine = (
+        config.engine
+        if config.engine is not None
+        else shared_engine(config.model, config.backend).engine
+    )
     name = config.served_model_name or (
         engine.name if config.engine is not None else os.fspath(config.model)
     )
@@ -277,6 +285,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         personas=PersonaSources(preferences=config.preferences),
         profile_store=store,
         engine=engine,
+        backend=config.backend,
     )
     settings.check()
     if config.request_timeout is not None and not config.request_timeout > 0:

@@ -78,7 +78,7 @@ class ChatPersonaJudge(BaseChatModel):
         (the embedded SmolLM2-135M-Instruct weights).
 
     Key init args (each documented on its field below): ``model`` (an alias such as
-    ``"smollm2-135m-instruct"`` or a path); generation settings (``lookahead``,
+    ``"smollm2-135m-instruct"`` or a path) and ``backend``; generation settings (``lookahead``,
     ``temperature``, ``top_k``, ``top_p``, ``strength``, ``decoder``, ``max_tokens``, ``stop``,
     ``seed``; None takes the user's saved default, else ``pj_core.settings.DEFAULTS``); and
     the personas (``preferences``: catalog names or free text; ``persona``: an unsaved
@@ -137,6 +137,9 @@ class ChatPersonaJudge(BaseChatModel):
     """Model spec: a built-in alias or a local path. Every instance with the same spec shares
     one copy of the weights, loaded on the first call."""
 
+    backend: str | None = None
+    """What runs the model: ``"transformers"`` (``None``) or ``"llama.cpp"`` (GGUF as it is)."""
+
     allowed_models: list[str] | None = None
     """Specs a call's ``model=`` may name besides ``model`` and the built-in aliases; a call
     naming any other path is refused (nothing loads). At most 3 models stay loaded
@@ -164,8 +167,7 @@ class ChatPersonaJudge(BaseChatModel):
     ``pj_core.settings.DEFAULTS`` (as for every generation field below)."""
 
     alternate: bool | None = None
-    """Swap draft and judge every round (Persona-judge). False keeps the roles fixed
-    (Persona-judge-Base)."""
+    """Swap draft and judge every round (Persona-judge); False: fixed roles (-Base)."""
 
     strategy: Literal["speculative", "lockstep", "auto"] | None = None
     """Decoding strategy: "speculative" (a KV cache per persona), "lockstep" (same output, one
@@ -190,8 +192,7 @@ class ChatPersonaJudge(BaseChatModel):
     """System text of the neutral row that ``strength`` guides against (None: none)."""
 
     decoder: Literal["persona-judge", "pool"] | None = None
-    """"persona-judge" (rounds of draft and judge) or "pool" (every token from the pool of all
-    personas, so every preference acts on every token)."""
+    """"persona-judge" (draft/judge rounds) or "pool" (every token from all personas' pool)."""
 
     max_tokens: int | None = None
     """The most tokens to generate."""
@@ -209,8 +210,7 @@ class ChatPersonaJudge(BaseChatModel):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     def __init__(self, **data: Any) -> None:
-        # Bad settings raise our typed errors (which say what to fix), like every
-        # pj_core model, rather than pydantic's generic ValidationError; so do unknown ones.
+        # Bad or unknown settings raise our typed errors (saying what to fix), not pydantic's.
         known = field_names(type(self)) | NETWORK_PARAMS
         check_setting_names(data, known, type(self).__name__)
         try:
@@ -249,7 +249,7 @@ class ChatPersonaJudge(BaseChatModel):
         )
 
     def _resolve_model_profile(self) -> ModelProfile | None:
-        return model_profile(self.model)
+        return model_profile(self.model, self.backend)
 
     def load(self) -> Self:
         """Load the model now (normally the first call does) and fill ``profile``.
@@ -261,12 +261,12 @@ class ChatPersonaJudge(BaseChatModel):
             >>> llm.profile["max_input_tokens"]  # doctest: +SKIP
             8192
         """
-        self._note_context_window(shared_engine(self.model).engine)
+        self._note_context_window(shared_engine(self.model, self.backend).engine)
         return self
 
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` with the model's own tokenizer (no special tokens added)."""
-        engine = shared_engine(self.model).engine
+        engine = shared_engine(self.model, self.backend).engine
         self._note_context_window(engine)
         tokenizer, lock = counting_tokenizer(engine)
         with lock:
@@ -491,6 +491,7 @@ class ChatPersonaJudge(BaseChatModel):
             ),
             profile_store=self.profile_store,
             allowed_models=self.allowed_models or (),
+            backend=self.backend,
         )
 
     def _note_context_window(self, engine: PersonaJudge) -> None:

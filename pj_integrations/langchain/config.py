@@ -93,6 +93,8 @@ def identifying_params(settings: AdapterSettings) -> dict[str, Any]:
     from pj_core.calls import profile_revision
 
     params: dict[str, Any] = {"model": settings.model}
+    if settings.backend is not None:
+        params["backend"] = settings.backend
     params.update({k: v for k, v in settings.generation.items() if v is not None})
     for name in ("preferences", "persona", "profile_id"):
         if getattr(settings.personas, name) is not None:

@@ -44,7 +44,7 @@ def langsmith_params(
     return params
 
 
-def model_profile(model: str) -> ModelProfile:
+def model_profile(model: str, backend: str | None = None) -> ModelProfile:
     """What the model can do. The context window is known once the model is loaded; loading
     it here would make constructing an instance cost seconds, so a cold instance learns it on
     first use."""
@@ -67,6 +67,6 @@ def model_profile(model: str) -> ModelProfile:
         reasoning_output=False,
         temperature=True,
     )
-    if is_loaded(model):
-        profile["max_input_tokens"] = shared_engine(model).engine.context_window
+    if is_loaded(model, backend):
+        profile["max_input_tokens"] = shared_engine(model, backend).engine.context_window
     return profile

@@ -105,6 +105,9 @@ class PersonaJudgeLLM(BatchCalls, ConstrainedStructuredLLM):
         default=DEFAULT_MODEL,
         description="Model alias ('smollm2-135m-instruct', 'gemma3-270m'), path or hub id.",
     )
+    backend: str | None = Field(
+        default=None, description="'transformers' (None) or 'llama.cpp' (the GGUF as it is)."
+    )
     allowed_models: list[str] | None = Field(
         default=None,
         description="Specs a call's model= may name besides `model` and the built-in aliases.",
@@ -204,7 +207,7 @@ class PersonaJudgeLLM(BatchCalls, ConstrainedStructuredLLM):
         """The engine this object decodes with (loaded on first use, shared per model spec)."""
         if self.engine is not None:
             return self.engine
-        engine: PersonaJudge = shared_engine(self.model).engine
+        engine: PersonaJudge = shared_engine(self.model, self.backend).engine
         return engine
 
     @property
@@ -231,6 +234,7 @@ class PersonaJudgeLLM(BatchCalls, ConstrainedStructuredLLM):
             profile_store=self.profile_store,
             engine=self.engine,
             allowed_models=self.allowed_models or (),
+            backend=self.backend,
         )
 
     def _plan(self, conversation: list[dict[str, Any]], options: Mapping[str, Any]) -> CallRequest:

@@ -162,6 +162,7 @@ class _Source:
     key: str  # identity of the weights, for in-process sharing
     prepare: Callable[[], Path]  # returns a loadable HF directory, converting if needed
     is_cache_entry: bool  # True when ``prepare`` returns a rebuildable GGUF cache entry
+    gguf: Callable[[], Path] | None = None  # the GGUF file as it is (None: the spec has none)
 
 
 def _gguf_source(name: str, gguf_path: Path) -> _Source:
@@ -173,7 +174,13 @@ def _gguf_source(name: str, gguf_path: Path) -> _Source:
             sha, lambda out: model_cache.convert_gguf(gguf_path, out)
         )
 
-    return _Source(name=name, key=f"gguf:{gguf_path}", prepare=prepare, is_cache_entry=True)
+    return _Source(
+        name=name,
+        key=f"gguf:{gguf_path}",
+        prepare=prepare,
+        is_cache_entry=True,
+        gguf=lambda: gguf_path,
+    )
 
 
 def _smollm2_source(model: BuiltinModel) -> _Source:
@@ -216,8 +223,17 @@ def _gemma_source(model: BuiltinModel) -> _Source:
         finally:
             assembled.unlink(missing_ok=True)  # the converted entry replaces it
 
+    def gguf() -> Path:
+        # llama.cpp reads the file itself: assemble it once into the cache and keep it.
+        kept = model_cache.cache_root() / "assembled" / f"{expected}.gguf"
+        return model_cache.assemble_chunks(chunk_paths, expected, kept)  # hash memoised
+
     return _Source(
-        name=model.alias, key=f"gguf-sha256:{expected}", prepare=prepare, is_cache_entry=True
+        name=model.alias,
+        key=f"gguf-sha256:{expected}",
+        prepare=prepare,
+        is_cache_entry=True,
+        gguf=gguf,
     )
 
 
@@ -475,6 +491,34 @@ def model_identity(spec: str | os.PathLike[str]) -> str:
     return _resolve(spec).key
 
 
+def gguf_file(spec: str | os.PathLike[str]) -> Path:
+    """The GGUF file ``spec`` names, as it is (for a backend that runs it quantised): a
+    ``.gguf`` path, a directory holding one, or a built-in alias (Gemma's chunks are
+    assembled once into the cache, sha256 checked).
+
+    Raises:
+        ModelNotFoundError, ModelPackageMissingError, ModelLoadError: as :func:`load_model`.
+        InvalidModelOptionError: the spec is a Hugging Face directory or hub id, which has
+            no GGUF file.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> (folder / "m.gguf").write_bytes(b"")
+        0
+        >>> gguf_file(folder) == (folder / "m.gguf").resolve()
+        True
+    """
+    source = _resolve(spec)
+    if source.gguf is None:
+        raise InvalidModelOptionError(
+            f"{os.fspath(spec)!r} is a Hugging Face model, not a GGUF file, and the llama.cpp "
+            "backend runs GGUF files: pass a .gguf file or a built-in alias, convert the model "
+            "with llama.cpp's convert_hf_to_gguf.py, or use backend='transformers'"
+        )
+    return source.gguf()
+
+
 def load_model(
     spec: str | os.PathLike[str] = DEFAULT_MODEL,
     *,
@@ -483,7 +527,9 @@ def load_model(
     trust_remote_code: bool = False,
     pack_cpu_weights: bool = True,
 ) -> LoadedModel:
-    """Load a model and its tokenizer from local files (see the module docstring for specs).
+    """Load a model and its tokenizer from local files (see the module docstring for specs),
+    on transformers. :func:`pj_core.backends.loading.load_model` (``pj_core.load_model``)
+    also chooses the backend.
 
     The model is for inference: eval mode, no parameter requires gradients, and on a CPU in
     float32 its linear layers run on weights pre-packed for oneDNN, which makes the

@@ -115,6 +115,11 @@ class _Model:
         self.vocab = llama.llama_model_get_vocab(pointer)
         self.vocab_size = int(llama.llama_vocab_n_tokens(self.vocab))
         self.n_ctx_train = int(llama.llama_model_n_ctx_train(pointer))
+        text = ctypes.create_string_buffer(256)
+        llama.llama_model_desc(pointer, text, len(text))
+        self.description = text.value.decode("utf-8", "replace")  # e.g. "llama ?B Q4_1"
+        self.parameters = int(llama.llama_model_n_params(pointer))
+        self.file_bytes = int(llama.llama_model_size(pointer))
         self.eos_token_ids = tuple(
             token for token in range(self.vocab_size) if llama.llama_vocab_is_eog(self.vocab, token)
         )
@@ -191,6 +196,7 @@ class _Context:
         self.n_ctx = int(llama.llama_n_ctx(pointer))
         self.n_batch = int(llama.llama_n_batch(pointer))
         self.n_seq_max = n_seq_max
+        self.n_threads = n_threads
         self.vocab_size = model.vocab_size
         self.batch = llama.llama_batch_init(self.n_batch, 0, 1)
         self.lock = threading.Lock()
@@ -418,6 +424,21 @@ class LlamaCppBackend:
     def path(self) -> Path:
         """The GGUF file."""
         return self._context.model.path
+
+    @property
+    def description(self) -> str:
+        """llama.cpp's description of the model: architecture, size, quantisation."""
+        return self._context.model.description
+
+    @property
+    def parameters(self) -> int:
+        """How many weights the model has."""
+        return self._context.model.parameters
+
+    @property
+    def n_threads(self) -> int:
+        """llama.cpp's CPU threads."""
+        return self._context.n_threads
 
     @property
     def n_ctx(self) -> int:
