@@ -29,7 +29,7 @@ from tqdm import tqdm
 from benchmarks.bench_config import BenchConfig
 from benchmarks.prompt_source import load_prompts
 from benchmarks.report import format_number, kernels_text
-from benchmarks.runner import _git_commit
+from benchmarks.runner import git_commit
 
 # One persona pair per user (cycled): users of a service do not share preferences.
 PERSONA_PAIRS: tuple[tuple[str, str], ...] = (
@@ -138,7 +138,7 @@ def run_batch_benchmark(
         "meta": {
             "command": command,
             "started": started_at,
-            "git_commit": _git_commit(),
+            "git_commit": git_commit(),
             "model": config.model,
             "device": str(loaded.device),
             "dtype": str(loaded.dtype).removeprefix("torch."),

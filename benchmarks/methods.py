@@ -30,6 +30,7 @@ from benchmarks.bench_config import BenchConfig, Cell
 from benchmarks.reference_loop import reference_generate
 from pj_core.decoding.constraints import ConstraintMask
 from pj_core.decoding.logits import Position
+from pj_core.errors import ModelLoadError
 
 
 @dataclass(frozen=True)
@@ -264,9 +265,11 @@ def run_engine(
     ``constrained`` is ``defaults`` with :data:`TOOL_CALLS_SCHEMA` as the response format
     (its mask timed: ``Sample.constraint_seconds``).
 
-    The engine must be built with ``eos_token_ids=()`` so that, like the other methods, it
-    runs to the full budget. Streaming gives the time to first token; the final event's
-    statistics give the draft/accept counts and the strategy ``auto`` resolved to.
+    The engine must have no EOS ids (``eos_token_ids=()``) so that, like the other methods, it
+    runs to the full budget. On a backend other than transformers the forwards are the
+    engine's own count (``stats.forward_passes``). Streaming gives the time to first token;
+    the final event's statistics give the draft/accept counts and the strategy ``auto``
+    resolved to.
     """
     assert cell.lookahead is not None or cell.method == "lockstep"
     settings: dict[str, Any] = (
@@ -280,8 +283,12 @@ def run_engine(
         settings["logit_transforms"] = [
             lambda: TimedConstraintMask(compiled.matcher(), constraint_seconds)
         ]
-    device = next(engine.model.parameters()).device
-    with ForwardCounter([engine.model]) as counter:
+    try:
+        models = [engine.model]
+        device = next(engine.model.parameters()).device
+    except ModelLoadError:  # another backend (llama.cpp): its own count, on the CPU
+        models, device = [], torch.device("cpu")
+    with ForwardCounter(models) as counter:
         _sync(device)
         started = time.perf_counter()
         first_token_seconds = 0.0
@@ -308,7 +315,7 @@ def run_engine(
         tokens=len(result.token_ids),
         seconds=seconds,
         first_token_seconds=first_token_seconds,
-        forward_passes=counter.count,
+        forward_passes=counter.count if models else result.stats.forward_passes,
         drafted=result.stats.drafted,
         accepted=result.stats.accepted,
         strategy=result.stats.strategy,

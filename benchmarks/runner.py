@@ -42,7 +42,7 @@ def total_generations(config: BenchConfig) -> int:
     )
 
 
-def _worker_env() -> dict[str, str]:
+def worker_env() -> dict[str, str]:
     env = dict(os.environ)
     # The workers import ``benchmarks`` from this checkout.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
@@ -57,7 +57,7 @@ def _prepare_model(config: BenchConfig, python: str) -> float:
     )
     started = time.perf_counter()
     done = subprocess.run(
-        [python, "-c", code], cwd=REPO_ROOT, env=_worker_env(), capture_output=True, text=True
+        [python, "-c", code], cwd=REPO_ROOT, env=worker_env(), capture_output=True, text=True
     )
     if done.returncode != 0:
         raise BenchmarkError(
@@ -67,18 +67,23 @@ def _prepare_model(config: BenchConfig, python: str) -> float:
     return time.perf_counter() - started
 
 
-def _run_worker(
-    job: dict[str, Any], python: str, workdir: Path, on_progress: Callable[[], None]
+def run_worker(
+    job: dict[str, Any],
+    python: str,
+    workdir: Path,
+    on_progress: Callable[[], None],
+    module: str = "benchmarks.worker",
 ) -> dict[str, Any]:
-    """Run one worker process; return its result plus its whole-process peak RSS."""
+    """Run one worker process (``python -m MODULE JOB OUT``); return its result plus its
+    whole-process peak RSS."""
     name = f"{job['method']}-{job['round']}"
     job_path, out_path, err_path = (workdir / f"{name}.{ext}" for ext in ("job", "out", "err"))
     job_path.write_text(json.dumps(job))
     with err_path.open("w") as stderr:
         process = subprocess.Popen(
-            [python, "-m", "benchmarks.worker", str(job_path), str(out_path)],
+            [python, "-m", module, str(job_path), str(out_path)],
             cwd=REPO_ROOT,
-            env=_worker_env(),
+            env=worker_env(),
             stdout=subprocess.PIPE,
             stderr=stderr,
             text=True,
@@ -101,7 +106,7 @@ def _run_worker(
     return result
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     try:
         done = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True
@@ -149,7 +154,7 @@ def run_benchmark(
                     "round": round_index,
                 }
                 workers.append(
-                    _run_worker(job, python, Path(tmp), on_progress=lambda: bar.update(1))
+                    run_worker(job, python, Path(tmp), on_progress=lambda: bar.update(1))
                 )
     bar.close()
     first = workers[0]
@@ -157,7 +162,7 @@ def run_benchmark(
         "command": command,
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
         "wall_seconds": time.time() - started,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "model": config.model,
         "device": first["device"],
         "dtype": first["dtype"],

@@ -118,6 +118,18 @@ def test_a_prompt_prefilled_in_chunks_and_many_rows_stepped_together(
     assert [rows.length(r) for r in range(3)] == [601, 6, 1]
 
 
+def test_more_flagged_tokens_than_a_batch_holds_are_split(
+    backend: LlamaCppBackend, reference: Any
+) -> None:
+    """A batch holds at most 64 flagged tokens (the compute buffer is sized for that)."""
+    text = [(19 * i) % 40000 + 70 for i in range(90)]
+    rows = backend.rows([text[:10]], layout="separate")
+    logits = rows.extend(0, text[10:], keep=80)
+    assert logits.shape == (80, backend.vocab_size) and rows.forward_passes == 1 + 2
+    want = reference(text)[-80:]
+    torch.testing.assert_close(logits, want, atol=ATOL, rtol=0)
+
+
 def test_rows_no_one_holds_give_their_sequences_back(gguf: Path) -> None:
     backend = LlamaCppBackend(gguf, n_ctx=256, n_seq_max=3)
     rows = backend.rows([[5, 6], [7]], layout="separate")

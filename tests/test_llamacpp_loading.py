@@ -167,3 +167,44 @@ def test_the_cli_and_the_server_take_the_backend(capsys: pytest.CaptureFixture[s
         response = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=120)
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["message"]["content"] == GREEDY_ANSWER
+
+
+def test_pj_bench_compares_the_backends(tmp_path: Path) -> None:
+    """``pj bench --backend llama.cpp``: every method in its own worker process, the ratios
+    against transformers and llama.cpp's plain generation, a table and a chart."""
+    import json
+
+    from pj_core.cli import main
+
+    argv = ["bench", "--backend", "llama.cpp", "--quick", "--methods", "auto"]
+    argv += ["--tokens", "6", "--threads", "1", "--out-dir", str(tmp_path), "--no-progress"]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "backends-quick.json").read_text())
+    rows = {row["method"]: row for row in report["rows"]}
+    assert list(rows) == [
+        "transformers:plain",
+        "transformers:auto",
+        "llama.cpp:plain",
+        "llama.cpp:auto",
+    ]
+    assert all(row["tokens_per_second"] > 0 and row["peak_rss_mb"] > 0 for row in rows.values())
+    assert rows["llama.cpp:auto"]["vs_transformers"] is not None
+    assert rows["llama.cpp:auto"]["strategies"][0] in ("speculative", "lockstep")
+    assert "Q4_1" in rows["llama.cpp:plain"]["weights"] and report["meta"]["threads"] == 1
+    assert (tmp_path / "backends-quick.png").stat().st_size > 0
+    assert "| llama.cpp:auto |" in (tmp_path / "backends-quick.md").read_text()
+
+
+def test_a_requantised_copy_for_the_benchmark(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import benchmarks.backend_speed as backend_speed
+    from pj_core.errors import BenchmarkError
+
+    monkeypatch.setenv("PJ_CACHE_DIR", str(tmp_path))
+    path = backend_speed.quantized_copy(SMOLLM2, "q8_0")
+    assert path.parent == tmp_path / "requantized"
+    assert "Q8_0" in LlamaCppBackend(path, n_ctx=256).description
+    assert backend_speed.quantized_copy(SMOLLM2, "q8_0") == path  # kept
+    with pytest.raises(BenchmarkError, match="no quantisation type"):
+        backend_speed.quantized_copy(SMOLLM2, "q3_x")

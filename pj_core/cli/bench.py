@@ -10,6 +10,8 @@ Examples::
     pj bench --targets               # the issue's targets: λ = 4, 128 and 256 tokens
     pj bench                         # full sweep: λ 1..6 × 64, 256 tokens, then the batch suite
     pj bench --suite batch --requests 8
+    pj bench --backend llama.cpp     # Persona-judge on llama.cpp vs transformers vs plain
+    pj bench --backend llama.cpp --quantize q4_0   # the llama.cpp rows on a Q4_0 copy
 """
 
 from __future__ import annotations
@@ -103,6 +105,23 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="file stem of the results (default: latest for the full sweep, else the preset)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "--backend",
+        choices=("llama.cpp",),
+        default=None,
+        help="compare backends instead: Persona-judge on llama.cpp and on transformers, and "
+        "each backend's plain generation (λ = 4, 128 tokens unless --lookaheads/--tokens)",
+    )
+    parser.add_argument(
+        "--gguf", default=None, help="with --backend: another GGUF file for the llama.cpp rows"
+    )
+    parser.add_argument(
+        "--quantize",
+        default=None,
+        metavar="KIND",
+        help="with --backend: run the llama.cpp rows on a copy re-quantised by llama.cpp "
+        "(q4_0, q8_0, ...; kept in the cache)",
+    )
     parser.set_defaults(func=_run)
 
 
@@ -140,7 +159,47 @@ def _command_line(args: argparse.Namespace) -> str:
     return shlex.join(words)
 
 
+def _run_backends(args: argparse.Namespace) -> int:
+    """``pj bench --backend llama.cpp``: :mod:`benchmarks.backend_speed`."""
+    _import_benchmarks()  # the checkout's benchmarks/ on sys.path, or a clear error
+    backend_speed = importlib.import_module("benchmarks.backend_speed")
+    quick = bool(args.quick)
+    config = backend_speed.BackendBenchConfig(
+        **{
+            key: value
+            for key, value in {
+                "model": args.model,
+                "gguf": args.gguf,
+                "lookahead": args.lookaheads[0] if args.lookaheads else None,
+                "max_new_tokens": args.tokens[0] if args.tokens else (16 if quick else None),
+                "prompts": args.prompts or (1 if quick else None),
+                "repeats": args.repeats or (1 if quick else None),
+                "threads": args.threads,
+                "strategies": tuple(m for m in args.methods if m in backend_speed.STRATEGIES)
+                if args.methods
+                else None,
+            }.items()
+            if value is not None
+        }
+    )
+    if args.quantize:
+        path = backend_speed.quantized_copy(args.gguf or config.model, args.quantize)
+        config = replace(config, gguf=str(path))
+    stem = args.name or ("backends-quick" if quick else "backends")
+    out_dir: Path = args.out_dir or REPO_ROOT / "benchmarks" / "results"
+    img_dir: Path = args.img_dir or (out_dir if quick else REPO_ROOT / "docs" / "img")
+    result = backend_speed.run_backend_benchmark(
+        config, command=_command_line(args), progress=not args.no_progress
+    )
+    for path in backend_speed.write_backend_report(result, out_dir, img_dir, stem):
+        print(f"wrote {path}")
+    print(backend_speed.backend_markdown(result))
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.backend is not None:
+        return _run_backends(args)
     bench_config, runner, report, batch_speed = _import_benchmarks()
     name = "quick" if args.quick else "targets" if args.targets else "full"
     overrides = {

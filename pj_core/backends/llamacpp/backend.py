@@ -30,7 +30,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -62,7 +62,8 @@ DEFAULT_N_SEQ_MAX = 64
 DEFAULT_N_BATCH = 512
 """Most tokens in one ``llama_decode``; longer batches are split."""
 
-_log = logging.getLogger(__name__)
+MIN_OUTPUTS = 64
+"""Flagged tokens one ``llama_decode`` may hold at least (more rows raise it to n_seq_max)."""
 
 
 def llama_cpp_module() -> ModuleType:
@@ -175,6 +176,11 @@ class _Context:
         params = llama.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = params.n_ubatch = DEFAULT_N_BATCH
+        # The compute buffer holds the logits of the most flagged tokens one batch may have:
+        # n_batch of them by default (SmolLM2: 100 MB, Gemma 3: 540 MB). The decoding reads
+        # at most a judge pass (λ + 1) or one per row; decode() splits anything larger.
+        self.n_outputs = max(n_seq_max, MIN_OUTPUTS)
+        params.n_outputs_max = self.n_outputs
         params.n_seq_max = n_seq_max
         params.n_threads = params.n_threads_batch = n_threads
         params.kv_unified = True  # one pool of cells for rows of any length
@@ -244,9 +250,11 @@ class _Context:
         with self.lock:
             self.llama.llama_memory_seq_cp(self.memory, source, target, 0, length)
 
-    def decode(self, items: Sequence[_Item]) -> torch.Tensor:
-        """Run ``items`` through the model (in chunks of ``n_batch``) and return ``[flagged,
-        vocab]``: the logits after each item with ``output`` set, in their order.
+    def decode(self, items: Sequence[_Item]) -> tuple[torch.Tensor, int]:
+        """Run ``items`` through the model and return ``([flagged, vocab], forwards)``: the
+        logits after each item with ``output`` set, in their order, and how many
+        ``llama_decode`` calls it took (a chunk holds at most ``n_batch`` tokens and
+        ``n_outputs`` flagged ones).
 
         A failed batch leaves no token of ``items`` in the cache.
 
@@ -260,11 +268,11 @@ class _Context:
                 raise ValueError(f"token id {item.token} is outside the vocabulary 0..{vocab - 1}")
         logits = torch.empty(sum(item.output for item in items), vocab, dtype=torch.float32)
         out = 0
+        chunks = list(self._chunks(items))
         with self.lock:
             self._reclaim()
             try:
-                for start in range(0, len(items), self.n_batch):
-                    chunk = items[start : start + self.n_batch]
+                for chunk in chunks:
                     for i, item in enumerate(chunk):
                         batch.token[i] = item.token
                         batch.pos[i] = item.pos
@@ -284,7 +292,18 @@ class _Context:
                 for seq, first in _first_positions(items).items():
                     llama.llama_memory_seq_rm(self.memory, seq, first, -1)
                 raise
-        return logits
+        return logits, len(chunks)
+
+    def _chunks(self, items: Sequence[_Item]) -> Iterator[Sequence[_Item]]:
+        """``items`` cut into batches of at most ``n_batch`` tokens and ``n_outputs`` flags."""
+        start, flagged = 0, 0
+        for i, item in enumerate(items):
+            if i - start == self.n_batch or (item.output and flagged == self.n_outputs):
+                yield items[start:i]
+                start, flagged = i, 0
+            flagged += item.output
+        if start < len(items):
+            yield items[start:]
 
     def _decode_error(self, status: int, tokens: int) -> Exception:
         if status == 1:
@@ -610,6 +629,6 @@ class LlamaCppRows:
         ]
 
     def _decode(self, items: Sequence[_Item]) -> torch.Tensor:
-        logits = self._context.decode(items)
-        self._passes += -(-len(items) // self._context.n_batch)  # one forward per chunk
+        logits, forwards = self._context.decode(items)
+        self._passes += forwards
         return logits
