@@ -353,15 +353,15 @@ class _SeqPrefixCache:
         """Give the empty sequence ``target`` the longest held beginning of ``prompt``;
         returns its length (0: none of ``min_tokens`` or more)."""
         with self._lock:
-            best, source = 0, -1
-            for key, seq in self._entries.items():
+            best, best_key = 0, None
+            for key in self._entries:
                 length = common_length(key, prompt)
                 if length > best:
-                    best, source = length, seq
-            if best < self.min_tokens:
+                    best, best_key = length, key
+            if best_key is None or best < self.min_tokens:
                 return 0
-            self._entries.move_to_end(next(k for k, s in self._entries.items() if s == source))
-            self.context.share(source, target, best)
+            self._entries.move_to_end(best_key)
+            self.context.share(self._entries[best_key], target, best)
             self.hits += 1
             self.reused_tokens += best
             return best
