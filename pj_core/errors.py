@@ -199,6 +199,11 @@ class ProfileStoreError(PersonaJudgeError, RuntimeError):
     """The profile store failed (locked too long, unreadable database, ...)."""
 
 
+class ProfileStoreUnavailableError(ProfileStoreError):
+    """The profile database cannot be reached now (down, restarting, refusing connections,
+    or every pooled connection busy): retry later; nothing was written."""
+
+
 class ProfileImportError(PersonaJudgeError, ValueError):
     """An import file is corrupt or invalid; nothing was imported."""
 

@@ -8,6 +8,7 @@ cache itself point ``PJ_CACHE_DIR`` at a temporary directory of their own.
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from pj_core.backends.hf.models import BUILTIN_MODELS, LoadedModel, load_model
+from tests._postgres import INSTALL_HINT, PostgresServer, postgres_binaries
 from tests._tiny import make_tiny_model, make_tiny_tokenizer
 
 # ---------------------------------------------------------------------------------------------
@@ -68,3 +70,38 @@ def smollm2() -> LoadedModel:
 def gemma() -> LoadedModel:
     """Gemma 3 270M base on CPU, float32 (skipped only if its package is missing)."""
     return _load_builtin("gemma3-270m")
+
+
+# ---------------------------------------------------------------------------------------------
+# A real PostgreSQL server (Debian's package), started once per session
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A throw-away PostgreSQL cluster on loopback; skips (fails under
+    ``PJ_REQUIRE_POSTGRES=1``) where the package is not installed."""
+    binaries = postgres_binaries()
+    missing = [m for m in ("sqlalchemy", "psycopg") if importlib.util.find_spec(m) is None]
+    if binaries is None or missing:
+        reason = (
+            f"PostgreSQL is not installed: {INSTALL_HINT}"
+            if binaries is None
+            else f"{' and '.join(missing)} missing: pip install 'persona-judge[postgres]'"
+        )
+        if os.environ.get("PJ_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"PJ_REQUIRE_POSTGRES=1 but {reason}")
+        pytest.skip(reason)
+    server = PostgresServer(binaries)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture()
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """The URL of a new, empty database on the session's server (dropped afterwards)."""
+    url = postgres_server.create_database()
+    yield url
+    postgres_server.drop_database(url)

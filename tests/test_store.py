@@ -24,8 +24,10 @@ from pj_core.personas import GenerationDefaults, PersonaProfile
 from pj_core.personas.store import (
     SCHEMA_VERSION,
     AbstractProfileStore,
+    PostgresProfileStore,
     ProfileConflictError,
     ProfileStore,
+    SqlProfileStore,
     default_store_path,
     load_profile,
     open_store,
@@ -46,10 +48,14 @@ def _increment(profile: PersonaProfile) -> PersonaProfile:
     return profile.evolve(metadata={**profile.metadata, "count": _count(profile) + 1})
 
 
-@pytest.fixture(params=["file", "memory"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> ProfileStore:
-    target = tmp_path / "profiles.db" if request.param == "file" else ":memory:"
-    opened = ProfileStore(target)
+@pytest.fixture(params=["file", "memory", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> SqlProfileStore:
+    """The interface's tests run on SQLite (a file, memory) and on a real PostgreSQL server."""
+    opened: SqlProfileStore
+    if request.param == "postgres":
+        opened = PostgresProfileStore(request.getfixturevalue("postgres_url"))
+    else:
+        opened = ProfileStore(tmp_path / "profiles.db" if request.param == "file" else ":memory:")
     request.addfinalizer(opened.close)
     return opened
 
@@ -57,7 +63,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> ProfileStore:
 # ----------------------------------------------------------------------------- basics
 
 
-def test_put_get_list_delete(store: ProfileStore) -> None:
+def test_put_get_list_delete(store: SqlProfileStore) -> None:
     alice = store.put(PersonaProfile(user_id="alice", preferences=["humor", "concise"]))
     assert alice.revision == 1
     store.put(PersonaProfile(user_id="bob", description="Likes trains."))
@@ -74,7 +80,9 @@ def test_put_get_list_delete(store: ProfileStore) -> None:
     store.delete("alice", missing_ok=True)
 
 
-def test_put_is_an_upsert_that_counts_revisions_and_keeps_created_at(store: ProfileStore) -> None:
+def test_put_is_an_upsert_that_counts_revisions_and_keeps_created_at(
+    store: SqlProfileStore,
+) -> None:
     first = store.put(PersonaProfile(user_id="alice", preferences=["humor"]))
     second = store.put(PersonaProfile(user_id="alice", preferences=["vivid"]))
     assert second.revision == 2 and second.preferences == ("vivid",)
@@ -83,7 +91,7 @@ def test_put_is_an_upsert_that_counts_revisions_and_keeps_created_at(store: Prof
     assert store.get("alice") == second
 
 
-def test_expected_revision_detects_a_concurrent_write(store: ProfileStore) -> None:
+def test_expected_revision_detects_a_concurrent_write(store: SqlProfileStore) -> None:
     read = store.put(PersonaProfile(user_id="alice"))
     store.put(read.evolve(description="written by someone else"))
     with pytest.raises(ProfileConflictError) as info:
@@ -95,7 +103,7 @@ def test_expected_revision_detects_a_concurrent_write(store: ProfileStore) -> No
     assert store.put(PersonaProfile(user_id="new"), expected_revision=0).revision == 1
 
 
-def test_update_is_read_modify_write_with_default(store: ProfileStore) -> None:
+def test_update_is_read_modify_write_with_default(store: SqlProfileStore) -> None:
     with pytest.raises(ProfileNotFoundError):
         store.update("alice", _increment)
     created = store.update("alice", _increment, default=PersonaProfile(user_id="alice"))
@@ -108,7 +116,7 @@ def test_update_is_read_modify_write_with_default(store: ProfileStore) -> None:
     assert store.get("alice").revision == 2
 
 
-def test_invalid_user_ids_and_closed_store(store: ProfileStore) -> None:
+def test_invalid_user_ids_and_closed_store(store: SqlProfileStore) -> None:
     with pytest.raises(InvalidPersonaError, match="user id"):
         store.get("no spaces please")
     with pytest.raises(InvalidPersonaError, match="PersonaProfile"):
@@ -140,7 +148,7 @@ def test_the_interface_is_small_enough_for_another_backend() -> None:
 # ----------------------------------------------------------------------------- concurrency
 
 
-def test_threads_lose_no_update_and_never_read_a_partial_profile(store: ProfileStore) -> None:
+def test_threads_lose_no_update_and_never_read_a_partial_profile(store: SqlProfileStore) -> None:
     store.put(PersonaProfile(user_id="shared", preferences=["humor"]))
     errors: list[BaseException] = []
     stop_reading = threading.Event()
@@ -298,16 +306,16 @@ def test_a_process_killed_mid_write_leaves_the_previous_profile(tmp_path: Path) 
 
 
 def test_an_exception_mid_write_rolls_back(
-    store: ProfileStore, monkeypatch: pytest.MonkeyPatch
+    store: SqlProfileStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     before = store.put(PersonaProfile(user_id="alice", description="intact"))
-    original = ProfileStore._write
+    original = SqlProfileStore._write
 
     def write_then_fail(self, conn, profile, current):  # type: ignore[no-untyped-def]
         original(self, conn, profile, current)
         raise OSError("disk unplugged")
 
-    monkeypatch.setattr(ProfileStore, "_write", write_then_fail)
+    monkeypatch.setattr(type(store), "_write", write_then_fail)
     with pytest.raises(OSError, match="unplugged"):
         store.put(before.evolve(description="lost"))
     with pytest.raises(OSError):
@@ -368,7 +376,7 @@ def test_a_v1_database_is_migrated_keeping_its_profiles(tmp_path: Path) -> None:
 
 
 def test_profiles_written_by_an_older_version_are_read_and_imported(
-    store: ProfileStore, tmp_path: Path
+    store: SqlProfileStore, tmp_path: Path
 ) -> None:
     """Profile layout 1 (before defaults.strength) in a stored row and in an import file."""
     v1 = {"schema_version": 1, "user_id": "dave", "defaults": {"top_k": 5}}
@@ -415,7 +423,7 @@ def test_a_corrupt_stored_row_is_reported(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- export/import
 
 
-def test_export_import_round_trip(store: ProfileStore, tmp_path: Path) -> None:
+def test_export_import_round_trip(store: SqlProfileStore, tmp_path: Path) -> None:
     store.put(
         PersonaProfile(
             user_id="alice",
@@ -466,7 +474,7 @@ def _export_with(profiles: list[object]) -> str:
     ],
 )
 def test_a_corrupt_import_raises_and_changes_nothing(
-    store: ProfileStore, tmp_path: Path, content: str | bytes, fragment: str
+    store: SqlProfileStore, tmp_path: Path, content: str | bytes, fragment: str
 ) -> None:
     store.put(PersonaProfile(user_id="alice", preferences=["humor"]))
     before = store.list()
@@ -479,7 +487,7 @@ def test_a_corrupt_import_raises_and_changes_nothing(
     assert store.list() == before
 
 
-def test_import_conflict_modes(store: ProfileStore) -> None:
+def test_import_conflict_modes(store: SqlProfileStore) -> None:
     store.put(PersonaProfile(user_id="alice", preferences=["humor"]))
     document = _export_with([{"user_id": "alice", "preferences": ["vivid"]}, {"user_id": "bob"}])
     assert store.import_json(document, on_conflict="skip") == ["bob"]

@@ -37,9 +37,12 @@ from pj_core.personas.store import (
     OnConflict,
     ProfileConflictError,
     ProfileStore,
-    default_store_path,
+    SqlProfileStore,
+    default_store,
+    is_url,
     load_profile,
     open_store,
+    redacted,
 )
 
 
@@ -47,10 +50,10 @@ def add_store_argument(parser: argparse.ArgumentParser) -> None:
     """Add ``--store PATH`` (shared with ``pj generate``)."""
     parser.add_argument(
         "--store",
-        metavar="PATH",
+        metavar="PATH|URL",
         default=None,
-        help="profile database (default: $PJ_PROFILE_STORE, else "
-        "~/.local/share/persona-judge/profiles.db)",
+        help="profile database: a SQLite file, or postgresql://user:password@host:port/db "
+        "(default: $PJ_PROFILE_STORE, else ~/.local/share/persona-judge/profiles.db)",
     )
 
 
@@ -178,15 +181,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     load.set_defaults(func=_import)
 
 
-def _open(args: argparse.Namespace, *, read_only: bool = False) -> ProfileStore:
-    path = Path(args.store).expanduser() if args.store else default_store_path()
+def _open(args: argparse.Namespace, *, read_only: bool = False) -> SqlProfileStore:
+    target = args.store or default_store()
+    if is_url(target):
+        return open_store(target)
+    path = Path(target).expanduser()
     if read_only and not path.exists():
         return ProfileStore(":memory:")  # reading must not create a database file
     return open_store(path)
 
 
 def _where(args: argparse.Namespace) -> str:
-    return str(args.store or default_store_path())
+    return redacted(str(args.store or default_store()))
 
 
 def _add(args: argparse.Namespace) -> int:
