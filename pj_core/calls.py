@@ -65,8 +65,8 @@ if TYPE_CHECKING:
     from pj_core.results import GenerationResult, StreamEvent
 
 ProfileStoreLike = Any
-"""A :class:`pj_core.personas.store.AbstractProfileStore`, a database path, or ``None`` (the default
-store). Typed loosely so this module imports without the store module."""
+"""A :class:`pj_core.personas.store.AbstractProfileStore`, a SQLite path, a ``postgresql://`` URL,
+or ``None`` (the default store). Typed loosely so this module imports without the store module."""
 
 GENERATION_OPTIONS: tuple[str, ...] = (
     "lookahead",

@@ -23,7 +23,7 @@ from pj_core.calls import (
 from pj_core.engine import PersonaJudge
 from pj_core.errors import InvalidGenerationConfigError, InvalidPersonaError
 from pj_core.personas import GenerationDefaults, PersonaProfile, resolve_personas
-from pj_core.personas.store import ProfileStore
+from pj_core.personas.store import ProfileStore, load_profile, open_store
 from pj_core.settings import PAPER
 from pj_integrations.langchain import ChatPersonaJudge
 from pj_integrations.llama_index import PersonaJudgeLLM
@@ -38,9 +38,14 @@ def engine() -> PersonaJudge:
     return PersonaJudge(make_tiny_model(len(tokenizer)), tokenizer, defaults=PAPER)
 
 
-@pytest.fixture()
-def store() -> ProfileStore:
-    opened = ProfileStore(":memory:")
+@pytest.fixture(params=["sqlite-object", "postgresql-url"])
+def store(request: pytest.FixtureRequest) -> ProfileStore | str:
+    """Bob's profile in a SQLite store object, or in PostgreSQL named by its URL (as a user
+    writes ``profile_store="postgresql://..."``)."""
+    target = ":memory:"
+    if request.param == "postgresql-url":
+        target = request.getfixturevalue("postgres_url")
+    opened = open_store(target)
     opened.put(
         PersonaProfile(
             user_id="bob",
@@ -48,10 +53,16 @@ def store() -> ProfileStore:
             defaults=GenerationDefaults(max_new_tokens=3, temperature=0.5),
         )
     )
+    if isinstance(target, str) and target != ":memory:":
+        opened.close()
+        return target
+    assert isinstance(opened, ProfileStore)
     return opened
 
 
-def _settings(engine: PersonaJudge, store: ProfileStore, **generation: Any) -> AdapterSettings:
+def _settings(
+    engine: PersonaJudge, store: ProfileStore | str, **generation: Any
+) -> AdapterSettings:
     return AdapterSettings(
         model="tiny",
         generation=generation,
@@ -61,7 +72,9 @@ def _settings(engine: PersonaJudge, store: ProfileStore, **generation: Any) -> A
     )
 
 
-def test_precedence_fields_profile_explicit_call(engine: PersonaJudge, store: ProfileStore) -> None:
+def test_precedence_fields_profile_explicit_call(
+    engine: PersonaJudge, store: ProfileStore | str
+) -> None:
     settings = _settings(engine, store, temperature=0.9, seed=4)
     # the instance's preferences, its explicit settings
     plain = build_call(settings, CONVERSATION, {})
@@ -72,7 +85,9 @@ def test_precedence_fields_profile_explicit_call(engine: PersonaJudge, store: Pr
     bob = build_call(settings, CONVERSATION, {}, config_user_id="bob")
     assert bob.persona_source == "profile:bob"
     assert bob.generate_kwargs == {"temperature": 0.9, "max_new_tokens": 3, "seed": 4}
-    assert [p.text for p in bob.personas] == [p.text for p in resolve_personas(store.get("bob"))]
+    assert [p.text for p in bob.personas] == [
+        p.text for p in resolve_personas(load_profile("bob", store))
+    ]
     # the call's own options win over everything, and its personas over the config's user
     call = build_call(
         settings,
@@ -84,7 +99,7 @@ def test_precedence_fields_profile_explicit_call(engine: PersonaJudge, store: Pr
     assert call.generate_kwargs == {"temperature": 0.1, "max_new_tokens": 5, "seed": 4}
 
 
-def test_bad_options_raise_typed_errors(engine: PersonaJudge, store: ProfileStore) -> None:
+def test_bad_options_raise_typed_errors(engine: PersonaJudge, store: ProfileStore | str) -> None:
     settings = _settings(engine, store)
     with pytest.raises(InvalidGenerationConfigError, match=r"unknown option.*top_kk"):
         build_call(settings, CONVERSATION, {"top_kk": 3})
@@ -123,7 +138,7 @@ def _assert_same_request(request: CallRequest, expected: CallRequest) -> None:
 
 
 def test_llama_index_hands_the_engine_what_the_builder_says(
-    engine: PersonaJudge, store: ProfileStore
+    engine: PersonaJudge, store: ProfileStore | str
 ) -> None:
     settings = AdapterSettings(
         model="tiny",
@@ -140,7 +155,7 @@ def test_llama_index_hands_the_engine_what_the_builder_says(
 
 
 def test_langchain_hands_the_engine_what_the_builder_says(
-    tiny_dir: str, store: ProfileStore
+    tiny_dir: str, store: ProfileStore | str
 ) -> None:
     settings = AdapterSettings(
         model=tiny_dir,

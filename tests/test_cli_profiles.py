@@ -3,13 +3,30 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from pj_core import cli
 from pj_core.personas import CATALOG
-from pj_core.personas.store import ProfileStore
+from pj_core.personas.store import ProfileStore, open_store
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def new_store(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[str], str]:
+    """Makes ``--store`` values: SQLite files, or databases on a real PostgreSQL server."""
+    if request.param == "sqlite":
+        return lambda name: str(tmp_path / f"{name}.db")
+    server = request.getfixturevalue("postgres_server")
+    made: list[str] = []
+    request.addfinalizer(lambda: [server.drop_database(url) for url in made])
+
+    def make(name: str) -> str:
+        made.append(server.create_database())
+        return made[-1]
+
+    return make
 
 
 @pytest.fixture(autouse=True)
@@ -46,8 +63,10 @@ def test_personas_show_and_compose(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 1 and "opposite poles" in err
 
 
-def test_profiles_add_show_list_delete(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    db = str(tmp_path / "p.db")
+def test_profiles_add_show_list_delete(
+    capsys: pytest.CaptureFixture[str], new_store: Callable[[str], str]
+) -> None:
+    db = new_store("p")
     code, out, _ = run(
         capsys,
         "profiles",
@@ -63,7 +82,7 @@ def test_profiles_add_show_list_delete(capsys: pytest.CaptureFixture[str], tmp_p
         db,
     )
     assert code == 0 and "revision 1" in out
-    with ProfileStore(db) as store:
+    with open_store(db) as store:
         alice = store.get("alice")
     assert alice.preferences == ("humor", "concise")
     assert alice.generation_kwargs() == {"lookahead": 6}
@@ -134,17 +153,40 @@ def test_read_commands_never_create_a_store(
 
 
 def test_default_store_comes_from_the_environment(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, new_store: Callable[[str], str]
 ) -> None:
     assert run(capsys, "profiles", "add", "carol", "-p", "friendly")[0] == 0
     with ProfileStore(tmp_path / "env-default.db") as store:
         assert store.list_ids() == ["carol"]
+    # PJ_PROFILE_STORE may name a database URL as well as a file
+    elsewhere = new_store("env")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PJ_PROFILE_STORE", elsewhere)
+        assert run(capsys, "profiles", "add", "dora", "-p", "expert")[0] == 0
+        code, out, _ = run(capsys, "profiles", "list", "--json")
+        assert code == 0 and [p["user_id"] for p in json.loads(out)] == ["dora"]
+    with open_store(elsewhere) as store:
+        assert store.list_ids() == ["dora"]
+
+
+@pytest.mark.parametrize(
+    "url", ["mysql://db/profiles", "postgresq://typo/db", "s3://bucket/profiles.db"]
+)
+def test_an_unknown_store_url_is_an_error_not_a_file(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for argv in (["add", "eve", "-p", "humor"], ["list"], ["show", "eve"], ["delete", "eve"]):
+        code, _, err = run(capsys, "profiles", *argv, "--store", url)
+        assert code == 1, argv
+        assert "is not supported" in err and "postgresql://" in err, err
+    assert list(tmp_path.iterdir()) == []  # nothing was created under ./mysql: or elsewhere
 
 
 def test_export_then_import_and_a_corrupt_import_changes_nothing(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, new_store: Callable[[str], str]
 ) -> None:
-    source, target = str(tmp_path / "a.db"), str(tmp_path / "b.db")
+    source, target = new_store("a"), new_store("b")
     export = tmp_path / "export.json"
     run(capsys, "profiles", "add", "alice", "-p", "humor", "--store", source)
     run(capsys, "profiles", "add", "bob", "-p", "expert", "--store", source)
@@ -165,21 +207,21 @@ def test_export_then_import_and_a_corrupt_import_changes_nothing(
     document["profiles"][0]["preferences"] = ["vivid"]
     corrupt = tmp_path / "corrupt.json"
     corrupt.write_text(json.dumps(document))
-    with ProfileStore(target) as store:
+    with open_store(target) as store:
         before = store.list()
     code, _, err = run(capsys, "profiles", "import", str(corrupt), "--replace", "--store", target)
     assert code == 1 and "profile #2 ('dan')" in err and "nothing was imported" in err
-    with ProfileStore(target) as store:
+    with open_store(target) as store:
         assert store.list() == before
 
 
-def test_personas_from_args_covers_every_cli_source(tmp_path: Path) -> None:
+def test_personas_from_args_covers_every_cli_source(new_store: Callable[[str], str]) -> None:
     from pj_core.cli.profiles import personas_from_args
     from pj_core.errors import InvalidPersonaError, ProfileNotFoundError
     from pj_core.personas import GenerationDefaults, Persona, PersonaProfile, compose
 
-    db = str(tmp_path / "p.db")
-    with ProfileStore(db) as store:
+    db = new_store("p")
+    with open_store(db) as store:
         store.put(
             PersonaProfile(
                 user_id="alice",

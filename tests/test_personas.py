@@ -428,3 +428,26 @@ def test_the_engine_accepts_profiles_user_ids_and_names(tmp_path: Path) -> None:
         run(resolve_personas("user:bob", store=path))
     with pytest.raises(UnknownPreferenceError):
         run(["humr", "concise"])
+
+
+def test_user_ids_resolve_from_a_postgresql_url(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``store=`` and ``$PJ_PROFILE_STORE`` may name a PostgreSQL database (a real server)."""
+    from pj_core.engine import PersonaJudge
+    from pj_core.personas.store import open_store
+    from tests._tiny import make_tiny_model, make_tiny_tokenizer
+
+    profile = PersonaProfile(user_id="alice", preferences=["humor", "concise"])
+    with open_store(postgres_url) as store:
+        store.put(profile)
+    assert resolve_personas("user:alice", store=postgres_url) == compose(profile)
+    with pytest.raises(ProfileNotFoundError, match="'bob'"):
+        resolve_personas("user:bob", store=postgres_url)
+    monkeypatch.setenv("PJ_PROFILE_STORE", postgres_url)
+    assert resolve_personas("user:alice") == compose(profile)
+    tokenizer = make_tiny_tokenizer()
+    engine = PersonaJudge(make_tiny_model(len(tokenizer), seed=1), tokenizer)
+    from_url = engine.generate("hello world", "user:alice", max_new_tokens=6, seed=5)
+    direct = engine.generate("hello world", compose(profile), max_new_tokens=6, seed=5)
+    assert from_url.token_ids == direct.token_ids

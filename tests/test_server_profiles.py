@@ -33,13 +33,17 @@ def engine() -> PersonaJudge:
     return make_tiny_engine(MODEL)
 
 
-@pytest.fixture()
-def store_path(tmp_path: Path) -> Path:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_path(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """What ``--store`` / ``ServerConfig.profile_store`` is given: a SQLite file, or a
+    PostgreSQL URL (a real server)."""
+    if request.param == "postgresql":
+        return str(request.getfixturevalue("postgres_url"))
     return tmp_path / "profiles.db"
 
 
 @pytest.fixture()
-def base_url(engine: PersonaJudge, store_path: Path) -> Iterator[str]:
+def base_url(engine: PersonaJudge, store_path: Path | str) -> Iterator[str]:
     with serving(create_app(ServerConfig(engine=engine, profile_store=store_path))) as url:
         yield url
 
@@ -157,7 +161,7 @@ def test_bad_user_ids_in_the_path(base_url: str) -> None:
 
 
 def test_the_cli_and_the_server_share_one_store(
-    base_url: str, store_path: Path, capsys: pytest.CaptureFixture[str]
+    base_url: str, store_path: Path | str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     httpx.put(f"{base_url}/v1/profiles/frank", json={"preferences": ["humor", "concise"]})
     assert main(["profiles", "show", "frank", "--json", "--store", str(store_path)]) == 0

@@ -4,6 +4,7 @@ Examples::
 
     pj serve                                   # SmolLM2 on http://127.0.0.1:8000/v1
     pj serve --port 9000 --store team.db       # profiles from team.db
+    pj serve --store postgresql://pj@db/profiles   # profiles in PostgreSQL
     pj serve --preference humor --preference concise   # for requests that name no user
 
 Then any OpenAI client: ``OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")``,

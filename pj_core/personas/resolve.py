@@ -34,9 +34,9 @@ def resolve_personas(
       :func:`compose` does;
     - a catalog name, a free-text sentence, a :class:`Preference` or a :class:`Persona`:
       :func:`compose` with ``k`` prefixes (default 2);
-    - a :class:`PersonaProfile`, or ``"user:ID"`` looked up in ``store`` (a store object or a
-      database path; default :func:`pj_core.personas.store.default_store_path`): :func:`compose` of
-      the profile.
+    - a :class:`PersonaProfile`, or ``"user:ID"`` looked up in ``store`` (a store object, a
+      SQLite path or a ``postgresql://`` URL; default
+      :func:`pj_core.personas.store.default_store`): :func:`compose` of the profile.
 
     Passing ``k`` composes with exactly ``k`` prefixes whatever the input. Passing ``mode``
     (from :data:`COMPOSITION_MODES`) composes any input with that placement (``k`` prefixes,

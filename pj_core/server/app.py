@@ -88,7 +88,8 @@ class ServerConfig:
         engine: a ready engine to serve instead of loading ``model``.
         served_model_name: the name clients send as ``model`` (default: the engine's name,
             e.g. ``smollm2-135m-instruct``).
-        profile_store: the profile store (a store object, a database path, or ``None`` for
+        profile_store: the profile store (a store object, a SQLite path, a ``postgresql://``
+            URL, or ``None`` for
             the default store, the one ``pj profiles`` uses).
         preferences: preferences for requests that name no ``user`` and no
             ``persona_judge.preferences`` (``None``: such a request is a 400).

@@ -159,8 +159,8 @@ class ChatPersonaJudge(BaseChatModel):
 
     profile_store: Any = Field(default=None, exclude=True)
     """Where user profiles are read: a ``pj_core.personas.store.AbstractProfileStore``, a
-    database path, or ``None`` for the default store
-    (``pj_core.personas.store.default_store_path``)."""
+    SQLite path, a ``postgresql://`` URL, or ``None`` for the default store
+    (``pj_core.personas.store.default_store``)."""
 
     lookahead: int | None = None
     """λ: tokens the draft persona proposes per round. None: the user's saved default, else

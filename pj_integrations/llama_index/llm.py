@@ -124,7 +124,8 @@ class PersonaJudgeLLM(BatchCalls, ConstrainedStructuredLLM):
     profile_store: Any = Field(
         default=None,
         exclude=True,
-        description="ProfileStore object or SQLite path for profile_id (None: default store).",
+        description="A store object, a SQLite path or a postgresql:// URL for profile_id "
+        "(None: default store).",
     )
     # Generation settings: None leaves the user's saved default, else the engine's
     # (pj_core.settings.DEFAULTS), so the defaults live in one place.
