@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # so pip does not fetch a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
-EXTRAS ?= dev,langchain,llamaindex,serve,llamacpp,postgres
+EXTRAS ?= dev,langchain,llamaindex,serve,llamacpp,postgres,ray
 # llama-cpp-python builds llama.cpp from source: for the CPU family, not only this machine's
 # CPU, so that the wheel pip caches also runs elsewhere (AVX2/FMA/F16C: x86-64 since 2013).
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
@@ -15,6 +15,8 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=O
 REQUIRE_LLAMACPP := $(if $(findstring llamacpp,$(EXTRAS)),1,0)
 # Where Debian's postgresql package is installed (.ci/run installs it), the PostgreSQL store's
 # tests must run against a real server (not skip).
+# With the ray extra, the Ray Serve tests must run (not skip when Ray is missing).
+REQUIRE_RAY := $(if $(findstring ray,$(EXTRAS)),1,0)
 REQUIRE_POSTGRES := $(if $(and $(findstring postgres,$(EXTRAS)),$(wildcard /usr/lib/postgresql/*/bin/initdb)),1,0)
 PROMPT ?= Got any creative ideas for a 10 year old's birthday?
 
@@ -40,7 +42,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	PJ_REQUIRE_LLAMACPP=$(REQUIRE_LLAMACPP) PJ_REQUIRE_POSTGRES=$(REQUIRE_POSTGRES) $(BIN)/python -m pytest -q
+	PJ_REQUIRE_LLAMACPP=$(REQUIRE_LLAMACPP) PJ_REQUIRE_POSTGRES=$(REQUIRE_POSTGRES) \
+		PJ_REQUIRE_RAY=$(REQUIRE_RAY) $(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not real_model and not slow"

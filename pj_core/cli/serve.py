@@ -5,6 +5,7 @@ Examples::
     pj serve                                   # SmolLM2 on http://127.0.0.1:8000/v1
     pj serve --port 9000 --store team.db       # profiles from team.db
     pj serve --store postgresql://pj@db/profiles   # profiles in PostgreSQL
+    pj serve --ray --replicas 2 --store postgresql://pj@db/profiles   # Ray Serve replicas
     pj serve --preference humor --preference concise   # for requests that name no user
 
 Then any OpenAI client: ``OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")``,
@@ -111,6 +112,29 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
     )
+    parser.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve with Ray Serve: --replicas processes, each loading the model once, behind "
+        "Ray's proxy (a local Ray cluster unless --ray-address or $RAY_ADDRESS names one); "
+        "give --store postgresql://... so replicas on several machines share profiles",
+    )
+    parser.add_argument(
+        "--replicas", type=int, default=None, metavar="N", help="with --ray: replicas (default 2)"
+    )
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDRESS",
+        help="with --ray: a running Ray cluster (e.g. 10.0.0.5:6379 or auto)",
+    )
+    parser.add_argument(
+        "--replica-cpus",
+        type=float,
+        default=None,
+        metavar="N",
+        help="with --ray: CPUs per replica (default 1; also its torch threads)",
+    )
     add_store_argument(parser)
     parser.set_defaults(func=run)
 
@@ -191,22 +215,49 @@ def run(args: argparse.Namespace) -> int:
     limit = DEFAULT_MAX_BODY_BYTES if args.max_body_bytes is None else args.max_body_bytes
     if limit < 1024:
         raise InvalidGenerationConfigError(f"--max-body-bytes {limit} is too small (>= 1024)")
-    print(f"pj serve: loading {args.model or DEFAULT_MODEL} ...", file=sys.stderr, flush=True)
-    app = create_app(
-        ServerConfig(
-            model=args.model or DEFAULT_MODEL,
-            backend=args.backend,
-            served_model_name=args.served_model_name,
-            profile_store=args.store,
-            preferences=args.preference or None,
-            max_body_bytes=limit,
-            api_keys=keys,
-            max_batch_rows=args.max_batch_rows,
-            max_queue=args.max_queue,
-            request_timeout=args.request_timeout,
-            prefix_cache_tokens=args.prefix_cache_tokens,
-        )
+    ray_only = {"--replicas": args.replicas, "--ray-address": args.ray_address,
+                "--replica-cpus": args.replica_cpus}  # fmt: skip
+    given = [flag for flag, value in ray_only.items() if value is not None]
+    if given and not args.ray:
+        raise InvalidGenerationConfigError(f"{', '.join(given)} need --ray")
+    config = ServerConfig(
+        model=args.model or DEFAULT_MODEL,
+        backend=args.backend,
+        served_model_name=args.served_model_name,
+        profile_store=args.store,
+        preferences=args.preference or None,
+        max_body_bytes=limit,
+        api_keys=keys,
+        max_batch_rows=args.max_batch_rows,
+        max_queue=args.max_queue,
+        request_timeout=args.request_timeout,
+        prefix_cache_tokens=args.prefix_cache_tokens,
     )
+    if args.ray:
+        from pj_core.server import ray_serve
+
+        replicas = 2 if args.replicas is None else args.replicas
+        cpus = 1.0 if args.replica_cpus is None else args.replica_cpus
+        if not cpus > 0:
+            raise InvalidGenerationConfigError(f"--replica-cpus must be > 0, got {cpus}")
+        print(
+            f"pj serve: starting {replicas} Ray Serve replica(s) of {config.model} ...",
+            file=sys.stderr,
+            flush=True,
+        )
+        if not keys:
+            print(OPEN_WARNING, file=sys.stderr, flush=True)
+        ray_serve.run(
+            config,
+            replicas=replicas,
+            host=args.host,
+            port=args.port,
+            address=args.ray_address,
+            num_cpus=cpus,
+        )
+        return 0
+    print(f"pj serve: loading {args.model or DEFAULT_MODEL} ...", file=sys.stderr, flush=True)
+    app = create_app(config)
     where = f"http://{args.host}:{args.port}/v1"
     print(
         f"pj serve: {app.state.model_name} on {where} (profiles: {app.state.store.where}; "
