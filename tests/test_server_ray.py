@@ -29,6 +29,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 HEADER = "x-pj-replica"
 ALICE = ["humor", "concise"]
 BOB = ["expert", "friendly"]
+POOL_SIZE = 2  # connections per process (replica or CLI), from the --store URL
 
 
 @dataclass
@@ -37,6 +38,8 @@ class RayServer:
     model: str
     process: subprocess.Popen[bytes]
     log: Path
+    store: str  # the --store URL, with the pool bound
+    database: str  # the database's plain URL
 
 
 def _free_port() -> int:
@@ -75,18 +78,19 @@ def ray_server(
     make_tiny_model(len(tokenizer)).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     database = postgres_server.create_database()
+    store = f"{database}?pool_size={POOL_SIZE}&max_overflow=0"  # each process's bound
     port = _free_port()
     log = folder / "serve.log"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     command = [
         sys.executable, "-m", "pj_core.cli", "serve", "--ray", "--replicas", "2",
-        "--model", str(model_dir), "--store", database, "--port", str(port),
+        "--model", str(model_dir), "--store", store, "--port", str(port),
     ]  # fmt: skip
     with log.open("wb") as out:
         process = subprocess.Popen(
             command, stdout=out, stderr=subprocess.STDOUT, env={**env, "OMP_NUM_THREADS": "1"}
         )
-    server = RayServer(f"http://127.0.0.1:{port}", str(model_dir), process, log)
+    server = RayServer(f"http://127.0.0.1:{port}", str(model_dir), process, log, store, database)
     try:
         _replicas_seen(server, 2, time.monotonic() + 240)
         yield server
@@ -195,6 +199,159 @@ def test_a_killed_replica_is_replaced_and_no_client_gets_another_users_answer(
     assert any(o[1] > killed_at and o[4] in after - before for o in served)  # the new replica
     assert len(served) > len(outcomes) / 2, outcomes  # errors are the exception
     assert all(o[3] == 200 or not isinstance(o[3], int) or o[3] >= 500 for o in outcomes)
+
+
+def _put_with_retry(server: RayServer, user: str, change: dict[str, int]) -> tuple[str, int]:
+    """Read, increment ``metadata.count`` and write back with ``If-Match``; again on a 409.
+    Returns the replica that wrote and how many conflicts it met."""
+    conflicts = 0
+    while True:
+        read = httpx.get(f"{server.base}/v1/profiles/{user}", timeout=60)
+        assert read.status_code == 200, read.text
+        profile = read.json()
+        metadata = {"count": profile["metadata"]["count"] + change["count"]}
+        written = httpx.put(
+            f"{server.base}/v1/profiles/{user}",
+            json={"preferences": profile["preferences"], "metadata": metadata},
+            headers={"if-match": read.headers["etag"]},
+            timeout=60,
+        )
+        if written.status_code == 409:
+            conflicts += 1
+            continue
+        assert written.status_code == 200, written.text
+        return written.headers[HEADER], conflicts
+
+
+def test_sixteen_writers_across_both_replicas_and_the_cli_lose_no_update(
+    ray_server: RayServer,
+) -> None:
+    """12 HTTP writers (spread over both replicas by Ray's proxy) increment one counter with
+    optimistic revisions while 4 CLI processes add profiles: exact final counts, and no
+    process opens more connections than its bound."""
+    http_writers, increments, cli_writers, cli_profiles = 12, 5, 4, 3
+    put = httpx.put(
+        f"{ray_server.base}/v1/profiles/counter",
+        json={"preferences": ALICE, "metadata": {"count": 0}},
+        timeout=30,
+    )
+    assert put.status_code in (200, 201), put.text
+    replicas: set[str] = set()
+    conflicts: list[int] = []
+    errors: list[BaseException] = []
+
+    def http_writer() -> None:
+        try:
+            for _ in range(increments):
+                replica, clashes = _put_with_retry(ray_server, "counter", {"count": 1})
+                replicas.add(replica)
+                conflicts.append(clashes)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    script = "; ".join(
+        f"pj profiles add cli{{k}}-{i} -p concise --store '{ray_server.store}' >/dev/null"
+        for i in range(cli_profiles)
+    )
+    pj = Path(sys.executable).parent / "pj"
+    watching = threading.Event()
+    peak = [0]
+
+    def watch() -> None:
+        import psycopg
+
+        with psycopg.connect(ray_server.database, autocommit=True) as conn:
+            while not watching.is_set():
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+                    "'persona-judge' AND datname = current_database()"
+                ).fetchone()
+                peak[0] = max(peak[0], int(row[0]) if row else 0)
+                time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    threads = [threading.Thread(target=http_writer) for _ in range(http_writers)]
+    for thread in threads:
+        thread.start()
+    clis = [
+        subprocess.Popen(
+            ["bash", "-c", f"PATH={pj.parent}:$PATH; " + script.replace("{k}", str(k))],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for k in range(cli_writers)
+    ]
+    for cli in clis:
+        _, stderr = cli.communicate(timeout=300)
+        assert cli.returncode == 0, stderr
+    for thread in threads:
+        thread.join(timeout=300)
+    watching.set()
+    watcher.join(timeout=30)
+    assert errors == []
+    final = httpx.get(f"{ray_server.base}/v1/profiles/counter", timeout=30)
+    assert final.json()["metadata"]["count"] == http_writers * increments
+    assert final.headers["etag"] == f'"{http_writers * increments + 1}"'
+    assert len(replicas) == 2  # both replicas wrote
+    listed = httpx.get(f"{ray_server.base}/v1/profiles", timeout=30).json()
+    ids = {p["user_id"] for p in listed["data"]}
+    assert {f"cli{k}-{i}" for k in range(cli_writers) for i in range(cli_profiles)} <= ids
+    assert 0 < peak[0] <= POOL_SIZE * (2 + cli_writers), peak  # 2 replicas + the CLIs
+    assert "too many clients" not in ray_server.log.read_text()
+
+
+def test_a_database_restart_under_load_fails_typed_and_recovers(
+    ray_server: RayServer, postgres_server: PostgresServer
+) -> None:
+    put = httpx.put(f"{ray_server.base}/v1/profiles/erin", json={"preferences": BOB}, timeout=30)
+    assert put.status_code in (200, 201), put.text
+    outcomes: list[tuple[float, float, int, str | None]] = []
+    stop = threading.Event()
+
+    def chat_client() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            answer = _chat(ray_server, "erin")
+            code = answer.json()["error"]["code"] if answer.status_code != 200 else None
+            if answer.status_code == 200:
+                assert _personas(answer) == _expected(BOB)
+            outcomes.append((started, time.monotonic(), answer.status_code, code))
+
+    def profile_client() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            answer = httpx.put(
+                f"{ray_server.base}/v1/profiles/erin", json={"preferences": BOB}, timeout=60
+            )
+            code = answer.json()["error"]["code"] if answer.status_code >= 400 else None
+            outcomes.append((started, time.monotonic(), answer.status_code, code))
+            time.sleep(0.05)
+
+    clients = [threading.Thread(target=chat_client) for _ in range(4)]
+    clients += [threading.Thread(target=profile_client) for _ in range(2)]
+    for thread in clients:
+        thread.start()
+    try:
+        time.sleep(2)
+        postgres_server.stop("fast")
+        stopped = time.monotonic()
+        time.sleep(4)
+    finally:
+        postgres_server.start()
+    restarted = time.monotonic()
+    time.sleep(8)
+    stop.set()
+    for thread in clients:
+        thread.join(timeout=120)
+    failures = [o for o in outcomes if o[2] not in (200, 201)]
+    assert failures, "no request failed while the database was down"
+    for _, _, status, code in failures:  # typed: the store is unavailable, retry later
+        assert (status, code) == (503, "profile_store_unavailable"), (status, code)
+    down = [o for o in outcomes if o[0] > stopped + 0.5 and o[1] < restarted]
+    assert down and all(o[2] == 503 for o in down)
+    late = [o for o in outcomes if o[0] > restarted + 3]
+    assert late and all(o[2] in (200, 201) for o in late), late  # recovered by itself
 
 
 def test_settings_that_cannot_travel_to_replicas_are_refused(

@@ -148,7 +148,8 @@ def test_the_pool_bounds_connections_and_a_busy_pool_is_a_typed_error(postgres_u
     assert seen and max(seen) <= 1
     store.close()
 
-    tight = PostgresProfileStore(postgres_url, pool_size=1, max_overflow=0, timeout=0.3)
+    # The same bound from the URL, as --store gives it to every process
+    tight = PostgresProfileStore(f"{postgres_url}?pool_size=1&max_overflow=0", timeout=0.3)
     entered = threading.Event()
     release = threading.Event()
 
@@ -166,6 +167,14 @@ def test_the_pool_bounds_connections_and_a_busy_pool_is_a_typed_error(postgres_u
     holder.join()
     assert tight.get("shared").revision == 62
     tight.close()
+
+
+@pytest.mark.parametrize(
+    "query", ["pool_size=0", "max_overflow=-1", "pool_size=many", "pool_size=1&pool_size=2"]
+)
+def test_bad_pool_limits_in_the_url_are_typed_errors(postgres_url: str, query: str) -> None:
+    with pytest.raises(ProfileStoreError, match="must be an integer"):
+        PostgresProfileStore(f"{postgres_url}?{query}")
 
 
 def test_schema_is_created_once_and_a_newer_schema_is_refused(postgres_url: str) -> None:

@@ -10,7 +10,9 @@ through SQLAlchemy Core with psycopg 3 and a connection pool:
   id it writes (in sorted order, so two writers never deadlock), then reads and writes. Two
   writers of one user queue; writers of different users do not wait for each other. A writer
   that waits longer than ``timeout`` gets :class:`~pj_core.errors.ProfileStoreError`.
-- **Connections.** At most ``pool_size + max_overflow`` per store (and per process); a caller
+- **Connections.** At most ``pool_size + max_overflow`` per store (and per process; set them
+  as arguments or in the URL, ``...?pool_size=2&max_overflow=0``, which every replica and
+  CLI process given the URL then keeps to); a caller
   that finds every one busy for ``timeout`` seconds gets
   :class:`~pj_core.errors.ProfileStoreUnavailableError`, as does every call while the server
   cannot be reached. Pooled connections are checked before use, so the store recovers by
@@ -111,6 +113,32 @@ def _engine_url(url: str) -> Any:
     return parsed.set(drivername="postgresql+psycopg")
 
 
+def _pool_limits(
+    engine_url: Any, pool_size: int | None, max_overflow: int | None
+) -> tuple[Any, tuple[int, int]]:
+    """``engine_url`` without its pool settings, and ``(pool_size, max_overflow)``: the
+    arguments if given, else the URL's query, else 5 and 10."""
+    query = dict(engine_url.query)
+    chosen: list[int] = []
+    for name, given, default, least in (
+        ("pool_size", pool_size, 5, 1),
+        ("max_overflow", max_overflow, 10, 0),
+    ):
+        raw = query.pop(name, None)
+        value: object = given if given is not None else (default if raw is None else raw)
+        try:
+            number = int(value) if isinstance(value, (int, str)) else -1
+        except ValueError:
+            number = -1
+        if isinstance(value, bool) or number < least:
+            raise ProfileStoreError(
+                f"{name} must be an integer >= {least}, got {value!r} (in the store URL or "
+                "as an argument)"
+            )
+        chosen.append(number)
+    return engine_url.set(query=query), (chosen[0], chosen[1])
+
+
 class PostgresProfileStore(SqlProfileStore):
     """Profiles in a PostgreSQL database, shared by every process that opens the same URL.
 
@@ -118,8 +146,9 @@ class PostgresProfileStore(SqlProfileStore):
         url: ``postgresql://user:password@host:port/database``.
         timeout: seconds a writer waits for another writer of the same user, and a caller
             for a free pooled connection, before a typed error.
-        pool_size: connections kept open.
-        max_overflow: connections opened beyond ``pool_size`` under load (closed when idle).
+        pool_size: connections kept open (default: the URL's ``pool_size``, else 5).
+        max_overflow: connections opened beyond ``pool_size`` under load, closed when idle
+            (default: the URL's ``max_overflow``, else 10).
         connect_timeout: seconds to wait for the server when connecting.
 
     Raises:
@@ -134,11 +163,11 @@ class PostgresProfileStore(SqlProfileStore):
         url: str,
         *,
         timeout: float = BUSY_TIMEOUT_S,
-        pool_size: int = 5,
-        max_overflow: int = 10,
+        pool_size: int | None = None,
+        max_overflow: int | None = None,
         connect_timeout: float = 10.0,
     ) -> None:
-        engine_url = _engine_url(url)
+        engine_url, limits = _pool_limits(_engine_url(url), pool_size, max_overflow)
         from sqlalchemy import create_engine
 
         self.url = url
@@ -146,8 +175,8 @@ class PostgresProfileStore(SqlProfileStore):
         self._where = engine_url.set(drivername="postgresql").render_as_string(hide_password=True)
         self._engine: Engine = create_engine(
             engine_url,
-            pool_size=pool_size,
-            max_overflow=max_overflow,
+            pool_size=limits[0],
+            max_overflow=limits[1],
             pool_timeout=timeout,
             pool_pre_ping=True,  # a connection that died with a server restart is replaced
             connect_args={
