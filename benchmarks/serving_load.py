@@ -95,10 +95,17 @@ def tagged(prompt: str, tag: str) -> str:
 
 
 async def stream_one(
-    client: httpx.AsyncClient, url: str, model: str, prompt: str, seed: int, tokens: int
+    client: httpx.AsyncClient,
+    url: str,
+    model: str,
+    prompt: str,
+    seed: int,
+    tokens: int,
+    user: str | None = None,
 ) -> Timing:
-    """One streamed completion; the first token is the first chunk with text."""
-    body = {
+    """One streamed completion (personalised by ``user``'s saved profile if given, else the
+    server's preferences); the first token is the first chunk with text."""
+    body: dict[str, Any] = {
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": tokens,
@@ -106,6 +113,8 @@ async def stream_one(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if user is not None:
+        body["user"] = user
     started = time.perf_counter()
     first: float | None = None
     used = 0
@@ -135,9 +144,11 @@ async def run_clients(
     per_client: int,
     tokens: int,
     tag: str,
+    users: list[str] | None = None,
 ) -> tuple[list[Timing], float]:
     """``clients`` concurrent clients, each sending ``per_client`` requests one after another
-    (each prompt opened with ``tag``); returns every request's timing and the wall time."""
+    (each prompt opened with ``tag``; client ``n`` as ``users[n % len(users)]`` if given);
+    returns every request's timing and the wall time."""
     async with httpx.AsyncClient(timeout=600) as client:
 
         async def one_client(number: int) -> list[Timing]:
@@ -145,7 +156,8 @@ async def run_clients(
             for k in range(per_client):
                 index = number * per_client + k
                 prompt = tagged(prompts[index % len(prompts)], tag)
-                done.append(await stream_one(client, url, model, prompt, index, tokens))
+                user = users[number % len(users)] if users else None
+                done.append(await stream_one(client, url, model, prompt, index, tokens, user))
             return done
 
         started = time.perf_counter()

@@ -46,8 +46,9 @@ def _free_port() -> int:
 class PostgresServer:
     """One PostgreSQL cluster in a temporary folder, started on a free loopback port."""
 
-    def __init__(self, binaries: Path) -> None:
+    def __init__(self, binaries: Path, *, durable: bool = False) -> None:
         self.binaries = binaries
+        self.durable = durable  # fsync on (benchmarks); off for tests, which need speed
         self.folder = Path(tempfile.mkdtemp(prefix="pj-postgres-"))
         self.data = self.folder / "data"
         self.sockets = self.folder / "sockets"
@@ -76,8 +77,8 @@ class PostgresServer:
                 "--no-sync", "--locale=C",
             )  # fmt: skip
         options = (
-            f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1 -c fsync=off "
-            "-c max_connections=200"
+            f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1 "
+            f"-c fsync={'on' if self.durable else 'off'} -c max_connections=200"
         )
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-o", options, "start")
         self.running = True

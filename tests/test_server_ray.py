@@ -369,3 +369,7 @@ def test_settings_that_cannot_travel_to_replicas_are_refused(
         check_config(ServerConfig(), 0)
     assert main(["serve", "--replicas", "2"]) == 1
     assert "--replicas need --ray" in capsys.readouterr().err
+    assert main(["serve", "--replica-gpus", "1", "--ray-address", "auto"]) == 1
+    assert "--ray-address, --replica-gpus need --ray" in capsys.readouterr().err
+    assert main(["serve", "--ray", "--replica-cpus", "0"]) == 1
+    assert "--replica-cpus must be > 0" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -264,3 +265,13 @@ def _closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def test_the_scale_out_benchmark_measures_both_stores(postgres_url: str, tmp_path: Path) -> None:
+    from benchmarks.scale_out import store_costs
+
+    for target in (str(tmp_path / "p.db"), postgres_url):
+        with open_store(target) as opened:
+            costs = store_costs(opened, repeats=40, threads=4)  # it checks no update was lost
+        assert costs["get_ms"] > 0 and costs["update_ms"] > 0
+        assert costs["concurrent_updates_per_s"] > 0

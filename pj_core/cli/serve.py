@@ -135,6 +135,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="N",
         help="with --ray: CPUs per replica (default 1; also its torch threads)",
     )
+    parser.add_argument(
+        "--replica-gpus",
+        type=float,
+        default=None,
+        metavar="N",
+        help="with --ray: GPUs per replica (default 0; a replica that sees a GPU loads the "
+        "model on it)",
+    )
     add_store_argument(parser)
     parser.set_defaults(func=run)
 
@@ -215,8 +223,12 @@ def run(args: argparse.Namespace) -> int:
     limit = DEFAULT_MAX_BODY_BYTES if args.max_body_bytes is None else args.max_body_bytes
     if limit < 1024:
         raise InvalidGenerationConfigError(f"--max-body-bytes {limit} is too small (>= 1024)")
-    ray_only = {"--replicas": args.replicas, "--ray-address": args.ray_address,
-                "--replica-cpus": args.replica_cpus}  # fmt: skip
+    ray_only = {
+        "--replicas": args.replicas,
+        "--ray-address": args.ray_address,
+        "--replica-cpus": args.replica_cpus,
+        "--replica-gpus": args.replica_gpus,
+    }
     given = [flag for flag, value in ray_only.items() if value is not None]
     if given and not args.ray:
         raise InvalidGenerationConfigError(f"{', '.join(given)} need --ray")
@@ -238,8 +250,11 @@ def run(args: argparse.Namespace) -> int:
 
         replicas = 2 if args.replicas is None else args.replicas
         cpus = 1.0 if args.replica_cpus is None else args.replica_cpus
-        if not cpus > 0:
-            raise InvalidGenerationConfigError(f"--replica-cpus must be > 0, got {cpus}")
+        gpus = 0.0 if args.replica_gpus is None else args.replica_gpus
+        if not cpus > 0 or not gpus >= 0:
+            raise InvalidGenerationConfigError(
+                f"--replica-cpus must be > 0 and --replica-gpus >= 0, got {cpus} and {gpus}"
+            )
         print(
             f"pj serve: starting {replicas} Ray Serve replica(s) of {config.model} ...",
             file=sys.stderr,
@@ -254,6 +269,7 @@ def run(args: argparse.Namespace) -> int:
             port=args.port,
             address=args.ray_address,
             num_cpus=cpus,
+            num_gpus=gpus,
         )
         return 0
     print(f"pj serve: loading {args.model or DEFAULT_MODEL} ...", file=sys.stderr, flush=True)

@@ -131,11 +131,13 @@ def deployment(
     *,
     replicas: int = 2,
     num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
     max_ongoing_requests: int = 64,
 ) -> Any:
     """The Ray Serve application of ``replicas`` replicas serving ``config`` (bound, ready for
     ``serve.run``). Each replica loads the model once, opens the store itself, and gets
-    ``num_cpus`` CPUs (Ray sets its torch threads to match).
+    ``num_cpus`` CPUs (Ray sets its torch threads to match) and ``num_gpus`` GPUs (a replica
+    that sees a GPU loads the model on it).
 
     Raises:
         InvalidGenerationConfigError: see :func:`check_config`; Ray Serve not installed.
@@ -153,7 +155,7 @@ def deployment(
     @serve.deployment(
         name=APP_NAME,
         num_replicas=replicas,
-        ray_actor_options={"num_cpus": num_cpus},
+        ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
         max_ongoing_requests=max_ongoing_requests,
         health_check_period_s=2,
         health_check_timeout_s=30,
@@ -179,6 +181,7 @@ def run(
     port: int,
     address: str | None = None,
     num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
 ) -> None:
     """Serve ``config`` with ``replicas`` replicas on ``host:port`` until interrupted.
 
@@ -196,7 +199,7 @@ def run(
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(
-            deployment(config, replicas=replicas, num_cpus=num_cpus),
+            deployment(config, replicas=replicas, num_cpus=num_cpus, num_gpus=num_gpus),
             name=APP_NAME,
             route_prefix="/",
         )
