@@ -27,22 +27,13 @@ from pj_core.personas.store import (
 )
 from pj_core.personas.store.postgres import LOCK_SPACE, SCHEMA_VERSION
 from tests._postgres import PostgresServer
+from tests.test_store import _count, _increment
 
 psycopg = pytest.importorskip("psycopg", reason="pip install 'persona-judge[postgres]'")
 
 PROCESSES = 2
 THREADS = 4
 INCREMENTS = 15
-
-
-def _count(profile: PersonaProfile) -> int:
-    value = profile.metadata.get("count", 0)
-    assert isinstance(value, int)
-    return value
-
-
-def _increment(profile: PersonaProfile) -> PersonaProfile:
-    return profile.evolve(metadata={**profile.metadata, "count": _count(profile) + 1})
 
 
 @pytest.fixture()

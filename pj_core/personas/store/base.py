@@ -23,7 +23,7 @@ from contextlib import AbstractContextManager
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
 from pj_core.errors import (
     InvalidPersonaError,
@@ -43,6 +43,7 @@ EXPORT_SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 30.0
 
 OnConflict = Literal["error", "replace", "skip"]
+C = TypeVar("C")
 
 
 class ProfileConflictError(ProfileStoreError):
@@ -307,6 +308,23 @@ def parse_export(text: str | bytes) -> list[PersonaProfile]:
 
 
 # --------------------------------------------------------------------------- SQL
+
+
+def upgrade(conn: C, version: int, migrations: Sequence[Callable[[C], None]], where: str) -> bool:
+    """Run ``migrations[version:]`` on ``conn`` (``migrations[i]`` upgrades layout i to
+    i + 1) inside the caller's transaction; returns whether any ran.
+
+    Raises:
+        ProfileStoreError: ``version`` is newer than this code's layout.
+    """
+    if version > len(migrations):
+        raise ProfileStoreError(
+            f"profile store {where} has schema version {version}, newer than this "
+            f"persona-judge understands ({len(migrations)}); upgrade persona-judge"
+        )
+    for step in migrations[version:]:
+        step(conn)
+    return version != len(migrations)
 
 
 class Cursor(Protocol):

@@ -41,7 +41,13 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from pj_core.errors import ProfileStoreError, ProfileStoreUnavailableError
-from pj_core.personas.store.base import BUSY_TIMEOUT_S, Cursor, SqlProfileStore, Transaction
+from pj_core.personas.store.base import (
+    BUSY_TIMEOUT_S,
+    Cursor,
+    SqlProfileStore,
+    Transaction,
+    upgrade,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
@@ -271,14 +277,7 @@ class PostgresProfileStore(SqlProfileStore):
             conn.execute(text("CREATE TABLE IF NOT EXISTS pj_schema (version INTEGER NOT NULL)"))
             row = conn.execute(text("SELECT max(version) FROM pj_schema")).fetchone()
             version = int(row[0]) if row is not None and row[0] is not None else 0
-            if version > SCHEMA_VERSION:
-                raise ProfileStoreError(
-                    f"profile store {self.where} has schema version {version}, newer than this "
-                    f"persona-judge understands ({SCHEMA_VERSION}); upgrade persona-judge"
-                )
-            for step in MIGRATIONS[version:]:
-                step(conn)
-            if version != SCHEMA_VERSION:
+            if upgrade(conn, version, MIGRATIONS, self.where):
                 conn.execute(text("DELETE FROM pj_schema"))
                 conn.execute(
                     text("INSERT INTO pj_schema (version) VALUES (:version)"),

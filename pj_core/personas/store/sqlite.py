@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pj_core.errors import ProfileStoreError
-from pj_core.personas.store.base import BUSY_TIMEOUT_S, SqlProfileStore, Transaction
+from pj_core.personas.store.base import BUSY_TIMEOUT_S, SqlProfileStore, Transaction, upgrade
 
 
 def _v0_to_v1(conn: sqlite3.Connection) -> None:
@@ -332,14 +332,7 @@ class ProfileStore(SqlProfileStore):
             conn.execute("BEGIN IMMEDIATE")
             try:
                 version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-                if version > SCHEMA_VERSION:
-                    raise ProfileStoreError(
-                        f"profile store {self.where} has schema version {version}, newer than "
-                        f"this persona-judge understands ({SCHEMA_VERSION}); upgrade persona-judge"
-                    )
-                for step in MIGRATIONS[version:]:
-                    step(conn)
-                if version != SCHEMA_VERSION:
+                if upgrade(conn, version, MIGRATIONS, self.where):
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 conn.execute("COMMIT")
             except BaseException:
