@@ -38,6 +38,8 @@ _EXPORTS: dict[str, str] = {
     "ProfileStore": "pj_core.personas.store",
     "AbstractProfileStore": "pj_core.personas.store",
     "load_profile": "pj_core.personas.store",
+    "open_store": "pj_core.personas.store",
+    "PostgresProfileStore": "pj_core.personas.store",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -55,8 +57,10 @@ if TYPE_CHECKING:
     from pj_core.personas import compose as compose
     from pj_core.personas import resolve_personas as resolve_personas
     from pj_core.personas.store import AbstractProfileStore as AbstractProfileStore
+    from pj_core.personas.store import PostgresProfileStore as PostgresProfileStore
     from pj_core.personas.store import ProfileStore as ProfileStore
     from pj_core.personas.store import load_profile as load_profile
+    from pj_core.personas.store import open_store as open_store
     from pj_core.results import GenerationResult as GenerationResult
     from pj_core.results import GenerationStats as GenerationStats
     from pj_core.results import StreamEvent as StreamEvent
