@@ -188,6 +188,12 @@ class PostgresProfileStore(SqlProfileStore):
             connect_args={
                 "connect_timeout": max(1, round(connect_timeout)),
                 "application_name": "persona-judge",
+                # A server that stops answering (a host gone, a partition) is noticed in about
+                # 25 s instead of the system's TCP timeout, so no call hangs for minutes.
+                "keepalives": 1,
+                "keepalives_idle": 10,
+                "keepalives_interval": 5,
+                "keepalives_count": 3,
             },
         )
         self._closed = False
