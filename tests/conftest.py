@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -70,6 +71,15 @@ def smollm2() -> LoadedModel:
 def gemma() -> LoadedModel:
     """Gemma 3 270M base on CPU, float32 (skipped only if its package is missing)."""
     return _load_builtin("gemma3-270m")
+
+
+@pytest.fixture
+def no_llama_cpp(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """llama-cpp-python looks uninstalled: ``import llama_cpp`` raises ImportError."""
+    for name in [m for m in sys.modules if m == "llama_cpp" or m.startswith("llama_cpp.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    yield
 
 
 # ---------------------------------------------------------------------------------------------

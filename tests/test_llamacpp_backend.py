@@ -13,8 +13,6 @@ from __future__ import annotations
 import gc
 import importlib.util
 import os
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -214,14 +212,6 @@ def test_files_llama_cpp_cannot_load_are_typed_errors(tmp_path: Path, gguf: Path
     cut.write_bytes(gguf.read_bytes()[:2_000_000])  # the header, then the tensors end early
     with pytest.raises(ModelLoadError, match="could not load"):
         LlamaCppBackend(cut)
-
-
-@pytest.fixture
-def no_llama_cpp(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name in [m for m in sys.modules if m == "llama_cpp" or m.startswith("llama_cpp.")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp raises ImportError
-    yield
 
 
 def test_without_the_package_the_error_gives_the_pip_command(

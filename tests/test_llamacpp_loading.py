@@ -7,8 +7,6 @@ Skipped when llama-cpp-python is not installed, unless ``PJ_REQUIRE_LLAMACPP=1``
 from __future__ import annotations
 
 import os
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,14 +94,6 @@ def test_options_of_the_other_backend_are_typed_errors(tmp_path: Path) -> None:
     (folder / "config.json").write_text("{}", encoding="utf-8")
     with pytest.raises(InvalidModelOptionError, match="not a GGUF file"):
         load_model(str(folder), backend="llama.cpp")
-
-
-@pytest.fixture
-def no_llama_cpp(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name in [m for m in sys.modules if m == "llama_cpp" or m.startswith("llama_cpp.")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setitem(sys.modules, "llama_cpp", None)
-    yield
 
 
 def test_without_llama_cpp_python_loading_says_how_to_install_it(no_llama_cpp: None) -> None:
