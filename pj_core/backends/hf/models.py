@@ -491,10 +491,11 @@ def model_identity(spec: str | os.PathLike[str]) -> str:
     return _resolve(spec).key
 
 
-def gguf_file(spec: str | os.PathLike[str]) -> Path:
+def gguf_file(spec: str | os.PathLike[str], *, source: _Source | None = None) -> Path:
     """The GGUF file ``spec`` names, as it is (for a backend that runs it quantised): a
     ``.gguf`` path, a directory holding one, or a built-in alias (Gemma's chunks are
-    assembled once into the cache, sha256 checked).
+    assembled once into the cache, sha256 checked). ``source``: ``spec`` already resolved,
+    by a caller that needs it too.
 
     Raises:
         ModelNotFoundError, ModelPackageMissingError, ModelLoadError: as :func:`load_model`.
@@ -509,7 +510,7 @@ def gguf_file(spec: str | os.PathLike[str]) -> Path:
         >>> gguf_file(folder) == (folder / "m.gguf").resolve()
         True
     """
-    source = _resolve(spec)
+    source = _resolve(spec) if source is None else source
     if source.gguf is None:
         raise InvalidModelOptionError(
             f"{os.fspath(spec)!r} is a Hugging Face model, not a GGUF file, and the llama.cpp "

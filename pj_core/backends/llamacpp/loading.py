@@ -105,7 +105,7 @@ def load_llama_cpp(
     """
     llama_cpp_module()  # a missing package fails before anything is read
     source = _resolve(spec)
-    path = gguf_file(spec)
+    path = gguf_file(spec, source=source)
     key: _Key = (str(path), n_ctx or DEFAULT_N_CTX, n_threads)
     limit = max_loaded_models()
     with _lock:
