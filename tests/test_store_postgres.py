@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pj_core.errors import ProfileStoreError, ProfileStoreUnavailableError
+from pj_core.errors import ProfileNotFoundError, ProfileStoreError, ProfileStoreUnavailableError
 from pj_core.personas import PersonaProfile
 from pj_core.personas.store import (
     PostgresProfileStore,
@@ -219,8 +219,12 @@ def test_urls_choose_the_store_and_an_unknown_scheme_is_a_typed_error(
     for url in ("mysql://db/profiles", "http://example.com/p.db", "file:///tmp/p.db"):
         with pytest.raises(ProfileStoreError, match="is not supported"):
             open_store(url)
+    with pytest.raises(ProfileNotFoundError, match="no profile store"):
+        load_profile("carol", "sqlite:///relative.db")  # a look-up creates no file
     with open_store("sqlite:///relative.db") as sqlite_store:
         assert isinstance(sqlite_store, ProfileStore)
+        sqlite_store.put(PersonaProfile(user_id="carol"))
+    assert load_profile("carol", "sqlite:///relative.db").user_id == "carol"
     import os
 
     assert sorted(os.listdir(str(tmp_path))) == ["relative.db"]  # no 'postgresql:' folder

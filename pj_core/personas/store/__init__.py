@@ -185,14 +185,16 @@ def load_profile(
         return store.get(user_id)
     if store is None:
         store = default_store()
-    if not is_url(store) and str(store) != ":memory:" and not Path(store).expanduser().exists():
+    if is_url(store):
+        if not str(store).startswith(_SQLITE_URL):
+            return shared_store(str(store)).get(user_id)
+        store = _sqlite_target(str(store))
+    if str(store) != ":memory:" and not Path(store).expanduser().exists():
         raise ProfileNotFoundError(
             f"no profile for user id {user_id!r}: there is no profile store at {store}; create "
             f"it with `pj profiles add {user_id} --preference NAME`, or pass store= / --store "
             f"or set {STORE_ENV_VAR} to the right file"
         )
-    if is_url(store) and not str(store).startswith(_SQLITE_URL):
-        return shared_store(str(store)).get(user_id)
     with open_store(store, must_exist=True) as opened:
         return opened.get(user_id)
 
